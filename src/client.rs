@@ -1,0 +1,280 @@
+//! Who is calling and what they may call.
+//!
+//! A client proves itself with a bearer secret (`aap_…`) in `Proxy-Authorization` or
+//! `Authorization`; config stores only its SHA-256, compared in constant time. Any other
+//! `Authorization` value (a JWT some SDK generated) is not a credential here: it is ignored
+//! for identity and never forwarded. Allow rules are `METHOD /path-glob`, default deny, and
+//! match the path exactly as the client sent it (`*` matches across `/`).
+//!
+//! Imports only `config`. Holds no secret: only hashes.
+
+use http::header::{AUTHORIZATION, PROXY_AUTHORIZATION};
+use http::HeaderMap;
+
+use crate::config::{ClientConfig, Config};
+
+/// Every client secret starts with this, so the proxy can tell one from an SDK's JWT.
+pub const SECRET_PREFIX: &str = "aap_";
+
+/// How a client proved who it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMethod {
+    Anonymous,
+    Secret,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Anonymous => "anonymous",
+            AuthMethod::Secret => "secret",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub name: String,
+    pub method: AuthMethod,
+    /// Index into [`Clients`]; `None` for anonymous.
+    index: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("no client credential was sent")]
+    Missing,
+    #[error("the client secret is not valid")]
+    Invalid,
+}
+
+struct Rule {
+    /// `None` = any method (`*`).
+    method: Option<String>,
+    glob: String,
+}
+
+struct Client {
+    name: String,
+    secret_sha256: Option<[u8; 32]>,
+    rules: Vec<Rule>,
+    key: Option<String>,
+    bundle_id: Option<String>,
+}
+
+/// The configured clients and the anonymous switch.
+pub struct Clients {
+    clients: Vec<Client>,
+    allow_anonymous: bool,
+}
+
+impl std::fmt::Debug for Clients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Clients")
+            .field("names", &self.clients.iter().map(|c| &c.name).collect::<Vec<_>>())
+            .field("allow_anonymous", &self.allow_anonymous)
+            .finish()
+    }
+}
+
+impl Clients {
+    pub fn new(config: &Config) -> Clients {
+        Clients {
+            clients: config.clients.iter().map(Client::from_config).collect(),
+            allow_anonymous: config.server.allow_anonymous,
+        }
+    }
+
+    /// Identifies the caller from its request headers.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {
+        let Some(secret) = presented_secret(headers) else {
+            return if self.allow_anonymous {
+                Ok(Identity {
+                    name: "anonymous".to_string(),
+                    method: AuthMethod::Anonymous,
+                    index: None,
+                })
+            } else {
+                Err(AuthError::Missing)
+            };
+        };
+        let digest = crate::sha256(secret.as_bytes());
+        // Compare against every client, without stopping at a match, in constant time per
+        // comparison: the time taken says nothing about which hash came close.
+        let mut found = None;
+        for (i, c) in self.clients.iter().enumerate() {
+            if let Some(h) = &c.secret_sha256 {
+                if constant_time_eq(h, &digest) && found.is_none() {
+                    found = Some(i);
+                }
+            }
+        }
+        let i = found.ok_or(AuthError::Invalid)?;
+        Ok(Identity {
+            name: self.clients[i].name.clone(),
+            method: AuthMethod::Secret,
+            index: Some(i),
+        })
+    }
+
+    /// Whether `who` may send `method` to `path` (the path as the client sent it).
+    pub fn allows(&self, who: &Identity, method: &str, path: &str) -> bool {
+        match who.index {
+            None => who.method == AuthMethod::Anonymous && self.allow_anonymous,
+            Some(i) => self.clients[i].rules.iter().any(|r| {
+                r.method.as_deref().is_none_or(|m| m == method) && glob_match(&r.glob, path)
+            }),
+        }
+    }
+
+    /// The key this client is pinned to, if any.
+    pub fn pinned_key(&self, who: &Identity) -> Option<&str> {
+        who.index.and_then(|i| self.clients[i].key.as_deref())
+    }
+
+    /// The bundle id this client is pinned to, if any.
+    pub fn pinned_bundle_id(&self, who: &Identity) -> Option<&str> {
+        who.index.and_then(|i| self.clients[i].bundle_id.as_deref())
+    }
+}
+
+impl Client {
+    fn from_config(c: &ClientConfig) -> Client {
+        Client {
+            name: c.name.clone(),
+            secret_sha256: c.secret_sha256,
+            rules: c
+                .allow
+                .iter()
+                .filter_map(|rule| {
+                    let (method, glob) = rule.trim().split_once(char::is_whitespace)?;
+                    Some(Rule {
+                        method: (method != "*").then(|| method.to_string()),
+                        glob: glob.trim().to_string(),
+                    })
+                })
+                .collect(),
+            key: c.key.clone(),
+            bundle_id: c.bundle_id.clone(),
+        }
+    }
+}
+
+/// The `aap_…` secret from `Proxy-Authorization` (preferred) or `Authorization`.
+fn presented_secret(headers: &HeaderMap) -> Option<&str> {
+    [PROXY_AUTHORIZATION, AUTHORIZATION].iter().find_map(|name| {
+        headers.get_all(name).iter().find_map(|v| {
+            let v = v.to_str().ok()?.trim();
+            let (scheme, token) = v.split_once(' ')?;
+            let token = token.trim();
+            (scheme.eq_ignore_ascii_case("bearer") && token.starts_with(SECRET_PREFIX)).then_some(token)
+        })
+    })
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `*` matches any run of characters, `/` included; everything else is literal.
+pub fn glob_match(glob: &str, text: &str) -> bool {
+    let (g, t) = (glob.as_bytes(), text.as_bytes());
+    let (mut gi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if gi < g.len() && g[gi] == b'*' {
+            star = Some((gi, ti));
+            gi += 1;
+        } else if gi < g.len() && g[gi] == t[ti] {
+            gi += 1;
+            ti += 1;
+        } else if let Some((sg, st)) = star {
+            gi = sg + 1;
+            ti = st + 1;
+            star = Some((sg, st + 1));
+        } else {
+            return false;
+        }
+    }
+    g[gi..].iter().all(|&c| c == b'*')
+}
+
+/// A fresh client secret: the prefix and 32 random bytes, base64url.
+pub fn generate_secret() -> Result<String, ring::error::Unspecified> {
+    use base64::Engine as _;
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes)?;
+    Ok(format!("{SECRET_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn clients(secret: &str, allow: &str, anonymous: bool) -> Clients {
+        let text = format!(
+            "[server]\nallow_anonymous = {anonymous}\n[[clients]]\nname = \"ci\"\nsecret_sha256 = \"{}\"\nallow = [{allow}]\n",
+            crate::hex(&crate::sha256(secret.as_bytes()))
+        );
+        Clients::new(&Config::parse(&text, "t.toml", Path::new(".")).unwrap())
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn secrets_are_accepted_in_either_header_and_sdk_jwts_are_not_credentials() {
+        let c = clients("aap_good", "\"GET /v1/*\"", false);
+        assert_eq!(c.authenticate(&headers(&[("proxy-authorization", "Bearer aap_good")])).unwrap().name, "ci");
+        assert_eq!(c.authenticate(&headers(&[("authorization", "bearer aap_good")])).unwrap().name, "ci");
+        assert_eq!(c.authenticate(&headers(&[("authorization", "Bearer aap_bad")])).unwrap_err(), AuthError::Invalid);
+        assert_eq!(c.authenticate(&headers(&[("authorization", "Bearer eyJhbGciOi.x.y")])).unwrap_err(), AuthError::Missing);
+        assert_eq!(c.authenticate(&HeaderMap::new()).unwrap_err(), AuthError::Missing);
+        let anon = clients("aap_good", "", true);
+        assert_eq!(anon.authenticate(&HeaderMap::new()).unwrap().method, AuthMethod::Anonymous);
+        assert_eq!(anon.authenticate(&headers(&[("authorization", "Bearer aap_bad")])).unwrap_err(), AuthError::Invalid);
+    }
+
+    #[test]
+    fn allow_rules_default_deny_and_glob_across_slashes() {
+        let c = clients("aap_s", "\"GET /v1/apps*\", \"* /sandbox/inApps/*\"", false);
+        let who = c.authenticate(&headers(&[("authorization", "Bearer aap_s")])).unwrap();
+        assert!(c.allows(&who, "GET", "/v1/apps"));
+        assert!(c.allows(&who, "GET", "/v1/apps/1/builds"));
+        assert!(!c.allows(&who, "POST", "/v1/apps"));
+        assert!(c.allows(&who, "POST", "/sandbox/inApps/v1/x"));
+        assert!(!c.allows(&who, "GET", "/inApps/v1/x"));
+        assert!(!c.allows(&who, "GET", "/v1/builds"));
+    }
+
+    #[test]
+    fn glob_table() {
+        for (g, t, want) in [
+            ("/v1/*", "/v1/a/b", true),
+            ("/v1/*/builds", "/v1/a/b/builds", true),
+            ("/v1/*/builds", "/v1/a/b/build", false),
+            ("*", "", true),
+            ("/a", "/a", true),
+            ("/a", "/ab", false),
+            ("/a*b*c", "/aXbYc", true),
+            ("/a*b*c", "/aXbY", false),
+        ] {
+            assert_eq!(glob_match(g, t), want, "{g} ~ {t}");
+        }
+    }
+
+    #[test]
+    fn generated_secrets_have_the_prefix_and_differ() {
+        let a = generate_secret().unwrap();
+        assert!(a.starts_with(SECRET_PREFIX) && a.len() == 4 + 43);
+        assert_ne!(a, generate_secret().unwrap());
+    }
+}

@@ -1,0 +1,284 @@
+//! The way out to Apple: a pooled hyper client over rustls (ring provider), HTTP/2 when the
+//! upstream offers it via ALPN, header hygiene, and bodies streamed through with byte
+//! counters and a size limit enforced while streaming.
+//!
+//! Owns everything about the upstream connection; knows nothing about tokens or clients
+//! beyond "this is the `Authorization` value to send". Imports only `config`.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt as _;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::CertificateDer;
+
+use crate::config::Config;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type flowing in both directions.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+pub type Client = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{file}: cannot read the extra CA file: {error} (fix: check [upstream] ca_file)")]
+    CaRead {
+        file: String,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("{file}: holds no usable PEM certificate (fix: point [upstream] ca_file at a PEM file of CA certificates)")]
+    CaEmpty { file: String },
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Builds the upstream client: host roots (Mozilla's as the fallback when the host has
+/// none) plus `[upstream] ca_file` and any in-memory anchors the demo or tests pass.
+pub fn client(config: &Config, extra_ca_pem: Option<&str>) -> Result<Client, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    if added == 0 {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    if let Some(path) = &config.upstream.ca_file {
+        let file = path.display().to_string();
+        let pem = std::fs::read(path).map_err(|error| ClientError::CaRead { file: file.clone(), error })?;
+        let (n, _) = roots.add_parsable_certificates(pem_certs(&pem));
+        if n == 0 {
+            return Err(ClientError::CaEmpty { file });
+        }
+    }
+    if let Some(pem) = extra_ca_pem {
+        roots.add_parsable_certificates(pem_certs(pem.as_bytes()));
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(config.upstream.connect_timeout));
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .build(https))
+}
+
+fn pem_certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem).filter_map(Result::ok).collect()
+}
+
+/// Headers that describe one hop, never the request (RFC 9110 §7.6.1), plus the client's
+/// own credentials and identity-revealing headers that must never reach Apple.
+const NEVER_FORWARDED: [HeaderName; 16] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::HOST,
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-real-ip"),
+];
+
+/// Hop-by-hop response headers not passed back to the client.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// The headers to send upstream: the client's, minus everything in [`NEVER_FORWARDED`]
+/// and anything its `Connection` header names, plus our `Authorization`. `Host` is set by
+/// the client from the upstream URL, so it is always the proxy's choice.
+pub fn upstream_headers(client: &HeaderMap, authorization: HeaderValue) -> HeaderMap {
+    let named = connection_named(client);
+    let mut out = HeaderMap::with_capacity(client.len() + 1);
+    for (name, value) in client {
+        if NEVER_FORWARDED.contains(name) || named.contains(name) || name.as_str().starts_with("x-forwarded-") {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out.insert(header::AUTHORIZATION, authorization);
+    out
+}
+
+/// Strips hop-by-hop headers from Apple's response before it goes back to the client.
+pub fn clean_response_headers(headers: &mut HeaderMap) {
+    let named = connection_named(headers);
+    for name in HOP_BY_HOP.iter().chain(named.iter()) {
+        headers.remove(name);
+    }
+}
+
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// The request body grew past `max_request_body` while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+/// A body that counts the bytes passing through into a shared counter, and optionally
+/// fails once more than `limit` bytes have passed. Nothing is buffered.
+pub struct Metered<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+    seen: u64,
+    limit: Option<u64>,
+}
+
+impl<B> Metered<B> {
+    pub fn new(inner: B, count: Arc<AtomicU64>, limit: Option<u64>) -> Metered<B> {
+        Metered {
+            inner,
+            count,
+            seen: 0,
+            limit,
+        }
+    }
+}
+
+impl<B> Body for Metered<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    this.seen += n;
+                    this.count.fetch_add(n, Ordering::Relaxed);
+                    if let Some(limit) = this.limit {
+                        if this.seen > limit {
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+                        }
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Boxes any streaming body into [`ProxyBody`].
+pub fn boxed<B>(body: B) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// Whether `err` (from the upstream client) was caused by the request body overflowing.
+pub fn is_body_too_large(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.is::<BodyTooLarge>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_credentials_and_hop_by_hop_headers_are_never_forwarded() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer client-jwt"),
+            ("proxy-authorization", "Bearer aap_x"),
+            ("cookie", "session=1"),
+            ("host", "evil.example"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-proto", "http"),
+            ("accept", "application/json"),
+            ("content-type", "application/json"),
+            ("user-agent", "sdk/1"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let out = upstream_headers(&h, HeaderValue::from_static("Bearer minted"));
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["accept", "content-type", "user-agent", "authorization"]);
+        assert_eq!(out.get_all(header::AUTHORIZATION).iter().count(), 1);
+        assert_eq!(out[header::AUTHORIZATION], "Bearer minted");
+    }
+
+    #[test]
+    fn response_hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-hop"));
+        h.insert(HeaderName::from_static("x-hop"), HeaderValue::from_static("1"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        clean_response_headers(&mut h);
+        assert_eq!(h.len(), 1);
+    }
+}

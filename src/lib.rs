@@ -1,0 +1,63 @@
+//! apple-api-proxy: an authenticating reverse proxy in front of Apple's server APIs.
+//!
+//! Clients send plain requests (no Apple credential) to the proxy as they would to Apple.
+//! The proxy mints an ES256 JWT for exactly that request with a key that never leaves this
+//! host, and forwards it over TLS, streaming both bodies.
+//!
+//! # Modules, bottom to top (imports point downward only)
+//!
+//! - [`apple`]: what Apple requires, as pure data (APIs, hosts, audiences, lifetime caps).
+//! - [`config`]: `proxy.toml` → validated [`config::Config`].
+//! - [`route`]: path → API, environment and upstream; path checks.
+//! - [`token`]: `.p8` loading, claims, scope, ES256 signing with `ring`, Apple's clock, cache.
+//! - [`client`]: who is calling (client secrets) and what they may call (allow rules).
+//! - [`forward`]: the pooled rustls client, header hygiene, streaming bodies.
+//! - [`proxy`]: the only module that knows the order of a request's steps.
+//! - [`server`]: listeners, connection tasks, graceful shutdown.
+//! - [`standin`]: the local Apple stand-in used by `demo` and the tests; it shares no code
+//!   with the minting path (its verifier is RustCrypto's `p256`, not `ring`).
+//! - [`demo`]: wires the stand-in and the proxy together for `apple-api-proxy demo`.
+//!
+//! # Life of a request (see [`proxy::Proxy::handle`])
+//!
+//! accept → begin (request id, clock) → authenticate the client → check the path → route →
+//! check policy → mint → forward → inspect → finish (log, exactly once).
+//!
+//! - The path is checked before routing so that no path is ever normalised into another.
+//! - Policy is checked before minting so that a denied request never costs a signature and
+//!   never reaches Apple.
+//! - The client's `Authorization` is removed before ours is set, so a client can never choose
+//!   the credential Apple sees.
+#![forbid(unsafe_code)]
+
+pub mod apple;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod forward;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod standin;
+pub mod token;
+
+pub use server::run;
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    s
+}

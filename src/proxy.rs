@@ -1,0 +1,428 @@
+//! The life of one request, in order. This is the only module that knows the order of the
+//! steps; each step's rules live in its own module.
+//!
+//! accept → begin → authenticate → check path → route → policy → mint → forward → inspect →
+//! finish. [`Proxy::handle`] is the outer handler: it renders every error into the JSON shape
+//! of DESIGN §6, stamps `X-Request-Id`, and logs exactly once; [`Proxy::process`] is the
+//! inner handler and returns `Result`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tracing::Instrument as _;
+
+use crate::apple::Api;
+use crate::client::{AuthError, Clients, Identity};
+use crate::config::Config;
+use crate::forward::{self, ProxyBody};
+use crate::route::{self, RouteError};
+use crate::token::{self, AppleClock, Minter};
+
+/// Response header carrying the request id on every response.
+pub const X_REQUEST_ID: &str = "x-request-id";
+
+/// The error codes the proxy itself answers with (DESIGN §6). Stable: clients and tests match
+/// on them.
+pub mod codes {
+    pub const UNAUTHENTICATED: &str = "PROXY_UNAUTHENTICATED";
+    pub const FORBIDDEN: &str = "PROXY_FORBIDDEN";
+    pub const NO_ROUTE: &str = "PROXY_NO_ROUTE";
+    pub const BAD_REQUEST: &str = "PROXY_BAD_REQUEST";
+    pub const BODY_TOO_LARGE: &str = "PROXY_BODY_TOO_LARGE";
+    pub const RATE_LIMITED: &str = "PROXY_RATE_LIMITED";
+    pub const OVERLOADED: &str = "PROXY_OVERLOADED";
+    pub const UPSTREAM_UNAVAILABLE: &str = "PROXY_UPSTREAM_UNAVAILABLE";
+    pub const UPSTREAM_TIMEOUT: &str = "PROXY_UPSTREAM_TIMEOUT";
+    pub const AUDIT_UNAVAILABLE: &str = "PROXY_AUDIT_UNAVAILABLE";
+    pub const INTERNAL: &str = "PROXY_INTERNAL";
+}
+
+/// Whose fault an error is: decides the log level and, later, the metrics label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Upstream,
+    Proxy,
+}
+
+/// An error the proxy answers itself. `detail` is written for the client and never holds
+/// internal error text; the cause chain goes only to the operator's log.
+#[derive(Debug)]
+pub struct ProxyError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub title: &'static str,
+    pub detail: String,
+    /// Stable snake_case kind (logs, later metrics and audit).
+    pub kind: &'static str,
+    pub fault: Fault,
+}
+
+impl ProxyError {
+    fn new(status: StatusCode, code: &'static str, title: &'static str, kind: &'static str, fault: Fault, detail: impl Into<String>) -> ProxyError {
+        ProxyError {
+            status,
+            code,
+            title,
+            detail: detail.into(),
+            kind,
+            fault,
+        }
+    }
+
+    /// Renders Apple's error shape, so clients' error handling keeps working.
+    pub fn into_response(self, request_id: &str) -> Response<ProxyBody> {
+        let body = serde_json::json!({
+            "errors": [{
+                "status": self.status.as_str(),
+                "code": self.code,
+                "title": self.title,
+                "detail": self.detail,
+            }],
+            "request_id": request_id,
+        });
+        let mut response = Response::new(forward::boxed(Full::new(Bytes::from(body.to_string()))));
+        *response.status_mut() = self.status;
+        let h = response.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if self.status == StatusCode::UNAUTHORIZED {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"apple-api-proxy\""));
+        }
+        response
+    }
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}: no [[clients]] are configured and allow_anonymous is false, so nobody could use the proxy (fix: add a client with `apple-api-proxy client-secret NAME`, or set allow_anonymous = true under [server] for local use)")]
+    NoClients(String),
+    #[error("{0}: inbound TLS (tls_cert_file / tls_key_file / client_ca_file) is not implemented yet (fix: remove those fields and terminate TLS in front of the proxy)")]
+    InboundTlsUnsupported(String),
+    #[error(transparent)]
+    Key(#[from] token::LoadError),
+    #[error(transparent)]
+    Upstream(#[from] forward::ClientError),
+}
+
+/// Everything a request needs, built once from config.
+pub struct Proxy {
+    config: Arc<Config>,
+    routes: route::Table,
+    clients: Clients,
+    minter: Minter,
+    upstream: forward::Client,
+    ids: RequestIds,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("config", &self.config.source).finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Validates the deployment-level rules, loads keys, builds the upstream client.
+    /// `extra_ca_pem` adds in-memory trust anchors (the demo's stand-in CA).
+    pub fn new(config: Config, extra_ca_pem: Option<&str>) -> Result<(Proxy, Vec<String>), StartError> {
+        if config.clients.is_empty() && !config.server.allow_anonymous {
+            return Err(StartError::NoClients(config.source.clone()));
+        }
+        let s = &config.server;
+        if s.tls_cert_file.is_some() || s.client_ca_file.is_some() {
+            return Err(StartError::InboundTlsUnsupported(config.source.clone()));
+        }
+        let (minter, warnings) = Minter::new(&config, Arc::new(AppleClock::default()))?;
+        let upstream = forward::client(&config, extra_ca_pem)?;
+        Ok((
+            Proxy {
+                routes: route::Table::new(&config),
+                clients: Clients::new(&config),
+                minter,
+                upstream,
+                ids: RequestIds::new(),
+                config: Arc::new(config),
+            },
+            warnings,
+        ))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn minter(&self) -> &Minter {
+        &self.minter
+    }
+
+    /// The outer handler: never fails, always stamps the request id, logs once.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let id = self.ids.next();
+        let span = tracing::info_span!("request", id = %id, peer = %peer);
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let mut response = match self.process(req, &id).instrument(span.clone()).await {
+            Ok(response) => response,
+            Err(error) => {
+                let _enter = span.enter();
+                match error.fault {
+                    Fault::Client => tracing::info!(kind = error.kind, detail = %error.detail, "refused"),
+                    Fault::Upstream | Fault::Proxy => tracing::warn!(kind = error.kind, detail = %error.detail, "failed"),
+                }
+                error.into_response(&id)
+            }
+        };
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            response.headers_mut().insert(X_REQUEST_ID, v);
+        }
+        tracing::info!(
+            parent: &span,
+            %method,
+            path = %path,
+            status = response.status().as_u16(),
+            head_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        response
+    }
+
+    /// The inner handler: each step in order, `?` on the first refusal.
+    async fn process(&self, req: Request<Incoming>, request_id: &str) -> Result<Response<ProxyBody>, ProxyError> {
+        let (parts, body) = req.into_parts();
+        // Authenticate first: an unauthenticated caller learns nothing about routes.
+        let who = self.authenticate(&parts.headers)?;
+
+        // Methods that could make the proxy a tunnel or an echo server are refused outright.
+        if parts.method == Method::CONNECT || parts.method == Method::TRACE {
+            return Err(bad_request(format!("{} is not proxied", parts.method)));
+        }
+
+        // Check the path before routing so no path is ever normalised into another one, and
+        // route by the path alone (an absolute-form target's authority is ignored).
+        let path = parts.uri.path();
+        route::check_path(path).map_err(|e| bad_request(e.to_string()))?;
+        let route = self.routes.resolve(path).map_err(|e| no_route(&e))?;
+
+        // Policy before minting: a denied request costs no signature and reaches nothing.
+        if !self.clients.allows(&who, parts.method.as_str(), path) {
+            return Err(ProxyError::new(
+                StatusCode::FORBIDDEN,
+                codes::FORBIDDEN,
+                "Forbidden by proxy policy",
+                "forbidden",
+                Fault::Client,
+                format!("client `{}` may not {} {}", who.name, parts.method, path),
+            ));
+        }
+        let key_name = self.key_for(&who, route.api)?;
+
+        // Refuse a declared oversize body before contacting Apple; a body that lies or
+        // streams without a length is cut off by the metered body below.
+        let max_body = self.config.server.max_request_body;
+        if let Some(len) = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+            if len > max_body {
+                return Err(too_large(max_body));
+            }
+        }
+
+        // Mint for exactly the request that is forwarded: same method, path and query.
+        let query = parts.uri.query();
+        let token = self
+            .minter
+            .token(
+                &token::Request {
+                    key: key_name,
+                    api: route.api,
+                    method: parts.method.as_str(),
+                    path: route.path,
+                    query,
+                    bundle_id: self.clients.pinned_bundle_id(&who),
+                },
+                SystemTime::now(),
+            )
+            .map_err(|e| internal("mint", e))?;
+        tracing::debug!(key = %token.key_name, api = %route.api, env = %route.environment, "minted");
+
+        // Forward. The client's Authorization was never copied; ours is the only one.
+        let url = route.url(query);
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.jwt())).map_err(|e| internal("authorization header", e))?;
+        authorization.set_sensitive(true);
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let mut upstream_req = Request::builder()
+            .method(parts.method.clone())
+            .uri(url)
+            .body(forward::boxed(forward::Metered::new(body, bytes_in, Some(max_body))))
+            .map_err(|e| internal("upstream request", e))?;
+        *upstream_req.headers_mut() = forward::upstream_headers(&parts.headers, authorization);
+
+        let timeout = self.config.server.request_timeout;
+        let response = match tokio::time::timeout(timeout, self.upstream.request(upstream_req)).await {
+            Err(_) => {
+                return Err(ProxyError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    codes::UPSTREAM_TIMEOUT,
+                    "Apple did not answer in time",
+                    "upstream_timeout",
+                    Fault::Upstream,
+                    format!("{} did not send a response within {}", route.api, humantime::format_duration(timeout)),
+                ))
+            }
+            Ok(Err(e)) if forward::is_body_too_large(&e) => return Err(too_large(max_body)),
+            Ok(Err(e)) => {
+                tracing::warn!(api = %route.api, error = %error_chain(&e), "upstream request failed");
+                return Err(ProxyError::new(
+                    StatusCode::BAD_GATEWAY,
+                    codes::UPSTREAM_UNAVAILABLE,
+                    "Apple could not be reached",
+                    "upstream_unavailable",
+                    Fault::Upstream,
+                    format!("the proxy could not get a response from {} ({})", route.api, route.environment),
+                ));
+            }
+            Ok(Ok(response)) => response,
+        };
+
+        // Inspect: learn Apple's clock from its Date header; stream everything else untouched.
+        if let Some(date) = response.headers().get(header::DATE).and_then(|v| v.to_str().ok()).and_then(|v| httpdate::parse_http_date(v).ok()) {
+            let offset = self.minter.clock().observe(date, SystemTime::now());
+            if offset.abs() > 10 {
+                tracing::warn!(offset_s = offset, "Apple's clock differs from this host's; tokens are corrected for it");
+            }
+        }
+        tracing::debug!(request_id, status = response.status().as_u16(), "upstream answered");
+        let (mut parts, body) = response.into_parts();
+        forward::clean_response_headers(&mut parts.headers);
+        let bytes_out = Arc::new(AtomicU64::new(0));
+        Ok(Response::from_parts(parts, forward::boxed(forward::Metered::new(body, bytes_out, None))))
+    }
+
+    fn authenticate(&self, headers: &http::HeaderMap) -> Result<Identity, ProxyError> {
+        self.clients.authenticate(headers).map_err(|e| {
+            ProxyError::new(
+                StatusCode::UNAUTHORIZED,
+                codes::UNAUTHENTICATED,
+                "Proxy authentication required",
+                "unauthenticated",
+                Fault::Client,
+                match e {
+                    AuthError::Missing => "send your proxy client secret as `Proxy-Authorization: Bearer aap_…` or `Authorization: Bearer aap_…`",
+                    AuthError::Invalid => "the client secret is not valid",
+                },
+            )
+        })
+    }
+
+    /// The key that signs: the client's pinned key, else the first key configured for the API.
+    fn key_for(&self, who: &Identity, api: Api) -> Result<&str, ProxyError> {
+        if let Some(pinned) = self.clients.pinned_key(who) {
+            let serves = self.minter.key_config(pinned).is_some_and(|k| k.apis.contains(&api));
+            if !serves {
+                return Err(ProxyError::new(
+                    StatusCode::FORBIDDEN,
+                    codes::FORBIDDEN,
+                    "Forbidden by proxy policy",
+                    "forbidden",
+                    Fault::Client,
+                    format!("client `{}` is pinned to key `{pinned}`, which does not sign for {api}", who.name),
+                ));
+            }
+            return Ok(pinned);
+        }
+        self.config.default_key_for(api).map(|k| k.name.as_str()).ok_or_else(|| {
+            ProxyError::new(
+                StatusCode::NOT_FOUND,
+                codes::NO_ROUTE,
+                "No key for this API",
+                "no_key",
+                Fault::Proxy,
+                format!("no key is configured for {api}; add a [[keys]] entry whose apis include \"{api}\""),
+            )
+        })
+    }
+}
+
+fn bad_request(detail: String) -> ProxyError {
+    ProxyError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, "Bad request", "bad_request", Fault::Client, detail)
+}
+
+fn too_large(limit: u64) -> ProxyError {
+    ProxyError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        codes::BODY_TOO_LARGE,
+        "Request body too large",
+        "body_too_large",
+        Fault::Client,
+        format!("the request body exceeds the proxy's limit of {limit} bytes"),
+    )
+}
+
+fn no_route(e: &RouteError) -> ProxyError {
+    ProxyError::new(
+        StatusCode::NOT_FOUND,
+        codes::NO_ROUTE,
+        "No route",
+        "no_route",
+        Fault::Client,
+        format!("{e}; known path prefixes: {}", route::known_prefixes().join(", ")),
+    )
+}
+
+/// A failure inside the proxy. The cause goes to the log; the client gets a generic detail.
+fn internal(step: &'static str, e: impl std::error::Error) -> ProxyError {
+    tracing::error!(step, error = %error_chain(&e), "internal error");
+    ProxyError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        codes::INTERNAL,
+        "Internal proxy error",
+        "internal",
+        Fault::Proxy,
+        format!("the proxy failed at step `{step}`; the operator's log has the cause"),
+    )
+}
+
+/// `outer: inner: innermost`, for operator logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// Request ids: a random per-process prefix and a counter — unique across replicas without
+/// coordination, cheap to make.
+struct RequestIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> RequestIds {
+        use ring::rand::SecureRandom as _;
+        let mut bytes = [0u8; 6];
+        // Falls back to the time when the OS RNG is unavailable: ids need uniqueness, not secrecy.
+        if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+            let t = token::unix_secs(SystemTime::now()).to_be_bytes();
+            bytes.copy_from_slice(&t[2..]);
+        }
+        RequestIds {
+            prefix: crate::hex(&bytes),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn next(&self) -> String {
+        format!("{}-{:08x}", self.prefix, self.next.fetch_add(1, Ordering::Relaxed))
+    }
+}

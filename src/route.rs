@@ -1,0 +1,265 @@
+//! Path → API → upstream. The upstream is chosen by the path prefix alone — never by the
+//! `Host` header or an absolute-form request target — so no client can steer the proxy's
+//! credentials at another host.
+//!
+//! Owns the route table (built once from config: Apple's hosts, or the configured
+//! `base_url` overrides) and the path checks that must run before routing. Imports only
+//! `apple` and `config`.
+
+use std::collections::BTreeMap;
+
+use http::Uri;
+
+use crate::apple::{Api, Environment, SANDBOX_PREFIX};
+use crate::config::Config;
+
+/// Where one (API, environment) pair is forwarded.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// `https://host[:port]` plus any base path, without a trailing slash.
+    pub base: String,
+}
+
+/// A resolved request.
+#[derive(Clone, Debug)]
+pub struct Route<'a> {
+    pub api: Api,
+    pub environment: Environment,
+    /// The path sent to Apple: the client's path with any `/sandbox` prefix removed.
+    pub path: &'a str,
+    pub upstream: &'a Upstream,
+}
+
+impl Route<'_> {
+    /// The absolute URL to forward to.
+    pub fn url(&self, query: Option<&str>) -> String {
+        let mut url = String::with_capacity(self.upstream.base.len() + self.path.len() + query.map_or(0, |q| q.len() + 1));
+        url.push_str(&self.upstream.base);
+        url.push_str(self.path);
+        if let Some(q) = query {
+            url.push('?');
+            url.push_str(q);
+        }
+        url
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error("no Apple API is served under this path")]
+    NoRoute,
+    #[error("{0} has no sandbox environment")]
+    NoSandbox(Api),
+}
+
+/// The route table.
+#[derive(Debug)]
+pub struct Table {
+    upstreams: BTreeMap<(Api, EnvKey), Upstream>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum EnvKey {
+    Production,
+    Sandbox,
+}
+
+impl From<Environment> for EnvKey {
+    fn from(e: Environment) -> EnvKey {
+        match e {
+            Environment::Production => EnvKey::Production,
+            Environment::Sandbox => EnvKey::Sandbox,
+        }
+    }
+}
+
+fn base_of(uri: &Uri) -> String {
+    uri.to_string().trim_end_matches('/').to_string()
+}
+
+impl Table {
+    pub fn new(config: &Config) -> Table {
+        let mut upstreams = BTreeMap::new();
+        for api in Api::ALL {
+            let settings = config.api(api);
+            let production = settings.base_url.as_ref().map(base_of).unwrap_or_else(|| api.production_url().to_string());
+            upstreams.insert((api, EnvKey::Production), Upstream { base: production });
+            if let Some(default_sandbox) = api.sandbox_url() {
+                let sandbox = settings.sandbox_base_url.as_ref().map(base_of).unwrap_or_else(|| default_sandbox.to_string());
+                upstreams.insert((api, EnvKey::Sandbox), Upstream { base: sandbox });
+            }
+        }
+        Table { upstreams }
+    }
+
+    /// Resolves an already-validated path (see [`check_path`]).
+    pub fn resolve<'a>(&'a self, path: &'a str) -> Result<Route<'a>, RouteError> {
+        let (environment, rest) = match path.strip_prefix(SANDBOX_PREFIX) {
+            Some(rest) if rest.starts_with('/') => (Environment::Sandbox, rest),
+            _ => (Environment::Production, path),
+        };
+        let api = Api::for_path(rest).ok_or(RouteError::NoRoute)?;
+        let upstream = self.upstreams.get(&(api, environment.into())).ok_or(RouteError::NoSandbox(api))?;
+        Ok(Route {
+            api,
+            environment,
+            path: rest,
+            upstream,
+        })
+    }
+
+    /// Every (API, environment, upstream) row, for `check` and the docs.
+    pub fn rows(&self) -> impl Iterator<Item = (Api, Environment, &Upstream)> {
+        self.upstreams.iter().map(|((api, env), up)| {
+            (
+                *api,
+                match env {
+                    EnvKey::Production => Environment::Production,
+                    EnvKey::Sandbox => Environment::Sandbox,
+                },
+                up,
+            )
+        })
+    }
+}
+
+/// The known path prefixes, as listed in `PROXY_NO_ROUTE` errors.
+pub fn known_prefixes() -> Vec<String> {
+    let mut out: Vec<String> = Api::ALL.iter().flat_map(|a| a.prefixes().iter().map(|p| p.to_string())).collect();
+    out.push("/sandbox/{inApps,groups,advancedCommerce,externalPurchase}/".to_string());
+    out
+}
+
+/// Why a path is refused before routing.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PathError {
+    #[error("the path must start with `/`")]
+    NotAbsolute,
+    #[error("the path contains a `.` or `..` segment (literal or percent-encoded)")]
+    DotSegment,
+    #[error("the path contains an encoded slash or backslash, or a backslash")]
+    EncodedSeparator,
+    #[error("the path contains an empty segment (`//`)")]
+    EmptySegment,
+    #[error("the path contains a NUL or control character")]
+    ControlCharacter,
+    #[error("the path's percent-encoding is invalid or does not decode to UTF-8")]
+    BadEncoding,
+}
+
+/// Paths are never normalised into other paths: anything that a server on the way could read
+/// as a different path is refused (DESIGN §13).
+pub fn check_path(path: &str) -> Result<(), PathError> {
+    if !path.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    if path.contains('\\') {
+        return Err(PathError::EncodedSeparator);
+    }
+    let decoded = percent_decode(path).ok_or(PathError::BadEncoding)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| PathError::BadEncoding)?;
+    if decoded.chars().any(char::is_control) {
+        return Err(PathError::ControlCharacter);
+    }
+    for segment in path.split('/') {
+        let segment = percent_decode(segment).ok_or(PathError::BadEncoding)?;
+        if segment == b"." || segment == b".." {
+            return Err(PathError::DotSegment);
+        }
+        if segment.contains(&b'/') || segment.contains(&b'\\') {
+            return Err(PathError::EncodedSeparator);
+        }
+    }
+    if path[1..].split('/').rev().skip(1).any(str::is_empty) {
+        return Err(PathError::EmptySegment);
+    }
+    Ok(())
+}
+
+/// Strict percent-decoding: `None` for a `%` not followed by two hex digits.
+pub fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn table(extra: &str) -> Table {
+        Table::new(&Config::parse(extra, "t.toml", Path::new(".")).unwrap())
+    }
+
+    #[test]
+    fn every_api_and_the_sandbox_prefix_route_to_apples_hosts() {
+        let t = table("");
+        let cases = [
+            ("/v1/apps", Api::AppStoreConnect, Environment::Production, "https://api.appstoreconnect.apple.com/v1/apps"),
+            ("/inApps/v1/transactions/1", Api::AppStoreServer, Environment::Production, "https://api.storekit.apple.com/inApps/v1/transactions/1"),
+            ("/sandbox/inApps/v1/transactions/1", Api::AppStoreServer, Environment::Sandbox, "https://api.storekit-sandbox.apple.com/inApps/v1/transactions/1"),
+            ("/sandbox/groups/v1/transactions/1/seats", Api::AppStoreServer, Environment::Sandbox, "https://api.storekit-sandbox.apple.com/groups/v1/transactions/1/seats"),
+            ("/advancedCommerce/v1/subscription/revoke/1", Api::AdvancedCommerce, Environment::Production, "https://api.storekit.apple.com/advancedCommerce/v1/subscription/revoke/1"),
+            ("/sandbox/externalPurchase/v1/reports", Api::ExternalPurchase, Environment::Sandbox, "https://api.storekit-sandbox.apple.com/externalPurchase/v1/reports"),
+            ("/notary/v2/test", Api::Notary, Environment::Production, "https://appstoreconnect.apple.com/notary/v2/test"),
+        ];
+        for (path, api, env, url) in cases {
+            let r = t.resolve(path).unwrap();
+            assert_eq!((r.api, r.environment, r.url(None)), (api, env, url.to_string()), "{path}");
+        }
+    }
+
+    #[test]
+    fn unknown_prefixes_and_sandbox_without_a_sandbox_do_not_route() {
+        let t = table("");
+        assert_eq!(t.resolve("/foo").unwrap_err(), RouteError::NoRoute);
+        assert_eq!(t.resolve("/sandbox").unwrap_err(), RouteError::NoRoute);
+        assert_eq!(t.resolve("/sandboxinApps/v1/x").unwrap_err(), RouteError::NoRoute);
+        assert_eq!(t.resolve("/sandbox/v1/apps").unwrap_err(), RouteError::NoSandbox(Api::AppStoreConnect));
+        assert_eq!(t.resolve("/sandbox/notary/v2/x").unwrap_err(), RouteError::NoSandbox(Api::Notary));
+    }
+
+    #[test]
+    fn base_url_overrides_keep_the_path_and_query() {
+        let t = table("[apis.app-store-server]\nbase_url = \"https://127.0.0.1:9443/\"\nsandbox_base_url = \"https://127.0.0.1:9444/prefix\"\n");
+        assert_eq!(t.resolve("/inApps/v1/x").unwrap().url(Some("a=1")), "https://127.0.0.1:9443/inApps/v1/x?a=1");
+        assert_eq!(t.resolve("/sandbox/inApps/v1/x").unwrap().url(None), "https://127.0.0.1:9444/prefix/inApps/v1/x");
+    }
+
+    #[test]
+    fn path_tricks_are_refused() {
+        let bad = [
+            ("v1/apps", PathError::NotAbsolute),
+            ("/v1/../inApps/x", PathError::DotSegment),
+            ("/v1/./apps", PathError::DotSegment),
+            ("/v1/%2e%2e/inApps", PathError::DotSegment),
+            ("/v1/%2E/apps", PathError::DotSegment),
+            ("/v1/apps/..", PathError::DotSegment),
+            ("/v1/a%2fb", PathError::EncodedSeparator),
+            ("/v1/a%5cb", PathError::EncodedSeparator),
+            ("/v1\\apps", PathError::EncodedSeparator),
+            ("/v1//apps", PathError::EmptySegment),
+            ("/v1/a%00b", PathError::ControlCharacter),
+            ("/v1/a%zz", PathError::BadEncoding),
+            ("/v1/a%ff", PathError::BadEncoding),
+        ];
+        for (path, want) in bad {
+            assert_eq!(check_path(path), Err(want), "{path}");
+        }
+        for ok in ["/v1/apps", "/v1/apps/", "/v1/apps/%20x", "/inApps/v1/transactions/123", "/", "/v1/a..b"] {
+            assert_eq!(check_path(ok), Ok(()), "{ok}");
+        }
+    }
+}

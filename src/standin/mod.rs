@@ -1,0 +1,612 @@
+//! The local Apple stand-in: an HTTPS server that plays App Store Connect (with Notary)
+//! and the App Store Server API, production and sandbox, for `demo` and the tests.
+//!
+//! Owns: the public API below, the three TLS listeners, connection tasks and shutdown.
+//! Its worth is independence: it checks tokens with its own reading of Apple's rules
+//! (`verify`, from APPLE.md §2) and RustCrypto's `p256`, so it must never import anything
+//! from the rest of the crate, and the rest of the crate must use it only in `demo` and
+//! tests.
+//!
+//! Modules: `verify` (token rules, pure), `exchange` (one request: check, count, record,
+//! answer), `body` (whole and generated response bodies), `tls` (the throw-away CA).
+
+mod body;
+mod exchange;
+mod tls;
+mod verify;
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+
+pub use body::pattern_byte;
+
+use exchange::{lock, Shared};
+use verify::Keyring;
+
+/// App Store Connect's 401 body, identical for every cause (APPLE.md §3).
+pub const APP_STORE_CONNECT_NOT_AUTHORIZED_BODY: &str = r#"{"errors":[{"status":"401","code":"NOT_AUTHORIZED","title":"Authentication credentials are missing or invalid.","detail":"Provide a properly configured and signed bearer token, and make sure that it has not expired. Learn more about Generating Tokens for API Requests https://developer.apple.com/go/?id=api-generating-tokens"}]}"#;
+/// App Store Connect's rate-limit header (APPLE.md §4), sent on successful responses.
+pub const RATE_LIMIT_HEADER: &str = "x-rate-limit";
+/// The stand-in's `user-hour-lim`; `user-hour-rem` counts down from it per key.
+pub const RATE_LIMIT_PER_HOUR: u32 = 3600;
+/// Apple's per-response request identifier (APPLE.md §3), on every stand-in response.
+pub const REQUEST_UUID_HEADER: &str = "x-apple-request-uuid";
+/// Query parameter asking for a generated `application/octet-stream` body of N bytes
+/// (see [`pattern_byte`]) instead of the JSON echo.
+pub const STANDIN_BYTES_PARAM: &str = "standin_bytes";
+/// The largest `standin_bytes` accepted: 8 GiB.
+pub const STANDIN_BYTES_MAX: u64 = 8 << 30;
+
+/// How long a client may take to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 receive windows large enough that a 1 GiB upload is not throttled by flow
+/// control on loopback.
+const H2_STREAM_WINDOW: u32 = 4 << 20;
+const H2_CONNECTION_WINDOW: u32 = 8 << 20;
+
+/// Which Apple service a listener plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `api.appstoreconnect.apple.com` (`/v<N>/…`) and Notary (`/notary/…`).
+    AppStoreConnect,
+    /// `api.storekit.apple.com`.
+    StoreKitProduction,
+    /// `api.storekit-sandbox.apple.com`.
+    StoreKitSandbox,
+}
+
+impl Role {
+    /// Every role, in listener order.
+    pub const ALL: [Role; 3] = [
+        Role::AppStoreConnect,
+        Role::StoreKitProduction,
+        Role::StoreKitSandbox,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::AppStoreConnect => "app-store-connect",
+            Role::StoreKitProduction => "app-store-server-production",
+            Role::StoreKitSandbox => "app-store-server-sandbox",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Role::AppStoreConnect => 0,
+            Role::StoreKitProduction => 1,
+            Role::StoreKitSandbox => 2,
+        }
+    }
+}
+
+/// What kind of Apple key a [`KnownKey`] is, which decides where it is accepted
+/// (APPLE.md §2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KnownKeyKind {
+    /// App Store Connect team key: `iss` must be `issuer_id`, no `sub`.
+    Team { issuer_id: String },
+    /// App Store Connect individual key: `sub` must be `"user"`, no `iss`.
+    Individual,
+    /// In-App Purchase key (App Store Server API only): `iss` must be `issuer_id` and
+    /// `bid` one of `bundle_ids` (case-sensitive).
+    InAppPurchase {
+        issuer_id: String,
+        bundle_ids: Vec<String>,
+    },
+}
+
+/// A key the stand-in trusts: the public half only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownKey {
+    pub key_id: String,
+    /// Uncompressed SEC1 point, 65 bytes `0x04 || X || Y`.
+    pub public_key: Vec<u8>,
+    pub kind: KnownKeyKind,
+}
+
+/// How to start a stand-in.
+#[derive(Debug, Default)]
+pub struct Options {
+    pub keys: Vec<KnownKey>,
+    /// Seconds added to the stand-in's own clock: it is the clock it checks iat/exp against AND the one it reports in every response's `Date` header. Negative = Apple's clock is behind the host's (so a token's iat looks "in the future").
+    pub clock_offset_secs: i64,
+}
+
+/// One request as the stand-in received it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub role: Role,
+    pub method: String,
+    /// Exactly as received on the wire.
+    pub path_and_query: String,
+    /// So tests can assert HTTP/2 via ALPN.
+    pub version: http::Version,
+    /// All request headers as received.
+    pub headers: http::HeaderMap,
+    /// Request body bytes read (streamed and counted, not kept).
+    pub body_len: u64,
+    /// `Err` is a human-readable reason the token was rejected (never the token).
+    pub verdict: Result<VerifiedToken, String>,
+}
+
+/// A token that passed every check: its decoded header and claims.
+#[derive(Clone, Debug)]
+pub struct VerifiedToken {
+    pub header: serde_json::Value,
+    pub claims: serde_json::Value,
+}
+
+/// A running stand-in. Dropping it stops the listeners too; [`Standin::shutdown`] also
+/// waits for them.
+#[derive(Debug)]
+pub struct Standin {
+    addrs: [SocketAddr; 3],
+    ca_pem: String,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+impl Standin {
+    /// Binds three TLS listeners on 127.0.0.1:0, one per role, and serves until shutdown.
+    pub async fn start(opts: Options) -> std::io::Result<Standin> {
+        let keyring = Keyring::new(opts.keys)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let authority = tls::Authority::generate().map_err(std::io::Error::other)?;
+        let acceptor = TlsAcceptor::from(authority.server_config);
+        let shared = Arc::new(Shared::new(keyring, opts.clock_offset_secs));
+        let (stop, stopped) = watch::channel(false);
+
+        let mut addrs = [SocketAddr::from((Ipv4Addr::LOCALHOST, 0)); 3];
+        let mut listeners = Vec::with_capacity(Role::ALL.len());
+        for role in Role::ALL {
+            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+            addrs[role.index()] = listener.local_addr()?;
+            listeners.push(tokio::spawn(accept_loop(
+                listener,
+                role,
+                acceptor.clone(),
+                Arc::clone(&shared),
+                stopped.clone(),
+            )));
+        }
+
+        Ok(Standin {
+            addrs,
+            ca_pem: authority.ca_pem,
+            shared,
+            stop,
+            listeners,
+        })
+    }
+
+    /// `https://127.0.0.1:PORT`, no trailing slash.
+    pub fn url(&self, role: Role) -> String {
+        format!("https://{}", self.addrs[role.index()])
+    }
+
+    /// The throw-away CA certificate (PEM) that signed the listeners' certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// Everything received so far, in order.
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.shared.received).clone()
+    }
+
+    pub fn clear_received(&self) {
+        lock(&self.shared.received).clear();
+    }
+
+    /// Stops the listeners and ends their connection tasks, then waits for them.
+    pub async fn shutdown(mut self) {
+        self.stop.send_replace(true);
+        for listener in std::mem::take(&mut self.listeners) {
+            if let Err(error) = listener.await {
+                tracing::debug!(%error, "stand-in listener task ended abnormally");
+            }
+        }
+    }
+}
+
+impl Drop for Standin {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// Accepts connections until told to stop; stopping aborts every connection task.
+async fn accept_loop(
+    listener: TcpListener,
+    role: Role,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            // Also ends the loop if the `Standin` is gone.
+            () = stop_requested(&mut stopped) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    connections.spawn(serve_connection(
+                        tcp,
+                        peer,
+                        role,
+                        acceptor.clone(),
+                        Arc::clone(&shared),
+                    ));
+                }
+                Err(error) => {
+                    tracing::debug!(role = role.as_str(), %error, "stand-in accept failed");
+                    // Out of file descriptors and the like: don't spin.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        }
+        while connections.try_join_next().is_some() {}
+    }
+    connections.shutdown().await;
+}
+
+/// Resolves once a stop is requested or the `Standin` is gone. (The `watch::Ref` that
+/// `wait_for` yields is dropped here, so it is never held across an await.)
+async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+/// TLS handshake, then HTTP/1.1 or HTTP/2 (whichever the client speaks) until the client
+/// hangs up or the task is aborted.
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    role: Role,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+) {
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            tracing::debug!(role = role.as_str(), %peer, %error, "stand-in TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(role = role.as_str(), %peer, "stand-in TLS handshake timed out");
+            return;
+        }
+    };
+
+    let service = service_fn(move |request| {
+        let shared = Arc::clone(&shared);
+        async move { Ok::<_, Infallible>(exchange::handle(&shared, role, request).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .auto_date_header(false);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .auto_date_header(false)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW);
+    if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
+        tracing::debug!(role = role.as_str(), %peer, %error, "stand-in connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    use bytes::Bytes;
+    use http::{Request, StatusCode, Version};
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::client::conn::{http1, http2};
+    use p256::ecdsa::signature::Signer as _;
+    use p256::ecdsa::{Signature, SigningKey};
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use serde_json::{json, Value};
+    use tokio_rustls::TlsConnector;
+
+    const ISSUER: &str = "57246542-96fe-1a63-e053-0824d011072a";
+    const OFFSET: i64 = -30;
+
+    fn unix_now() -> i64 {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("the host clock is after 1970");
+        i64::try_from(since.as_secs()).expect("seconds fit in i64")
+    }
+
+    /// Test-only ES256 signer (RustCrypto, never `ring`).
+    fn team_token(key: &SigningKey) -> String {
+        let now = unix_now();
+        let header = json!({"alg": "ES256", "kid": "TEAMKEY001", "typ": "JWT"});
+        let claims =
+            json!({"iss": ISSUER, "iat": now - 60, "exp": now + 600, "aud": "appstoreconnect-v1"});
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let signature: Signature = key.sign(input.as_bytes());
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.to_bytes()))
+    }
+
+    async fn tls_to(
+        standin: &Standin,
+        role: Role,
+        alpn: &[u8],
+    ) -> TokioIo<tokio_rustls::client::TlsStream<TcpStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(
+                CertificateDer::from_pem_slice(standin.ca_pem().as_bytes()).expect("CA PEM parses"),
+            )
+            .expect("CA is a valid trust anchor");
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let addr = standin.addrs[role.index()];
+        let tcp = TcpStream::connect(addr)
+            .await
+            .expect("stand-in is listening");
+        let name = ServerName::try_from("127.0.0.1").expect("an IP address is a server name");
+        let tls = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("the certificate is valid for 127.0.0.1 under the throw-away CA");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
+        TokioIo::new(tls)
+    }
+
+    fn header<'a>(response: &'a http::Response<hyper::body::Incoming>, name: &str) -> &'a str {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("response lacks {name}"))
+    }
+
+    #[tokio::test]
+    async fn standin_serves_h2_and_h1_and_answers_like_apple() {
+        let key = SigningKey::from_slice(&[7; 32]).expect("valid test scalar");
+        let standin = Standin::start(Options {
+            keys: vec![KnownKey {
+                key_id: "TEAMKEY001".into(),
+                public_key: key
+                    .verifying_key()
+                    .to_encoded_point(false)
+                    .as_bytes()
+                    .to_vec(),
+                kind: KnownKeyKind::Team {
+                    issuer_id: ISSUER.into(),
+                },
+            }],
+            clock_offset_secs: OFFSET,
+        })
+        .await
+        .expect("stand-in starts");
+        let asc = standin.url(Role::AppStoreConnect);
+        assert!(asc.starts_with("https://127.0.0.1:") && !asc.ends_with('/'));
+
+        // HTTP/2 to App Store Connect: no token, then a good one.
+        let (mut h2, conn) = http2::handshake(
+            TokioExecutor::new(),
+            tls_to(&standin, Role::AppStoreConnect, b"h2").await,
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(conn);
+        let uri = format!("{asc}/v1/apps?filter%5Bplatform%5D=IOS");
+        let request = Request::get(&uri)
+            .body(Full::<Bytes>::default())
+            .expect("valid request");
+        let response = h2.send_request(request).await.expect("401 arrives");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(header(&response, "content-type"), "application/json");
+        let date = httpdate::parse_http_date(header(&response, "date")).expect("IMF-fixdate");
+        let date = i64::try_from(
+            date.duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs(),
+        )
+        .expect("fits");
+        assert!(
+            (date - (unix_now() + OFFSET)).abs() <= 5,
+            "Date follows the offset clock"
+        );
+        assert_eq!(header(&response, REQUEST_UUID_HEADER).len(), 36);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(body, APP_STORE_CONNECT_NOT_AUTHORIZED_BODY.as_bytes());
+
+        let request = Request::get(&uri)
+            .header("authorization", format!("Bearer {}", team_token(&key)))
+            .body(Full::<Bytes>::default())
+            .expect("valid request");
+        let response = h2.send_request(request).await.expect("200 arrives");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            header(&response, RATE_LIMIT_HEADER),
+            "user-hour-lim:3600;user-hour-rem:3599;"
+        );
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let echo: Value = serde_json::from_slice(&body).expect("JSON echo");
+        assert_eq!(
+            echo,
+            json!({"data": {"type": "standin", "role": "app-store-connect", "method": "GET",
+                "path": "/v1/apps", "query": "filter%5Bplatform%5D=IOS", "bytes_received": 0}})
+        );
+
+        // HTTP/1.1 to the same role: a streamed download and an upload that is only counted.
+        let (mut h1, conn) =
+            http1::handshake(tls_to(&standin, Role::AppStoreConnect, b"http/1.1").await)
+                .await
+                .expect("h1 handshake");
+        tokio::spawn(conn);
+        let len = 200_000u64;
+        let request = Request::post(format!("/notary/v2/submissions?standin_bytes={len}"))
+            .header("host", "127.0.0.1")
+            .header("authorization", format!("Bearer {}", team_token(&key)))
+            .body(Full::new(Bytes::from_static(&[1; 1000])))
+            .expect("valid request");
+        let response = h1.send_request(request).await.expect("200 arrives");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            header(&response, "content-type"),
+            "application/octet-stream"
+        );
+        assert_eq!(header(&response, "content-length"), len.to_string());
+        assert_eq!(
+            header(&response, RATE_LIMIT_HEADER),
+            "user-hour-lim:3600;user-hour-rem:3598;"
+        );
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(body.len() as u64, len);
+        assert!(body
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == pattern_byte(i as u64)));
+
+        // A StoreKit listener: unknown path is an empty 404, a missing token an empty 401.
+        let (mut sk, conn) = http2::handshake(
+            TokioExecutor::new(),
+            tls_to(&standin, Role::StoreKitSandbox, b"h2").await,
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(conn);
+        let base = standin.url(Role::StoreKitSandbox);
+        for (path, status) in [
+            ("/v1/apps", StatusCode::NOT_FOUND),
+            ("/inApps/v1/transactions/1", StatusCode::UNAUTHORIZED),
+        ] {
+            let request = Request::get(format!("{base}{path}"))
+                .body(Full::<Bytes>::default())
+                .expect("valid request");
+            let response = sk.send_request(request).await.expect("answer arrives");
+            assert_eq!(response.status(), status, "{path}");
+            assert!(response.headers().contains_key(REQUEST_UUID_HEADER));
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            assert!(body.is_empty(), "{path}");
+        }
+
+        let received = standin.received();
+        let summary: Vec<_> = received
+            .iter()
+            .map(|r| {
+                (
+                    r.role,
+                    r.method.as_str(),
+                    r.path_and_query.as_str(),
+                    r.version,
+                    r.body_len,
+                    r.verdict.is_ok(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    Role::AppStoreConnect,
+                    "GET",
+                    "/v1/apps?filter%5Bplatform%5D=IOS",
+                    Version::HTTP_2,
+                    0,
+                    false
+                ),
+                (
+                    Role::AppStoreConnect,
+                    "GET",
+                    "/v1/apps?filter%5Bplatform%5D=IOS",
+                    Version::HTTP_2,
+                    0,
+                    true
+                ),
+                (
+                    Role::AppStoreConnect,
+                    "POST",
+                    "/notary/v2/submissions?standin_bytes=200000",
+                    Version::HTTP_11,
+                    1000,
+                    true
+                ),
+                (
+                    Role::StoreKitSandbox,
+                    "GET",
+                    "/v1/apps",
+                    Version::HTTP_2,
+                    0,
+                    false
+                ),
+                (
+                    Role::StoreKitSandbox,
+                    "GET",
+                    "/inApps/v1/transactions/1",
+                    Version::HTTP_2,
+                    0,
+                    false
+                ),
+            ]
+        );
+        assert_eq!(
+            received[0].verdict.as_ref().err().map(String::as_str),
+            Some("no Authorization header")
+        );
+        let token = received[1].verdict.as_ref().expect("accepted");
+        assert_eq!(token.claims["iss"], ISSUER);
+        assert!(received[1].headers.contains_key("authorization"));
+        standin.clear_received();
+        assert!(standin.received().is_empty());
+
+        let addr = standin.addrs[0];
+        standin.shutdown().await;
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "listener is closed after shutdown"
+        );
+    }
+}

@@ -1,0 +1,714 @@
+//! Apple JWTs: the claims each API family takes, the App Store Connect scope built from the
+//! exact forwarded request, ES256 signing with `ring`, Apple's clock, and the token cache.
+//!
+//! Owns every decision about what goes into a token. Does not know about HTTP, clients or
+//! policy: `proxy` hands it a [`Request`] (key, API, method, path, query, bundle id) and gets
+//! back a [`Token`]. Time is always passed in (`now`), so the rules are tested without the
+//! wall clock.
+//!
+//! Rules (APPLE.md §2, DESIGN §4):
+//! - header `{"alg":"ES256","kid":…,"typ":"JWT"}`; signature raw `r||s` (64 bytes).
+//! - App Store Connect / Notary: `iss` (team) or `sub:"user"` (individual), `iat`, `exp`,
+//!   `aud`, and for GET on App Store Connect a one-entry `scope`; ≤ 20 min.
+//! - storekit APIs: `iss`, `iat`, `exp`, `aud`, `bid`; never `scope`; ≤ 60 min.
+//! - `iat` is Apple's "now" (our clock corrected by the offset learned from Apple's `Date`
+//!   header) minus a leeway; `exp - iat` is the key's lifetime, never above Apple's cap.
+
+pub mod key;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde::Serialize;
+
+use crate::apple::{self, Api, KeyKind, TokenFamily};
+use crate::config::{Config, KeyConfig};
+
+pub use key::{KeyError, SigningKey};
+
+/// A token is re-minted when less than this remains before `exp` (APPLE.md §5: "refresh
+/// when under 60 s remain").
+pub const REFRESH_MARGIN: Duration = Duration::from_secs(60);
+
+/// A newly measured Apple clock offset this far from the one a cached token was minted with
+/// retires that token.
+const OFFSET_TOLERANCE_SECS: i64 = 5;
+
+/// The claims the proxy puts in a token. Also what diagnoses and `check` show: it holds no
+/// secret (the signature and the compact JWT live only in [`Token::jwt`]).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Claims {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<&'static str>,
+    pub iat: i64,
+    pub exp: i64,
+    pub aud: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bid: Option<String>,
+}
+
+/// A signed token. `Debug` shows the claims and a fingerprint, never the JWT.
+pub struct Token {
+    jwt: String,
+    pub key_name: String,
+    pub key_id: String,
+    pub claims: Claims,
+    /// The Apple clock offset (seconds) it was minted with.
+    pub clock_offset: i64,
+}
+
+impl Token {
+    /// The compact JWT. Only `forward` (the `Authorization` header) and `token` (the CLI
+    /// command) may read it; it is never logged, audited or put in an error.
+    pub fn jwt(&self) -> &str {
+        &self.jwt
+    }
+
+    /// Hex SHA-256 of the compact JWT: the audit fingerprint (DESIGN §13).
+    pub fn fingerprint(&self) -> String {
+        crate::hex(&crate::sha256(self.jwt.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("key_name", &self.key_name)
+            .field("key_id", &self.key_id)
+            .field("claims", &self.claims)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a token is for.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    pub key: &'a str,
+    pub api: Api,
+    pub method: &'a str,
+    pub path: &'a str,
+    /// Raw query string without `?`, exactly as forwarded.
+    pub query: Option<&'a str>,
+    /// Overrides the key's bundle id (a client pinned to another app).
+    pub bundle_id: Option<&'a str>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error("no key named `{0}` is loaded")]
+    UnknownKey(String),
+    #[error("key `{key}` does not sign for {api}")]
+    WrongApi { key: String, api: Api },
+    #[error("key `{0}` has no bundle id for a storekit token")]
+    NoBundleId(String),
+    #[error("signing failed")]
+    Sign,
+}
+
+/// Apple's clock, as learned from the `Date` header of its responses.
+///
+/// Apple rejects an `iat` in its future, so a proxy host whose clock runs fast would be
+/// locked out; the offset corrects for that. `Date` has one-second resolution, so the offset
+/// is good to about a second — well inside the `iat` leeway.
+#[derive(Debug, Default)]
+pub struct AppleClock {
+    offset_secs: AtomicI64,
+    observed: AtomicBool,
+}
+
+impl AppleClock {
+    /// Seconds to add to the local clock to get Apple's.
+    pub fn offset_secs(&self) -> i64 {
+        self.offset_secs.load(Ordering::Relaxed)
+    }
+
+    /// Whether any Apple `Date` has been seen yet.
+    pub fn observed(&self) -> bool {
+        self.observed.load(Ordering::Relaxed)
+    }
+
+    /// Records Apple's `Date` against the local time the response head arrived.
+    /// Returns the measured offset.
+    pub fn observe(&self, apple: SystemTime, local: SystemTime) -> i64 {
+        let offset = unix_secs(apple) - unix_secs(local);
+        self.offset_secs.store(offset, Ordering::Relaxed);
+        self.observed.store(true, Ordering::Relaxed);
+        offset
+    }
+
+    /// Apple's "now", in UNIX seconds.
+    pub fn apple_now(&self, local: SystemTime) -> i64 {
+        unix_secs(local) + self.offset_secs()
+    }
+}
+
+pub fn unix_secs(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+struct LoadedKey {
+    config: KeyConfig,
+    signer: SigningKey,
+    /// base64url of the JOSE header, fixed per key.
+    header_b64: String,
+}
+
+/// Mints and caches tokens for the configured keys.
+pub struct Minter {
+    keys: HashMap<String, LoadedKey>,
+    clock: Arc<AppleClock>,
+    iat_leeway: i64,
+    unscoped_lifetime: Duration,
+    scope_methods: Vec<String>,
+    cache: Cache,
+    minted: AtomicU64,
+    cache_hits: AtomicU64,
+}
+
+impl std::fmt::Debug for Minter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Minter")
+            .field("keys", &self.keys.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A key that failed to load, with the config entry it came from.
+#[derive(Debug, thiserror::Error)]
+#[error("key `{name}` ({field}): {error}")]
+pub struct LoadError {
+    pub name: String,
+    pub field: String,
+    #[source]
+    pub error: KeyError,
+}
+
+impl Minter {
+    /// Loads every configured key. Returns the minter and warnings for the operator.
+    pub fn new(config: &Config, clock: Arc<AppleClock>) -> Result<(Minter, Vec<String>), LoadError> {
+        let mut keys = HashMap::new();
+        let mut warnings = Vec::new();
+        for (i, kc) in config.keys.iter().enumerate() {
+            let loaded = key::load(&kc.source).map_err(|error| LoadError {
+                name: kc.name.clone(),
+                field: format!(
+                    "keys[{i}].{}",
+                    match kc.source {
+                        crate::config::KeySource::Env(_) => "private_key_env",
+                        _ => "private_key_file",
+                    }
+                ),
+                error,
+            })?;
+            warnings.extend(loaded.warnings);
+            warnings.extend(file_name_hints(kc));
+            keys.insert(kc.name.clone(), Minter::prepare(kc.clone(), loaded.key));
+        }
+        let minter = Minter {
+            keys,
+            clock,
+            iat_leeway: i64::try_from(config.tokens.iat_leeway.as_secs()).unwrap_or(60),
+            unscoped_lifetime: config.tokens.unscoped_lifetime,
+            scope_methods: config.tokens.scope_methods.clone(),
+            cache: Cache::new(config.tokens.cache_capacity),
+            minted: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+        };
+        Ok((minter, warnings))
+    }
+
+    fn prepare(config: KeyConfig, signer: SigningKey) -> LoadedKey {
+        let header = serde_json::json!({"alg": "ES256", "kid": config.key_id, "typ": "JWT"});
+        let header_b64 = URL_SAFE_NO_PAD.encode(header.to_string());
+        LoadedKey {
+            config,
+            signer,
+            header_b64,
+        }
+    }
+
+    pub fn clock(&self) -> &AppleClock {
+        &self.clock
+    }
+
+    pub fn key_config(&self, name: &str) -> Option<&KeyConfig> {
+        self.keys.get(name).map(|k| &k.config)
+    }
+
+    /// The public key of `name` (uncompressed SEC1), for `check` and tests.
+    pub fn public_key(&self, name: &str) -> Option<&[u8]> {
+        self.keys.get(name).map(|k| k.signer.public_key())
+    }
+
+    /// Tokens signed so far, and requests served from the cache.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.minted.load(Ordering::Relaxed), self.cache_hits.load(Ordering::Relaxed))
+    }
+
+    /// The scope entry for a request, or `None` when this request gets an unscoped token.
+    pub fn scope_for(&self, api: Api, method: &str, path: &str, query: Option<&str>) -> Option<String> {
+        (api == Api::AppStoreConnect && self.scope_methods.iter().any(|m| m == method))
+            .then(|| scope_entry(method, path, query))
+    }
+
+    /// A token for `req`: from the cache when one with enough life left exists, otherwise
+    /// freshly signed. The cache lock is never held while signing, so one request's
+    /// signature never delays another request.
+    pub fn token(&self, req: &Request<'_>, now: SystemTime) -> Result<Arc<Token>, MintError> {
+        let key = self.keys.get(req.key).ok_or_else(|| MintError::UnknownKey(req.key.to_string()))?;
+        if !key.config.apis.contains(&req.api) {
+            return Err(MintError::WrongApi {
+                key: req.key.to_string(),
+                api: req.api,
+            });
+        }
+        let scope = self.scope_for(req.api, req.method, req.path, req.query);
+        let bid = match req.api.token_family() {
+            TokenFamily::StoreKit => Some(
+                req.bundle_id
+                    .or(key.config.bundle_id.as_deref())
+                    .ok_or_else(|| MintError::NoBundleId(req.key.to_string()))?,
+            ),
+            TokenFamily::Connect => None,
+        };
+        let cache_key = CacheKey {
+            key: req.key,
+            scope: scope.as_deref(),
+            bid,
+            unscoped_connect: req.api.token_family() == TokenFamily::Connect && scope.is_none(),
+        };
+        let apple_now = self.clock.apple_now(now);
+        let offset = self.clock.offset_secs();
+        if let Some(token) = self.cache.get(&cache_key, apple_now, offset) {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(token);
+        }
+        let lifetime = self.lifetime(&key.config, req.api, scope.is_some());
+        let iat = apple_now - self.iat_leeway;
+        let claims = Claims {
+            iss: match key.config.kind {
+                KeyKind::Individual => None,
+                KeyKind::Team | KeyKind::InAppPurchase => key.config.issuer_id.clone(),
+            },
+            sub: (key.config.kind == KeyKind::Individual).then_some("user"),
+            iat,
+            exp: iat + i64::try_from(lifetime.as_secs()).unwrap_or(0),
+            aud: apple::AUDIENCE,
+            scope: scope.clone().map(|s| vec![s]),
+            bid: bid.map(str::to_string),
+        };
+        let token = Arc::new(self.sign(key, claims, offset)?);
+        self.minted.fetch_add(1, Ordering::Relaxed);
+        self.cache.insert(&cache_key, token.clone(), apple_now);
+        Ok(token)
+    }
+
+    /// `exp - iat` for this key and request: the key's lifetime (already capped at its
+    /// kind's maximum), shortened for unscoped App Store Connect tokens, and — whatever the
+    /// configuration — never above the API family's cap.
+    fn lifetime(&self, key: &KeyConfig, api: Api, scoped: bool) -> Duration {
+        let mut lifetime = key.token_lifetime;
+        if api.token_family() == TokenFamily::Connect && !scoped {
+            lifetime = lifetime.min(self.unscoped_lifetime);
+        }
+        lifetime.min(api.token_family().max_lifetime())
+    }
+
+    fn sign(&self, key: &LoadedKey, claims: Claims, clock_offset: i64) -> Result<Token, MintError> {
+        let payload = serde_json::to_vec(&claims).map_err(|_| MintError::Sign)?;
+        let mut jwt = String::with_capacity(key.header_b64.len() + payload.len() * 4 / 3 + 90);
+        jwt.push_str(&key.header_b64);
+        jwt.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut jwt);
+        let signature = key.signer.sign(jwt.as_bytes()).map_err(|_| MintError::Sign)?;
+        jwt.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature, &mut jwt);
+        Ok(Token {
+            jwt,
+            key_name: key.config.name.clone(),
+            key_id: key.config.key_id.clone(),
+            claims,
+            clock_offset,
+        })
+    }
+}
+
+/// `"GET /v1/apps?filter[platform]=IOS"` from the forwarded method, path and raw query.
+///
+/// - Query parameters Apple ignores when matching (`limit`, `cursor`, `sort`) are left out.
+/// - The remaining parameters keep the client's order and bytes, except that percent-encoded
+///   brackets (`%5B`/`%5D`) are written as literal `[`/`]`, the form of Apple's documented
+///   example (`filter[platform]=IOS`). How Apple matches encoded brackets is UNCONFIRMED
+///   (APPLE.md §2); this one form is what the proxy uses and what diagnoses name.
+pub fn scope_entry(method: &str, path: &str, query: Option<&str>) -> String {
+    let mut entry = String::with_capacity(method.len() + 1 + path.len() + query.map_or(0, str::len) + 1);
+    entry.push_str(method);
+    entry.push(' ');
+    entry.push_str(path);
+    let mut first = true;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split('=').next().unwrap_or("");
+        if apple::SCOPE_IGNORED_PARAMS.contains(&name) {
+            continue;
+        }
+        entry.push(if first { '?' } else { '&' });
+        first = false;
+        push_literal_brackets(&mut entry, pair);
+    }
+    entry
+}
+
+fn push_literal_brackets(out: &mut String, s: &str) {
+    let mut rest = s;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 3);
+        match code.map(str::to_ascii_uppercase).as_deref() {
+            Some("5B") => out.push('['),
+            Some("5D") => out.push(']'),
+            _ => {
+                out.push('%');
+                rest = &rest[i + 1..];
+                continue;
+            }
+        }
+        rest = &rest[i + 3..];
+    }
+    out.push_str(rest);
+}
+
+/// Warnings `check` prints when the key file's name disagrees with the config
+/// (`AuthKey_<ID>.p8` for App Store Connect keys, `SubscriptionKey_<ID>.p8` for in-app
+/// purchase keys). Apple's file name is a hint only; the key id and Apple's answer rule.
+pub fn file_name_hints(kc: &KeyConfig) -> Vec<String> {
+    let crate::config::KeySource::File(path) = &kc.source else {
+        return Vec::new();
+    };
+    let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+        return Vec::new();
+    };
+    let mut hints = Vec::new();
+    for (prefix, kinds) in [("AuthKey_", "team or individual"), ("SubscriptionKey_", "in-app-purchase")] {
+        if let Some(id) = stem.strip_prefix(prefix) {
+            if prefix != kc.kind.file_prefix() {
+                hints.push(format!(
+                    "key `{}`: file {} looks like a {kinds} key but kind = \"{}\"; Apple rejects a key used for the wrong API family",
+                    kc.name,
+                    path.display(),
+                    kc.kind.id()
+                ));
+            }
+            if id != kc.key_id {
+                hints.push(format!(
+                    "key `{}`: file name says key id {id} but key_id = \"{}\"; a kid that doesn't match the signing key gets 401",
+                    kc.name, kc.key_id
+                ));
+            }
+        }
+    }
+    if !apple::is_plausible_key_id(&kc.key_id) {
+        hints.push(format!(
+            "key `{}`: key_id \"{}\" is not 10 upper-case letters/digits like Apple's",
+            kc.name, kc.key_id
+        ));
+    }
+    if let Some(iss) = &kc.issuer_id {
+        if !apple::is_plausible_issuer_id(iss) {
+            hints.push(format!("key `{}`: issuer_id \"{iss}\" is not a UUID like Apple's", kc.name));
+        }
+    }
+    hints
+}
+
+// ---------------------------------------------------------------------------------------
+// The cache: sharded maps behind short-lived locks.
+
+#[derive(Hash)]
+struct CacheKey<'a> {
+    key: &'a str,
+    scope: Option<&'a str>,
+    bid: Option<&'a str>,
+    unscoped_connect: bool,
+}
+
+impl CacheKey<'_> {
+    fn owned(&self) -> String {
+        format!(
+            "{}\u{0}{}\u{0}{}\u{0}{}",
+            self.key,
+            self.scope.unwrap_or(""),
+            self.bid.unwrap_or(""),
+            self.unscoped_connect
+        )
+    }
+}
+
+const SHARDS: usize = 16;
+
+struct Cache {
+    shards: Vec<Mutex<HashMap<String, Arc<Token>>>>,
+    per_shard: usize,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Cache {
+    fn new(capacity: usize) -> Cache {
+        Cache {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: capacity.div_ceil(SHARDS).max(1),
+            hasher: Default::default(),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Arc<Token>>> {
+        let mut h = self.hasher.build_hasher();
+        key.hash(&mut h);
+        // Truncation is the point: any bits pick a shard.
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    fn usable(token: &Token, apple_now: i64, offset: i64) -> bool {
+        token.claims.exp - apple_now >= REFRESH_MARGIN.as_secs() as i64
+            && (token.clock_offset - offset).abs() < OFFSET_TOLERANCE_SECS
+    }
+
+    fn get(&self, key: &CacheKey<'_>, apple_now: i64, offset: i64) -> Option<Arc<Token>> {
+        let k = key.owned();
+        let shard = self.shard(&k).lock().unwrap_or_else(|p| p.into_inner());
+        shard.get(&k).filter(|t| Cache::usable(t, apple_now, offset)).cloned()
+    }
+
+    fn insert(&self, key: &CacheKey<'_>, token: Arc<Token>, apple_now: i64) {
+        let k = key.owned();
+        let mut shard = self.shard(&k).lock().unwrap_or_else(|p| p.into_inner());
+        if shard.len() >= self.per_shard && !shard.contains_key(&k) {
+            shard.retain(|_, t| t.claims.exp - apple_now >= REFRESH_MARGIN.as_secs() as i64);
+            if shard.len() >= self.per_shard {
+                // Still full of live tokens: drop an arbitrary eighth (HashMap order is
+                // random), keeping the bound without an LRU's per-hit bookkeeping.
+                let drop: Vec<String> = shard.keys().take(self.per_shard.div_ceil(8)).cloned().collect();
+                for d in drop {
+                    shard.remove(&d);
+                }
+            }
+        }
+        shard.insert(k, token);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KeySource;
+    use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+
+    const ISS: &str = "57246542-96fe-1a63-e053-0824d011072a";
+
+    fn pem() -> String {
+        let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &ring::rand::SystemRandom::new()).unwrap();
+        pem::encode(&pem::Pem::new("PRIVATE KEY", der.as_ref().to_vec()))
+    }
+
+    fn config(extra_tokens: &str) -> Config {
+        let text = format!(
+            "[tokens]\n{extra_tokens}\n\
+             [[keys]]\nname = \"team\"\nkind = \"team\"\nkey_id = \"TEAMKEY001\"\nissuer_id = \"{ISS}\"\nprivate_key_env = \"X\"\napis = [\"app-store-connect\", \"notary\"]\ntoken_lifetime = \"1h\"\n\
+             [[keys]]\nname = \"me\"\nkind = \"individual\"\nkey_id = \"INDIVKEY01\"\nprivate_key_env = \"X\"\napis = [\"app-store-connect\"]\n\
+             [[keys]]\nname = \"iap\"\nkind = \"in-app-purchase\"\nkey_id = \"IAPKEY0001\"\nissuer_id = \"{ISS}\"\nbundle_id = \"com.example.app\"\nprivate_key_env = \"X\"\napis = [\"app-store-server\", \"advanced-commerce\", \"external-purchase\"]\ntoken_lifetime = \"3h\"\n"
+        );
+        let mut c = Config::parse(&text, "t.toml", std::path::Path::new(".")).unwrap();
+        for k in &mut c.keys {
+            k.source = KeySource::Inline(pem());
+        }
+        c
+    }
+
+    fn minter(extra: &str) -> Minter {
+        Minter::new(&config(extra), Arc::new(AppleClock::default())).unwrap().0
+    }
+
+    fn req<'a>(key: &'a str, api: Api, method: &'a str, path: &'a str, query: Option<&'a str>) -> Request<'a> {
+        Request {
+            key,
+            api,
+            method,
+            path,
+            query,
+            bundle_id: None,
+        }
+    }
+
+    fn decode(jwt: &str) -> (serde_json::Value, serde_json::Value, Vec<u8>) {
+        let parts: Vec<&str> = jwt.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        let d = |s: &str| URL_SAFE_NO_PAD.decode(s).unwrap();
+        (
+            serde_json::from_slice(&d(parts[0])).unwrap(),
+            serde_json::from_slice(&d(parts[1])).unwrap(),
+            d(parts[2]),
+        )
+    }
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(NOW)
+    }
+
+    #[test]
+    fn claims_are_exact_for_each_family_and_kind() {
+        let m = minter("");
+        let now_i = NOW as i64;
+        let cases = [
+            (
+                req("team", Api::AppStoreConnect, "GET", "/v1/apps", Some("filter%5Bplatform%5D=IOS&limit=5")),
+                serde_json::json!({"iss": ISS, "iat": now_i - 60, "exp": now_i - 60 + 1200, "aud": "appstoreconnect-v1", "scope": ["GET /v1/apps?filter[platform]=IOS"]}),
+                "TEAMKEY001",
+            ),
+            (
+                req("me", Api::AppStoreConnect, "GET", "/v1/users", None),
+                serde_json::json!({"sub": "user", "iat": now_i - 60, "exp": now_i - 60 + 300, "aud": "appstoreconnect-v1", "scope": ["GET /v1/users"]}),
+                "INDIVKEY01",
+            ),
+            (
+                req("team", Api::AppStoreConnect, "POST", "/v1/apps", None),
+                serde_json::json!({"iss": ISS, "iat": now_i - 60, "exp": now_i - 60 + 180, "aud": "appstoreconnect-v1"}),
+                "TEAMKEY001",
+            ),
+            (
+                req("team", Api::Notary, "GET", "/notary/v2/submissions", None),
+                serde_json::json!({"iss": ISS, "iat": now_i - 60, "exp": now_i - 60 + 180, "aud": "appstoreconnect-v1"}),
+                "TEAMKEY001",
+            ),
+            (
+                req("iap", Api::AppStoreServer, "GET", "/inApps/v1/transactions/1", None),
+                serde_json::json!({"iss": ISS, "iat": now_i - 60, "exp": now_i - 60 + 3600, "aud": "appstoreconnect-v1", "bid": "com.example.app"}),
+                "IAPKEY0001",
+            ),
+        ];
+        for (r, want, kid) in cases {
+            let t = m.token(&r, now()).unwrap();
+            let (header, claims, sig) = decode(t.jwt());
+            assert_eq!(header, serde_json::json!({"alg": "ES256", "kid": kid, "typ": "JWT"}));
+            assert_eq!(claims, want, "{r:?}");
+            assert_eq!(sig.len(), 64, "raw r||s, not DER");
+        }
+    }
+
+    #[test]
+    fn lifetime_never_exceeds_apples_cap_even_if_config_asks_for_more() {
+        let m = minter("unscoped_lifetime = \"3h\"");
+        for r in [
+            req("team", Api::AppStoreConnect, "GET", "/v1/apps", None),
+            req("team", Api::AppStoreConnect, "DELETE", "/v1/apps/1", None),
+            req("iap", Api::ExternalPurchase, "PUT", "/externalPurchase/v1/reports", None),
+        ] {
+            let t = m.token(&r, now()).unwrap();
+            let cap = r.api.token_family().max_lifetime().as_secs() as i64;
+            assert!(t.claims.exp - t.claims.iat <= cap, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn storekit_tokens_never_carry_a_scope_and_take_the_overridden_bundle_id() {
+        let m = minter("");
+        let mut r = req("iap", Api::AdvancedCommerce, "POST", "/advancedCommerce/v1/subscription/cancel/1", None);
+        r.bundle_id = Some("com.example.other");
+        let t = m.token(&r, now()).unwrap();
+        assert_eq!(t.claims.scope, None);
+        assert_eq!(t.claims.bid.as_deref(), Some("com.example.other"));
+    }
+
+    #[test]
+    fn scope_drops_ignored_params_and_writes_literal_brackets() {
+        let cases = [
+            ("/v1/apps", None, "GET /v1/apps"),
+            ("/v1/apps", Some("limit=200&cursor=abc&sort=name"), "GET /v1/apps"),
+            ("/v1/apps", Some("filter%5BbundleId%5D=com.x&limit=2"), "GET /v1/apps?filter[bundleId]=com.x"),
+            ("/v1/apps", Some("filter[platform]=IOS&fields%5bapps%5d=name"), "GET /v1/apps?filter[platform]=IOS&fields[apps]=name"),
+            ("/v1/apps", Some("a=%20b&&c"), "GET /v1/apps?a=%20b&c"),
+            ("/v1/apps", Some("x=%"), "GET /v1/apps?x=%"),
+            ("/v1/apps", Some("limited=1"), "GET /v1/apps?limited=1"),
+        ];
+        for (path, query, want) in cases {
+            assert_eq!(scope_entry("GET", path, query), want);
+        }
+    }
+
+    #[test]
+    fn iat_follows_apples_clock() {
+        let m = minter("");
+        m.clock().observe(now() - Duration::from_secs(300), now());
+        let t = m.token(&req("iap", Api::AppStoreServer, "GET", "/inApps/v1/x", None), now()).unwrap();
+        assert_eq!(t.claims.iat, NOW as i64 - 300 - 60);
+    }
+
+    #[test]
+    fn cache_reuses_until_refresh_margin_and_retires_on_clock_change() {
+        let m = minter("");
+        let r = req("iap", Api::AppStoreServer, "GET", "/inApps/v1/transactions/1", None);
+        let a = m.token(&r, now()).unwrap();
+        let b = m.token(&r, now() + Duration::from_secs(60)).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        // exp = now - 60 + 3600: within 60 s of it, a new token is minted.
+        let c = m.token(&r, now() + Duration::from_secs(3600 - 60 - 59)).unwrap();
+        assert!(!Arc::ptr_eq(&a, &c));
+        m.clock().observe(now() + Duration::from_secs(30), now());
+        let d = m.token(&r, now()).unwrap();
+        assert!(!Arc::ptr_eq(&c, &d));
+        assert_eq!(m.counts(), (3, 1));
+        // Different scopes are different entries.
+        let e = m.token(&req("team", Api::AppStoreConnect, "GET", "/v1/apps/1", None), now()).unwrap();
+        let f = m.token(&req("team", Api::AppStoreConnect, "GET", "/v1/apps/2", None), now()).unwrap();
+        assert_ne!(e.claims.scope, f.claims.scope);
+    }
+
+    #[test]
+    fn cache_stays_bounded() {
+        let m = minter("cache_capacity = 64");
+        for i in 0..1000 {
+            let path = format!("/v1/apps/{i}");
+            m.token(&req("team", Api::AppStoreConnect, "GET", &path, None), now()).unwrap();
+        }
+        assert!(m.cache.len() <= 64 + SHARDS, "{}", m.cache.len());
+    }
+
+    #[test]
+    fn wrong_api_and_unknown_key_are_errors() {
+        let m = minter("");
+        assert!(matches!(
+            m.token(&req("iap", Api::AppStoreConnect, "GET", "/v1/apps", None), now()),
+            Err(MintError::WrongApi { .. })
+        ));
+        assert!(matches!(
+            m.token(&req("nope", Api::AppStoreConnect, "GET", "/v1/apps", None), now()),
+            Err(MintError::UnknownKey(_))
+        ));
+    }
+
+    #[test]
+    fn token_debug_hides_the_jwt() {
+        let m = minter("");
+        let t = m.token(&req("team", Api::AppStoreConnect, "GET", "/v1/apps", None), now()).unwrap();
+        let sig = t.jwt().rsplit('.').next().unwrap().to_string();
+        assert!(!format!("{t:?}").contains(&sig));
+        assert!(!format!("{t:?}").contains(t.jwt()));
+    }
+}
