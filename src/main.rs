@@ -1,1 +1,268 @@
-fn main() {}
+//! The `apple-api-proxy` binary: command line, logging setup, exit codes. Everything else is
+//! in the library; `anyhow` lives only here.
+//!
+//! Exit codes: 0 success, 1 a failure the message explains, 2 bad command-line usage.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Parser, Subcommand};
+
+use apple_api_proxy::config::Config;
+use apple_api_proxy::{apple, client, demo, route, server, token};
+
+#[derive(Parser)]
+#[command(name = "apple-api-proxy", version, about = "Authenticating reverse proxy for Apple's server APIs: mints an ES256 JWT per request; keys never leave this host.")]
+struct Cli {
+    /// Log format for operational logs (`RUST_LOG` sets the filter).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Serve {
+        #[arg(long, default_value = "proxy.toml")]
+        config: PathBuf,
+    },
+    /// Validate config and keys, test-sign with each key, print the route/key/client tables.
+    Check {
+        #[arg(long, default_value = "proxy.toml")]
+        config: PathBuf,
+    },
+    /// Print a JWT for one request, e.g. --request "GET /v1/apps" (for curl).
+    Token {
+        #[arg(long, default_value = "proxy.toml")]
+        config: PathBuf,
+        /// The key's name in config; default: the first key that serves the request's API.
+        #[arg(long)]
+        key: Option<String>,
+        /// "METHOD /path[?query]" exactly as it will be sent to Apple.
+        #[arg(long)]
+        request: String,
+    },
+    /// Print a new client secret and the config lines holding its hash.
+    ClientSecret {
+        /// The client's name.
+        name: String,
+    },
+    /// Start a local Apple stand-in with the proxy in front of it and print curl commands.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let demo = matches!(cli.command, Some(Command::Demo { .. }));
+    init_tracing(&cli.log_format, if demo { "info,apple_api_proxy::standin=debug" } else { "info" });
+    let command = cli.command.unwrap_or(Command::Serve {
+        config: PathBuf::from("proxy.toml"),
+    });
+    match run(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(format: &str, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { config } => serve(&config),
+        Command::Check { config } => check(&config),
+        Command::Token { config, key, request } => print_token(&config, key.as_deref(), &request),
+        Command::ClientSecret { name } => client_secret(&name),
+        Command::Demo { listen } => run_demo(listen),
+    }
+}
+
+fn serve(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    runtime()?.block_on(async {
+        let listener = server::bind(&config).await.with_context(|| format!("{}: cannot listen on {} (field server.listen)", config.source, config.server.listen))?;
+        server::run(config, listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let (minter, warnings) = token::Minter::new(&config, Arc::new(token::AppleClock::default()))?;
+    if let Some(ca) = &config.upstream.ca_file {
+        apple_api_proxy::forward::client(&config, None).with_context(|| format!("{}: [upstream] ca_file = {}", config.source, ca.display()))?;
+    }
+    if config.clients.is_empty() && !config.server.allow_anonymous {
+        bail!("{}: no [[clients]] are configured and allow_anonymous is false, so nobody could use the proxy (fix: add a client with `apple-api-proxy client-secret NAME`)", config.source);
+    }
+    println!("config {}: OK", config.source);
+    println!("\nKEYS");
+    println!("  {:<14} {:<16} {:<11} {:<9} {:<10} APIS", "NAME", "KIND", "KEY ID", "LIFETIME", "TEST-SIGN");
+    for k in &config.keys {
+        let selftest = minter.self_test(&k.name);
+        println!(
+            "  {:<14} {:<16} {:<11} {:<9} {:<10} {}",
+            k.name,
+            k.kind.id(),
+            k.key_id,
+            humantime::format_duration(k.token_lifetime).to_string(),
+            if selftest.is_ok() { "ok" } else { "FAILED" },
+            k.apis.iter().map(|a| a.id()).collect::<Vec<_>>().join(", ")
+        );
+        selftest.map_err(|e| anyhow!("{}: key `{}`: {e}", config.source, k.name))?;
+    }
+    println!("\nROUTES");
+    println!("  {:<18} {:<11} {:<44} KEY", "API", "ENV", "UPSTREAM");
+    let table = route::Table::new(&config);
+    for (api, env, upstream) in table.rows() {
+        let key = config.default_key_for(api).map_or("(none: requests get 404)", |k| k.name.as_str());
+        println!("  {:<18} {:<11} {:<44} {key}", api.id(), env.as_str(), upstream.base);
+    }
+    println!("\nCLIENTS");
+    if config.server.allow_anonymous {
+        println!("  anonymous          allowed (server.allow_anonymous = true): every route, audited as `anonymous`");
+    }
+    for c in &config.clients {
+        println!(
+            "  {:<18} {:<7} key={:<10} allow: {}",
+            c.name,
+            if c.secret_sha256.is_some() { "secret" } else { "mTLS" },
+            c.key.as_deref().unwrap_or("(default)"),
+            if c.allow.is_empty() { "(nothing: default deny)".to_string() } else { c.allow.join(", ") }
+        );
+    }
+    if !warnings.is_empty() {
+        println!("\nWARNINGS");
+        for w in &warnings {
+            println!("  - {w}");
+        }
+    }
+    Ok(())
+}
+
+fn print_token(path: &std::path::Path, key: Option<&str>, request: &str) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let (method, target) = request
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| anyhow!("--request must be \"METHOD /path[?query]\", e.g. \"GET /v1/apps\""))?;
+    let method = method.to_ascii_uppercase();
+    let (path_part, query) = match target.trim().split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target.trim(), None),
+    };
+    route::check_path(path_part).map_err(|e| anyhow!("--request: {e}"))?;
+    let table = route::Table::new(&config);
+    let route = table.resolve(path_part).map_err(|e| anyhow!("--request: {e}; known prefixes: {}", route::known_prefixes().join(", ")))?;
+    let key = match key {
+        Some(k) => config.key(k).ok_or_else(|| anyhow!("{}: no key named `{k}` (fix: use a name from [[keys]])", config.source))?,
+        None => config.default_key_for(route.api).ok_or_else(|| anyhow!("{}: no key serves {} (fix: add it to a key's apis)", config.source, route.api))?,
+    };
+    if !key.apis.contains(&route.api) {
+        bail!("key `{}` does not sign for {} (its apis: {})", key.name, route.api, key.apis.iter().map(|a| a.id()).collect::<Vec<_>>().join(", "));
+    }
+    let (minter, warnings) = token::Minter::new(&config, Arc::new(token::AppleClock::default()))?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let t = minter.token(
+        &token::Request {
+            key: &key.name,
+            api: route.api,
+            method: &method,
+            path: route.path,
+            query,
+            bundle_id: None,
+        },
+        SystemTime::now(),
+    )?;
+    if route.environment == apple::Environment::Sandbox {
+        eprintln!("note: send it to {}{}", route.upstream.base, route.path);
+    }
+    println!("{}", t.jwt());
+    Ok(())
+}
+
+fn client_secret(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.contains(['"', '\\', '\n']) {
+        bail!("the client name must be non-empty and contain no quotes, backslashes or newlines");
+    }
+    let secret = client::generate_secret().map_err(|_| anyhow!("the system random number generator failed"))?;
+    let hash = apple_api_proxy::hex(&apple_api_proxy::sha256(secret.as_bytes()));
+    println!("# Secret for client `{name}` — give it to the client; it is shown only once and the proxy stores only its hash.");
+    println!("# The client sends it as `Proxy-Authorization: Bearer <secret>` or `Authorization: Bearer <secret>`.");
+    println!("{secret}");
+    println!();
+    println!("# Add to proxy.toml (edit the allow rules):");
+    println!("[[clients]]");
+    println!("name = \"{name}\"");
+    println!("secret_sha256 = \"{hash}\"");
+    println!("allow = [\"GET /v1/*\"]");
+    Ok(())
+}
+
+fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let d = demo::start(listen).await?;
+        println!("apple-api-proxy demo: the proxy is on http://{} in front of a local Apple stand-in", d.addr);
+        println!("  (stand-in: App Store Connect {}, App Store Server {} / sandbox {};", d.standin.url(apple_api_proxy::standin::Role::AppStoreConnect), d.standin.url(apple_api_proxy::standin::Role::StoreKitProduction), d.standin.url(apple_api_proxy::standin::Role::StoreKitSandbox));
+        println!("   it checks every token with its own verifier, as Apple would; keys and CA are throw-away, in memory)");
+        println!();
+        for (what, line) in d.examples() {
+            println!("# {what}");
+            println!("{line}");
+            println!();
+        }
+        println!("Press Ctrl-C to stop.");
+        let demo::Demo { standin, proxy, listener, .. } = d;
+        server::serve(proxy, listener, shutdown_signal()).await;
+        standin.shutdown().await;
+        Ok(())
+    })
+}

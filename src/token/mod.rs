@@ -252,6 +252,17 @@ impl Minter {
         self.keys.get(name).map(|k| k.signer.public_key())
     }
 
+    /// Signs a throw-away message with `name` and verifies it with the key's public half:
+    /// proves the key loads, signs, and yields a 64-byte `r||s` signature.
+    pub fn self_test(&self, name: &str) -> Result<(), String> {
+        let key = self.keys.get(name).ok_or_else(|| format!("no key named `{name}` is loaded"))?;
+        let message = b"apple-api-proxy self-test";
+        let signature = key.signer.sign(message).map_err(|_| "signing failed".to_string())?;
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, key.signer.public_key())
+            .verify(message, &signature)
+            .map_err(|_| "the test signature does not verify with the key's public key".to_string())
+    }
+
     /// Tokens signed so far, and requests served from the cache.
     pub fn counts(&self) -> (u64, u64) {
         (self.minted.load(Ordering::Relaxed), self.cache_hits.load(Ordering::Relaxed))
