@@ -72,7 +72,10 @@ pub struct Clients {
 impl std::fmt::Debug for Clients {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Clients")
-            .field("names", &self.clients.iter().map(|c| &c.name).collect::<Vec<_>>())
+            .field(
+                "names",
+                &self.clients.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            )
             .field("allow_anonymous", &self.allow_anonymous)
             .finish()
     }
@@ -163,14 +166,17 @@ impl Client {
 
 /// The `aap_…` secret from `Proxy-Authorization` (preferred) or `Authorization`.
 fn presented_secret(headers: &HeaderMap) -> Option<&str> {
-    [PROXY_AUTHORIZATION, AUTHORIZATION].iter().find_map(|name| {
-        headers.get_all(name).iter().find_map(|v| {
-            let v = v.to_str().ok()?.trim();
-            let (scheme, token) = v.split_once(' ')?;
-            let token = token.trim();
-            (scheme.eq_ignore_ascii_case("bearer") && token.starts_with(SECRET_PREFIX)).then_some(token)
+    [PROXY_AUTHORIZATION, AUTHORIZATION]
+        .iter()
+        .find_map(|name| {
+            headers.get_all(name).iter().find_map(|v| {
+                let v = v.to_str().ok()?.trim();
+                let (scheme, token) = v.split_once(' ')?;
+                let token = token.trim();
+                (scheme.eq_ignore_ascii_case("bearer") && token.starts_with(SECRET_PREFIX))
+                    .then_some(token)
+            })
         })
-    })
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -206,7 +212,10 @@ pub fn generate_secret() -> Result<String, ring::error::Unspecified> {
     use ring::rand::SecureRandom as _;
     let mut bytes = [0u8; 32];
     ring::rand::SystemRandom::new().fill(&mut bytes)?;
-    Ok(format!("{SECRET_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)))
+    Ok(format!(
+        "{SECRET_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    ))
 }
 
 #[cfg(test)]
@@ -225,7 +234,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         h
     }
@@ -233,20 +245,50 @@ mod tests {
     #[test]
     fn secrets_are_accepted_in_either_header_and_sdk_jwts_are_not_credentials() {
         let c = clients("aap_good", "\"GET /v1/*\"", false);
-        assert_eq!(c.authenticate(&headers(&[("proxy-authorization", "Bearer aap_good")])).unwrap().name, "ci");
-        assert_eq!(c.authenticate(&headers(&[("authorization", "bearer aap_good")])).unwrap().name, "ci");
-        assert_eq!(c.authenticate(&headers(&[("authorization", "Bearer aap_bad")])).unwrap_err(), AuthError::Invalid);
-        assert_eq!(c.authenticate(&headers(&[("authorization", "Bearer eyJhbGciOi.x.y")])).unwrap_err(), AuthError::Missing);
-        assert_eq!(c.authenticate(&HeaderMap::new()).unwrap_err(), AuthError::Missing);
+        assert_eq!(
+            c.authenticate(&headers(&[("proxy-authorization", "Bearer aap_good")]))
+                .unwrap()
+                .name,
+            "ci"
+        );
+        assert_eq!(
+            c.authenticate(&headers(&[("authorization", "bearer aap_good")]))
+                .unwrap()
+                .name,
+            "ci"
+        );
+        assert_eq!(
+            c.authenticate(&headers(&[("authorization", "Bearer aap_bad")]))
+                .unwrap_err(),
+            AuthError::Invalid
+        );
+        assert_eq!(
+            c.authenticate(&headers(&[("authorization", "Bearer eyJhbGciOi.x.y")]))
+                .unwrap_err(),
+            AuthError::Missing
+        );
+        assert_eq!(
+            c.authenticate(&HeaderMap::new()).unwrap_err(),
+            AuthError::Missing
+        );
         let anon = clients("aap_good", "", true);
-        assert_eq!(anon.authenticate(&HeaderMap::new()).unwrap().method, AuthMethod::Anonymous);
-        assert_eq!(anon.authenticate(&headers(&[("authorization", "Bearer aap_bad")])).unwrap_err(), AuthError::Invalid);
+        assert_eq!(
+            anon.authenticate(&HeaderMap::new()).unwrap().method,
+            AuthMethod::Anonymous
+        );
+        assert_eq!(
+            anon.authenticate(&headers(&[("authorization", "Bearer aap_bad")]))
+                .unwrap_err(),
+            AuthError::Invalid
+        );
     }
 
     #[test]
     fn allow_rules_default_deny_and_glob_across_slashes() {
         let c = clients("aap_s", "\"GET /v1/apps*\", \"* /sandbox/inApps/*\"", false);
-        let who = c.authenticate(&headers(&[("authorization", "Bearer aap_s")])).unwrap();
+        let who = c
+            .authenticate(&headers(&[("authorization", "Bearer aap_s")]))
+            .unwrap();
         assert!(c.allows(&who, "GET", "/v1/apps"));
         assert!(c.allows(&who, "GET", "/v1/apps/1/builds"));
         assert!(!c.allows(&who, "POST", "/v1/apps"));

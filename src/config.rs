@@ -23,12 +23,8 @@ use crate::apple::{self, Api, KeyKind};
 /// A configuration problem: where it is and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{file}: cannot read the config file: {source} (fix: check the path given to --config and its permissions)")]
-    Read {
-        file: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{file}: cannot read the config file: {error} (fix: check the path given to --config and its permissions)")]
+    Read { file: String, error: std::io::Error },
     #[error("{file}: {message}(fix: correct or remove the field; proxy.toml in the repository documents every field)")]
     Syntax { file: String, message: String },
     #[error("{file}: field `{field}`: {problem} (fix: {fix})")]
@@ -297,9 +293,9 @@ impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             file: file.clone(),
-            source,
+            error,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Config::parse(&text, &file, base)
@@ -336,7 +332,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn invalid(&self, field: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    fn invalid(
+        &self,
+        field: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             file: self.file.to_string(),
             field: field.into(),
@@ -364,7 +365,12 @@ impl Validator<'_> {
         })
     }
 
-    fn duration(&self, field: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        field: &str,
+        value: Option<&str>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
         match value {
             None => Ok(default),
             Some(v) => parse_duration(v).ok_or_else(|| {
@@ -379,7 +385,11 @@ impl Validator<'_> {
 
     fn base_url(&self, field: &str, value: &str) -> Result<Uri, ConfigError> {
         let uri: Uri = value.parse().map_err(|_| {
-            self.invalid(field, format!("`{value}` is not a URL"), "write it as \"https://host[:port]\"")
+            self.invalid(
+                field,
+                format!("`{value}` is not a URL"),
+                "write it as \"https://host[:port]\"",
+            )
         })?;
         if uri.scheme_str() != Some("https") || uri.authority().is_none() {
             return Err(self.invalid(
@@ -389,7 +399,11 @@ impl Validator<'_> {
             ));
         }
         if uri.query().is_some() {
-            return Err(self.invalid(field, "a base URL cannot carry a query", "remove the `?…` part"));
+            return Err(self.invalid(
+                field,
+                "a base URL cannot carry a query",
+                "remove the `?…` part",
+            ));
         }
         Ok(uri)
     }
@@ -428,7 +442,11 @@ impl Validator<'_> {
             ));
         }
         if server.max_concurrent_requests == 0 {
-            return Err(self.invalid("server.max_concurrent_requests", "must be at least 1", "remove it for the default (1024)"));
+            return Err(self.invalid(
+                "server.max_concurrent_requests",
+                "must be at least 1",
+                "remove it for the default (1024)",
+            ));
         }
 
         let audit = Audit {
@@ -442,20 +460,32 @@ impl Validator<'_> {
 
         let upstream = Upstream {
             ca_file: raw.upstream.ca_file.as_deref().map(|p| self.path(p)),
-            connect_timeout: self.duration("upstream.connect_timeout", raw.upstream.connect_timeout.as_deref(), DEFAULT_CONNECT_TIMEOUT)?,
+            connect_timeout: self.duration(
+                "upstream.connect_timeout",
+                raw.upstream.connect_timeout.as_deref(),
+                DEFAULT_CONNECT_TIMEOUT,
+            )?,
             egress_proxy: raw.upstream.egress_proxy,
         };
 
         let t = raw.tokens;
         let tokens = Tokens {
-            iat_leeway: self.duration("tokens.iat_leeway", t.iat_leeway.as_deref(), DEFAULT_IAT_LEEWAY)?,
+            iat_leeway: self.duration(
+                "tokens.iat_leeway",
+                t.iat_leeway.as_deref(),
+                DEFAULT_IAT_LEEWAY,
+            )?,
             scope_methods: t
                 .scope_methods
                 .unwrap_or_else(|| vec!["GET".to_string()])
                 .into_iter()
                 .map(|m| m.to_ascii_uppercase())
                 .collect(),
-            unscoped_lifetime: self.duration("tokens.unscoped_lifetime", t.unscoped_lifetime.as_deref(), DEFAULT_UNSCOPED_LIFETIME)?,
+            unscoped_lifetime: self.duration(
+                "tokens.unscoped_lifetime",
+                t.unscoped_lifetime.as_deref(),
+                DEFAULT_UNSCOPED_LIFETIME,
+            )?,
             cache_capacity: t.cache_capacity.unwrap_or(DEFAULT_CACHE_CAPACITY).max(1),
         };
         if tokens.iat_leeway > Duration::from_secs(5 * 60) {
@@ -507,7 +537,11 @@ impl Validator<'_> {
             apis.insert(
                 api,
                 ApiSettings {
-                    base_url: settings.base_url.as_deref().map(|u| self.base_url(&format!("{prefix}.base_url"), u)).transpose()?,
+                    base_url: settings
+                        .base_url
+                        .as_deref()
+                        .map(|u| self.base_url(&format!("{prefix}.base_url"), u))
+                        .transpose()?,
                     sandbox_base_url: settings
                         .sandbox_base_url
                         .as_deref()
@@ -523,7 +557,11 @@ impl Validator<'_> {
         for (i, k) in raw.keys.into_iter().enumerate() {
             let key = self.key(i, k, &tokens)?;
             if !names.insert(key.name.clone()) {
-                return Err(self.invalid(format!("keys[{i}].name"), format!("a key named `{}` is already defined", key.name), "give every key a unique name"));
+                return Err(self.invalid(
+                    format!("keys[{i}].name"),
+                    format!("a key named `{}` is already defined", key.name),
+                    "give every key a unique name",
+                ));
             }
             keys.push(key);
         }
@@ -533,7 +571,11 @@ impl Validator<'_> {
         for (i, c) in raw.clients.into_iter().enumerate() {
             let client = self.client(i, c, &keys)?;
             if !client_names.insert(client.name.clone()) {
-                return Err(self.invalid(format!("clients[{i}].name"), format!("a client named `{}` is already defined", client.name), "give every client a unique name"));
+                return Err(self.invalid(
+                    format!("clients[{i}].name"),
+                    format!("a client named `{}` is already defined", client.name),
+                    "give every client a unique name",
+                ));
             }
             clients.push(client);
         }
@@ -598,18 +640,27 @@ impl Validator<'_> {
             (Some(p), None) => KeySource::File(self.path(p)),
             (None, Some(v)) if !v.is_empty() => KeySource::Env(v.clone()),
             (Some(_), Some(_)) => {
-                return Err(self.invalid(field("private_key_file"), "both private_key_file and private_key_env are set", "keep exactly one"))
-            }
-            _ => {
                 return Err(self.invalid(
                     field("private_key_file"),
-                    "the key has no private key source",
-                    "set private_key_file = \"keys/AuthKey_<ID>.p8\" or private_key_env = \"VAR_NAME\"",
+                    "both private_key_file and private_key_env are set",
+                    "keep exactly one",
                 ))
             }
+            _ => return Err(self.invalid(
+                field("private_key_file"),
+                "the key has no private key source",
+                "set private_key_file = \"keys/AuthKey_<ID>.p8\" or private_key_env = \"VAR_NAME\"",
+            )),
         };
         if k.apis.is_empty() {
-            return Err(self.invalid(field("apis"), "lists no API", format!("list the APIs this key signs for, e.g. apis = [\"{}\"]", default_api(kind).id())));
+            return Err(self.invalid(
+                field("apis"),
+                "lists no API",
+                format!(
+                    "list the APIs this key signs for, e.g. apis = [\"{}\"]",
+                    default_api(kind).id()
+                ),
+            ));
         }
         let mut apis = Vec::with_capacity(k.apis.len());
         for id in &k.apis {
@@ -617,7 +668,14 @@ impl Validator<'_> {
                 self.invalid(
                     field("apis"),
                     format!("unknown API `{id}`"),
-                    format!("use some of: {}", Api::ALL.iter().map(|a| a.id()).collect::<Vec<_>>().join(", ")),
+                    format!(
+                        "use some of: {}",
+                        Api::ALL
+                            .iter()
+                            .map(|a| a.id())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                 )
             })?;
             if !kind.serves(api) {
@@ -643,7 +701,11 @@ impl Validator<'_> {
             ));
         }
         let cap = kind_max_lifetime(kind);
-        let requested = self.duration(&field("token_lifetime"), k.token_lifetime.as_deref(), DEFAULT_TOKEN_LIFETIME)?;
+        let requested = self.duration(
+            &field("token_lifetime"),
+            k.token_lifetime.as_deref(),
+            DEFAULT_TOKEN_LIFETIME,
+        )?;
         if requested < tokens.iat_leeway + MIN_USEFUL_LIFETIME {
             return Err(self.invalid(
                 field("token_lifetime"),
@@ -676,7 +738,12 @@ impl Validator<'_> {
         })
     }
 
-    fn client(&self, i: usize, c: RawClient, keys: &[KeyConfig]) -> Result<ClientConfig, ConfigError> {
+    fn client(
+        &self,
+        i: usize,
+        c: RawClient,
+        keys: &[KeyConfig],
+    ) -> Result<ClientConfig, ConfigError> {
         let field = |name: &str| format!("clients[{i}].{name}");
         if c.name.is_empty() {
             return Err(self.invalid(field("name"), "is empty", "name the client, e.g. \"ci\""));
@@ -689,7 +756,10 @@ impl Validator<'_> {
                     self.invalid(
                         field("secret_sha256"),
                         "is not 64 hex digits",
-                        format!("paste the line printed by `apple-api-proxy client-secret {}`", c.name),
+                        format!(
+                            "paste the line printed by `apple-api-proxy client-secret {}`",
+                            c.name
+                        ),
                     )
                 })
             })
@@ -715,7 +785,11 @@ impl Validator<'_> {
         }
         if let Some(key) = &c.key {
             if !keys.iter().any(|k| &k.name == key) {
-                return Err(self.invalid(field("key"), format!("no key named `{key}`"), "use the name of a [[keys]] entry"));
+                return Err(self.invalid(
+                    field("key"),
+                    format!("no key named `{key}`"),
+                    "use the name of a [[keys]] entry",
+                ));
             }
         }
         Ok(ClientConfig {
@@ -803,13 +877,18 @@ mod tests {
         assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.server.max_request_body, 10 * 1024 * 1024);
         assert!(!c.server.allow_anonymous);
-        assert_eq!(c.audit.path.as_deref(), Some(Path::new("/etc/aap/audit.jsonl")));
+        assert_eq!(
+            c.audit.path.as_deref(),
+            Some(Path::new("/etc/aap/audit.jsonl"))
+        );
         assert_eq!(c.tokens.iat_leeway, Duration::from_secs(60));
     }
 
     #[test]
     fn unknown_fields_are_errors_that_name_the_file_and_field() {
-        let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n").unwrap_err().to_string();
+        let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("test.toml:"), "{err}");
         assert!(err.contains("lisen"), "{err}");
         assert!(err.contains("fix:"), "{err}");
@@ -820,7 +899,10 @@ mod tests {
     #[test]
     fn relative_key_paths_resolve_against_the_config_directory() {
         let c = parse(&key_block("")).unwrap();
-        assert_eq!(c.keys[0].source, KeySource::File(PathBuf::from("/etc/aap/keys/AuthKey_2X9R4HXF34.p8")));
+        assert_eq!(
+            c.keys[0].source,
+            KeySource::File(PathBuf::from("/etc/aap/keys/AuthKey_2X9R4HXF34.p8"))
+        );
     }
 
     #[test]
@@ -832,16 +914,46 @@ mod tests {
     #[test]
     fn field_errors_name_the_field_and_a_fix() {
         let cases = [
-            (key_block("token_lifetime = \"soon\""), "keys[0].token_lifetime"),
-            (key_block("").replace("\"team\"", "\"teem\""), "keys[0].kind"),
-            (key_block("").replace("app-store-connect", "app-store-server"), "keys[0].apis"),
-            (key_block("").replace(&format!("issuer_id = \"{ISS}\"\n"), ""), "keys[0].issuer_id"),
-            ("[server]\nlisten = \"localhost\"\n".to_string(), "server.listen"),
-            ("[server]\nmax_request_body = \"ten\"\n".to_string(), "server.max_request_body"),
-            ("[apis.app-store-connect]\nbase_url = \"http://x\"\n".to_string(), "apis.app-store-connect.base_url"),
-            ("[apis.notary]\nsandbox_fallback = true\n".to_string(), "apis.notary.sandbox_fallback"),
-            (format!("{}{}", key_block(""), key_block("")), "keys[1].name"),
-            ("[[clients]]\nname = \"ci\"\nallow = [\"GET /v1/*\"]\n".to_string(), "clients[0].secret_sha256"),
+            (
+                key_block("token_lifetime = \"soon\""),
+                "keys[0].token_lifetime",
+            ),
+            (
+                key_block("").replace("\"team\"", "\"teem\""),
+                "keys[0].kind",
+            ),
+            (
+                key_block("").replace("app-store-connect", "app-store-server"),
+                "keys[0].apis",
+            ),
+            (
+                key_block("").replace(&format!("issuer_id = \"{ISS}\"\n"), ""),
+                "keys[0].issuer_id",
+            ),
+            (
+                "[server]\nlisten = \"localhost\"\n".to_string(),
+                "server.listen",
+            ),
+            (
+                "[server]\nmax_request_body = \"ten\"\n".to_string(),
+                "server.max_request_body",
+            ),
+            (
+                "[apis.app-store-connect]\nbase_url = \"http://x\"\n".to_string(),
+                "apis.app-store-connect.base_url",
+            ),
+            (
+                "[apis.notary]\nsandbox_fallback = true\n".to_string(),
+                "apis.notary.sandbox_fallback",
+            ),
+            (
+                format!("{}{}", key_block(""), key_block("")),
+                "keys[1].name",
+            ),
+            (
+                "[[clients]]\nname = \"ci\"\nallow = [\"GET /v1/*\"]\n".to_string(),
+                "clients[0].secret_sha256",
+            ),
         ];
         for (text, field) in cases {
             let err = parse(&text).unwrap_err().to_string();

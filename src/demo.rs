@@ -25,19 +25,18 @@ pub const DEMO_STOREKIT_KID: &str = "DEMOIAP001";
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error("cannot start the Apple stand-in: {0}")]
-    Standin(#[source] std::io::Error),
+    Standin(std::io::Error),
     #[error("cannot listen on {addr}: {error} (fix: pass --listen 127.0.0.1:<free port>)")]
     Listen {
         addr: SocketAddr,
-        #[source]
         error: std::io::Error,
     },
     #[error("cannot generate a throw-away key")]
     KeyGen,
-    #[error("demo configuration: {0}")]
+    #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("starting the proxy: {0}")]
-    Start(#[from] crate::proxy::StartError),
+    #[error(transparent)]
+    Start(#[from] Box<crate::proxy::StartError>),
 }
 
 /// A running demo: the stand-in, the proxy's listener and the demo client's secret.
@@ -51,11 +50,16 @@ pub struct Demo {
 
 fn throwaway_key() -> Result<(String, Vec<u8>), DemoError> {
     let rng = SystemRandom::new();
-    let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).map_err(|_| DemoError::KeyGen)?;
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).map_err(|_| DemoError::KeyGen)?;
+    let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+        .map_err(|_| DemoError::KeyGen)?;
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng)
+        .map_err(|_| DemoError::KeyGen)?;
     use ring::signature::KeyPair as _;
     let public = pair.public_key().as_ref().to_vec();
-    Ok((pem::encode(&pem::Pem::new("PRIVATE KEY", der.as_ref().to_vec())), public))
+    Ok((
+        pem::encode(&pem::Pem::new("PRIVATE KEY", der.as_ref().to_vec())),
+        public,
+    ))
 }
 
 /// Starts the stand-in and binds the proxy on `listen`; the caller serves it.
@@ -67,7 +71,9 @@ pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
             KnownKey {
                 key_id: DEMO_CONNECT_KID.into(),
                 public_key: connect_pub,
-                kind: KnownKeyKind::Team { issuer_id: DEMO_ISSUER.into() },
+                kind: KnownKeyKind::Team {
+                    issuer_id: DEMO_ISSUER.into(),
+                },
             },
             KnownKey {
                 key_id: DEMO_STOREKIT_KID.into(),
@@ -137,9 +143,17 @@ allow = ["GET /v1/*", "* /inApps/*", "* /sandbox/inApps/*", "GET /notary/*"]
     let mut config = Config::parse(&text, "<demo>", Path::new("."))?;
     config.keys[0].source = KeySource::Inline(connect_pem);
     config.keys[1].source = KeySource::Inline(storekit_pem);
-    let (proxy, _warnings) = Proxy::new(config, Some(standin.ca_pem()))?;
-    let listener = TcpListener::bind(listen).await.map_err(|error| DemoError::Listen { addr: listen, error })?;
-    let addr = listener.local_addr().map_err(|error| DemoError::Listen { addr: listen, error })?;
+    let (proxy, _warnings) = Proxy::new(config, Some(standin.ca_pem())).map_err(Box::new)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|error| DemoError::Listen {
+            addr: listen,
+            error,
+        })?;
+    let addr = listener.local_addr().map_err(|error| DemoError::Listen {
+        addr: listen,
+        error,
+    })?;
     Ok(Demo {
         standin,
         proxy: Arc::new(proxy),
@@ -171,12 +185,18 @@ impl Demo {
                 "Response headers: X-Request-Id from the proxy, X-Rate-Limit from \"Apple\"",
                 format!("curl -sS -o /dev/null -D - {auth} '{base}/v1/apps'"),
             ),
-            ("No client secret: the proxy refuses (401 PROXY_UNAUTHENTICATED)", format!("curl -sS '{base}/v1/apps'")),
+            (
+                "No client secret: the proxy refuses (401 PROXY_UNAUTHENTICATED)",
+                format!("curl -sS '{base}/v1/apps'"),
+            ),
             (
                 "Not allowed by this client's rules (403 PROXY_FORBIDDEN)",
                 format!("curl -sS -X DELETE {auth} '{base}/v1/apps/1'"),
             ),
-            ("Unknown path prefix (404 PROXY_NO_ROUTE, lists the known prefixes)", format!("curl -sS {auth} '{base}/nope'")),
+            (
+                "Unknown path prefix (404 PROXY_NO_ROUTE, lists the known prefixes)",
+                format!("curl -sS {auth} '{base}/nope'"),
+            ),
         ]
     }
 }

@@ -31,14 +31,10 @@ pub type Client = hyper_util::client::legacy::Client<HttpsConnector<HttpConnecto
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{file}: cannot read the extra CA file: {error} (fix: check [upstream] ca_file)")]
-    CaRead {
-        file: String,
-        #[source]
-        error: std::io::Error,
-    },
+    CaRead { file: String, error: std::io::Error },
     #[error("{file}: holds no usable PEM certificate (fix: point [upstream] ca_file at a PEM file of CA certificates)")]
     CaEmpty { file: String },
-    #[error("TLS setup failed: {0}")]
+    #[error("TLS setup failed")]
     Tls(#[from] rustls::Error),
 }
 
@@ -53,7 +49,10 @@ pub fn client(config: &Config, extra_ca_pem: Option<&str>) -> Result<Client, Cli
     }
     if let Some(path) = &config.upstream.ca_file {
         let file = path.display().to_string();
-        let pem = std::fs::read(path).map_err(|error| ClientError::CaRead { file: file.clone(), error })?;
+        let pem = std::fs::read(path).map_err(|error| ClientError::CaRead {
+            file: file.clone(),
+            error,
+        })?;
         let (n, _) = roots.add_parsable_certificates(pem_certs(&pem));
         if n == 0 {
             return Err(ClientError::CaEmpty { file });
@@ -62,10 +61,12 @@ pub fn client(config: &Config, extra_ca_pem: Option<&str>) -> Result<Client, Cli
     if let Some(pem) = extra_ca_pem {
         roots.add_parsable_certificates(pem_certs(pem.as_bytes()));
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(config.upstream.connect_timeout));
@@ -76,13 +77,17 @@ pub fn client(config: &Config, extra_ca_pem: Option<&str>) -> Result<Client, Cli
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
-        .build(https))
+    Ok(
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .build(https),
+    )
 }
 
 fn pem_certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_slice_iter(pem).filter_map(Result::ok).collect()
+    CertificateDer::pem_slice_iter(pem)
+        .filter_map(Result::ok)
+        .collect()
 }
 
 /// Headers that describe one hop, never the request (RFC 9110 §7.6.1), plus the client's
@@ -125,7 +130,10 @@ pub fn upstream_headers(client: &HeaderMap, authorization: HeaderValue) -> Heade
     let named = connection_named(client);
     let mut out = HeaderMap::with_capacity(client.len() + 1);
     for (name, value) in client {
-        if NEVER_FORWARDED.contains(name) || named.contains(name) || name.as_str().starts_with("x-forwarded-") {
+        if NEVER_FORWARDED.contains(name)
+            || named.contains(name)
+            || name.as_str().starts_with("x-forwarded-")
+        {
             continue;
         }
         out.append(name.clone(), value.clone());
@@ -187,7 +195,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -267,7 +278,10 @@ mod tests {
         }
         let out = upstream_headers(&h, HeaderValue::from_static("Bearer minted"));
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["accept", "content-type", "user-agent", "authorization"]);
+        assert_eq!(
+            names,
+            ["accept", "content-type", "user-agent", "authorization"]
+        );
         assert_eq!(out.get_all(header::AUTHORIZATION).iter().count(), 1);
         assert_eq!(out[header::AUTHORIZATION], "Bearer minted");
     }
@@ -276,8 +290,14 @@ mod tests {
     fn response_hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("close, x-hop"));
-        h.insert(HeaderName::from_static("x-hop"), HeaderValue::from_static("1"));
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            HeaderName::from_static("x-hop"),
+            HeaderValue::from_static("1"),
+        );
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         clean_response_headers(&mut h);
         assert_eq!(h.len(), 1);
     }

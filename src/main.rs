@@ -16,7 +16,11 @@ use apple_api_proxy::config::Config;
 use apple_api_proxy::{apple, client, demo, route, server, token};
 
 #[derive(Parser)]
-#[command(name = "apple-api-proxy", version, about = "Authenticating reverse proxy for Apple's server APIs: mints an ES256 JWT per request; keys never leave this host.")]
+#[command(
+    name = "apple-api-proxy",
+    version,
+    about = "Authenticating reverse proxy for Apple's server APIs: mints an ES256 JWT per request; keys never leave this host."
+)]
 struct Cli {
     /// Log format for operational logs (`RUST_LOG` sets the filter).
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
@@ -63,7 +67,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let demo = matches!(cli.command, Some(Command::Demo { .. }));
-    init_tracing(&cli.log_format, if demo { "info,apple_api_proxy::standin=debug" } else { "info" });
+    init_tracing(
+        &cli.log_format,
+        if demo {
+            "info,apple_api_proxy::standin=debug"
+        } else {
+            "info"
+        },
+    );
     let command = cli.command.unwrap_or(Command::Serve {
         config: PathBuf::from("proxy.toml"),
     });
@@ -77,8 +88,11 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(format: &str, default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -87,14 +101,21 @@ fn init_tracing(format: &str, default_filter: &str) {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { config } => serve(&config),
         Command::Check { config } => check(&config),
-        Command::Token { config, key, request } => print_token(&config, key.as_deref(), &request),
+        Command::Token {
+            config,
+            key,
+            request,
+        } => print_token(&config, key.as_deref(), &request),
         Command::ClientSecret { name } => client_secret(&name),
         Command::Demo { listen } => run_demo(listen),
     }
@@ -103,7 +124,12 @@ fn run(command: Command) -> anyhow::Result<()> {
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     runtime()?.block_on(async {
-        let listener = server::bind(&config).await.with_context(|| format!("{}: cannot listen on {} (field server.listen)", config.source, config.server.listen))?;
+        let listener = server::bind(&config).await.with_context(|| {
+            format!(
+                "{}: cannot listen on {} (field server.listen)",
+                config.source, config.server.listen
+            )
+        })?;
         server::run(config, listener, shutdown_signal()).await?;
         Ok(())
     })
@@ -113,14 +139,15 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -136,14 +163,18 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let (minter, warnings) = token::Minter::new(&config, Arc::new(token::AppleClock::default()))?;
     if let Some(ca) = &config.upstream.ca_file {
-        apple_api_proxy::forward::client(&config, None).with_context(|| format!("{}: [upstream] ca_file = {}", config.source, ca.display()))?;
+        apple_api_proxy::forward::client(&config, None)
+            .with_context(|| format!("{}: [upstream] ca_file = {}", config.source, ca.display()))?;
     }
     if config.clients.is_empty() && !config.server.allow_anonymous {
         bail!("{}: no [[clients]] are configured and allow_anonymous is false, so nobody could use the proxy (fix: add a client with `apple-api-proxy client-secret NAME`)", config.source);
     }
     println!("config {}: OK", config.source);
     println!("\nKEYS");
-    println!("  {:<14} {:<16} {:<11} {:<9} {:<10} APIS", "NAME", "KIND", "KEY ID", "LIFETIME", "TEST-SIGN");
+    println!(
+        "  {:<14} {:<16} {:<11} {:<9} {:<10} APIS",
+        "NAME", "KIND", "KEY ID", "LIFETIME", "TEST-SIGN"
+    );
     for k in &config.keys {
         let selftest = minter.self_test(&k.name);
         println!(
@@ -161,8 +192,15 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     println!("  {:<18} {:<11} {:<44} KEY", "API", "ENV", "UPSTREAM");
     let table = route::Table::new(&config);
     for (api, env, upstream) in table.rows() {
-        let key = config.default_key_for(api).map_or("(none: requests get 404)", |k| k.name.as_str());
-        println!("  {:<18} {:<11} {:<44} {key}", api.id(), env.as_str(), upstream.base);
+        let key = config
+            .default_key_for(api)
+            .map_or("(none: requests get 404)", |k| k.name.as_str());
+        println!(
+            "  {:<18} {:<11} {:<44} {key}",
+            api.id(),
+            env.as_str(),
+            upstream.base
+        );
     }
     println!("\nCLIENTS");
     if config.server.allow_anonymous {
@@ -172,9 +210,17 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         println!(
             "  {:<18} {:<7} key={:<10} allow: {}",
             c.name,
-            if c.secret_sha256.is_some() { "secret" } else { "mTLS" },
+            if c.secret_sha256.is_some() {
+                "secret"
+            } else {
+                "mTLS"
+            },
             c.key.as_deref().unwrap_or("(default)"),
-            if c.allow.is_empty() { "(nothing: default deny)".to_string() } else { c.allow.join(", ") }
+            if c.allow.is_empty() {
+                "(nothing: default deny)".to_string()
+            } else {
+                c.allow.join(", ")
+            }
         );
     }
     if !warnings.is_empty() {
@@ -188,10 +234,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 
 fn print_token(path: &std::path::Path, key: Option<&str>, request: &str) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let (method, target) = request
-        .trim()
-        .split_once(' ')
-        .ok_or_else(|| anyhow!("--request must be \"METHOD /path[?query]\", e.g. \"GET /v1/apps\""))?;
+    let (method, target) = request.trim().split_once(' ').ok_or_else(|| {
+        anyhow!("--request must be \"METHOD /path[?query]\", e.g. \"GET /v1/apps\"")
+    })?;
     let method = method.to_ascii_uppercase();
     let (path_part, query) = match target.trim().split_once('?') {
         Some((p, q)) => (p, Some(q)),
@@ -199,13 +244,38 @@ fn print_token(path: &std::path::Path, key: Option<&str>, request: &str) -> anyh
     };
     route::check_path(path_part).map_err(|e| anyhow!("--request: {e}"))?;
     let table = route::Table::new(&config);
-    let route = table.resolve(path_part).map_err(|e| anyhow!("--request: {e}; known prefixes: {}", route::known_prefixes().join(", ")))?;
+    let route = table.resolve(path_part).map_err(|e| {
+        anyhow!(
+            "--request: {e}; known prefixes: {}",
+            route::known_prefixes().join(", ")
+        )
+    })?;
     let key = match key {
-        Some(k) => config.key(k).ok_or_else(|| anyhow!("{}: no key named `{k}` (fix: use a name from [[keys]])", config.source))?,
-        None => config.default_key_for(route.api).ok_or_else(|| anyhow!("{}: no key serves {} (fix: add it to a key's apis)", config.source, route.api))?,
+        Some(k) => config.key(k).ok_or_else(|| {
+            anyhow!(
+                "{}: no key named `{k}` (fix: use a name from [[keys]])",
+                config.source
+            )
+        })?,
+        None => config.default_key_for(route.api).ok_or_else(|| {
+            anyhow!(
+                "{}: no key serves {} (fix: add it to a key's apis)",
+                config.source,
+                route.api
+            )
+        })?,
     };
     if !key.apis.contains(&route.api) {
-        bail!("key `{}` does not sign for {} (its apis: {})", key.name, route.api, key.apis.iter().map(|a| a.id()).collect::<Vec<_>>().join(", "));
+        bail!(
+            "key `{}` does not sign for {} (its apis: {})",
+            key.name,
+            route.api,
+            key.apis
+                .iter()
+                .map(|a| a.id())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     let (minter, warnings) = token::Minter::new(&config, Arc::new(token::AppleClock::default()))?;
     for w in warnings {
@@ -233,7 +303,8 @@ fn client_secret(name: &str) -> anyhow::Result<()> {
     if name.is_empty() || name.contains(['"', '\\', '\n']) {
         bail!("the client name must be non-empty and contain no quotes, backslashes or newlines");
     }
-    let secret = client::generate_secret().map_err(|_| anyhow!("the system random number generator failed"))?;
+    let secret = client::generate_secret()
+        .map_err(|_| anyhow!("the system random number generator failed"))?;
     let hash = apple_api_proxy::hex(&apple_api_proxy::sha256(secret.as_bytes()));
     println!("# Secret for client `{name}` — give it to the client; it is shown only once and the proxy stores only its hash.");
     println!("# The client sends it as `Proxy-Authorization: Bearer <secret>` or `Authorization: Bearer <secret>`.");

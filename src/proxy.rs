@@ -66,7 +66,14 @@ pub struct ProxyError {
 }
 
 impl ProxyError {
-    fn new(status: StatusCode, code: &'static str, title: &'static str, kind: &'static str, fault: Fault, detail: impl Into<String>) -> ProxyError {
+    fn new(
+        status: StatusCode,
+        code: &'static str,
+        title: &'static str,
+        kind: &'static str,
+        fault: Fault,
+        detail: impl Into<String>,
+    ) -> ProxyError {
         ProxyError {
             status,
             code,
@@ -91,9 +98,15 @@ impl ProxyError {
         let mut response = Response::new(forward::boxed(Full::new(Bytes::from(body.to_string()))));
         *response.status_mut() = self.status;
         let h = response.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if self.status == StatusCode::UNAUTHORIZED {
-            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"apple-api-proxy\""));
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"apple-api-proxy\""),
+            );
         }
         response
     }
@@ -107,7 +120,7 @@ pub enum StartError {
     #[error("{0}: inbound TLS (tls_cert_file / tls_key_file / client_ca_file) is not implemented yet (fix: remove those fields and terminate TLS in front of the proxy)")]
     InboundTlsUnsupported(String),
     #[error(transparent)]
-    Key(#[from] token::LoadError),
+    Key(#[from] Box<token::LoadError>),
     #[error(transparent)]
     Upstream(#[from] forward::ClientError),
 }
@@ -124,14 +137,19 @@ pub struct Proxy {
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("config", &self.config.source).finish_non_exhaustive()
+        f.debug_struct("Proxy")
+            .field("config", &self.config.source)
+            .finish_non_exhaustive()
     }
 }
 
 impl Proxy {
     /// Validates the deployment-level rules, loads keys, builds the upstream client.
     /// `extra_ca_pem` adds in-memory trust anchors (the demo's stand-in CA).
-    pub fn new(config: Config, extra_ca_pem: Option<&str>) -> Result<(Proxy, Vec<String>), StartError> {
+    pub fn new(
+        config: Config,
+        extra_ca_pem: Option<&str>,
+    ) -> Result<(Proxy, Vec<String>), StartError> {
         if config.clients.is_empty() && !config.server.allow_anonymous {
             return Err(StartError::NoClients(config.source.clone()));
         }
@@ -163,39 +181,47 @@ impl Proxy {
     }
 
     /// The outer handler: never fails, always stamps the request id, logs once.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let id = self.ids.next();
         let span = tracing::info_span!("request", id = %id, peer = %peer);
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let mut response = match self.process(req, &id).instrument(span.clone()).await {
-            Ok(response) => response,
+        let (mut response, outcome) = match self.process(req, &id).instrument(span.clone()).await {
+            Ok(response) => (response, None),
             Err(error) => {
-                let _enter = span.enter();
-                match error.fault {
-                    Fault::Client => tracing::info!(kind = error.kind, detail = %error.detail, "refused"),
-                    Fault::Upstream | Fault::Proxy => tracing::warn!(kind = error.kind, detail = %error.detail, "failed"),
-                }
-                error.into_response(&id)
+                let outcome = (error.kind, error.fault, error.detail.clone());
+                (error.into_response(&id), Some(outcome))
             }
         };
         if let Ok(v) = HeaderValue::from_str(&id) {
             response.headers_mut().insert(X_REQUEST_ID, v);
         }
-        tracing::info!(
-            parent: &span,
-            %method,
-            path = %path,
-            status = response.status().as_u16(),
-            head_ms = started.elapsed().as_millis() as u64,
-            "request"
-        );
+        // The one log line per request (head sent; the body may still be streaming).
+        let status = response.status().as_u16();
+        let head_ms = started.elapsed().as_millis() as u64;
+        match outcome {
+            None => tracing::info!(parent: &span, %method, %path, status, head_ms, "forwarded"),
+            Some((kind, Fault::Client, detail)) => {
+                tracing::info!(parent: &span, %method, %path, status, head_ms, kind, %detail, "refused")
+            }
+            Some((kind, _, detail)) => {
+                tracing::warn!(parent: &span, %method, %path, status, head_ms, kind, %detail, "failed")
+            }
+        }
         response
     }
 
     /// The inner handler: each step in order, `?` on the first refusal.
-    async fn process(&self, req: Request<Incoming>, request_id: &str) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn process(
+        &self,
+        req: Request<Incoming>,
+        request_id: &str,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let (parts, body) = req.into_parts();
         // Authenticate first: an unauthenticated caller learns nothing about routes.
         let who = self.authenticate(&parts.headers)?;
@@ -227,7 +253,12 @@ impl Proxy {
         // Refuse a declared oversize body before contacting Apple; a body that lies or
         // streams without a length is cut off by the metered body below.
         let max_body = self.config.server.max_request_body;
-        if let Some(len) = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+        if let Some(len) = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
             if len > max_body {
                 return Err(too_large(max_body));
             }
@@ -253,18 +284,25 @@ impl Proxy {
 
         // Forward. The client's Authorization was never copied; ours is the only one.
         let url = route.url(query);
-        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.jwt())).map_err(|e| internal("authorization header", e))?;
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.jwt()))
+            .map_err(|e| internal("authorization header", e))?;
         authorization.set_sensitive(true);
         let bytes_in = Arc::new(AtomicU64::new(0));
         let mut upstream_req = Request::builder()
             .method(parts.method.clone())
             .uri(url)
-            .body(forward::boxed(forward::Metered::new(body, bytes_in, Some(max_body))))
+            .body(forward::boxed(forward::Metered::new(
+                body,
+                bytes_in,
+                Some(max_body),
+            )))
             .map_err(|e| internal("upstream request", e))?;
         *upstream_req.headers_mut() = forward::upstream_headers(&parts.headers, authorization);
 
         let timeout = self.config.server.request_timeout;
-        let response = match tokio::time::timeout(timeout, self.upstream.request(upstream_req)).await {
+        let response = match tokio::time::timeout(timeout, self.upstream.request(upstream_req))
+            .await
+        {
             Err(_) => {
                 return Err(ProxyError::new(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -272,7 +310,11 @@ impl Proxy {
                     "Apple did not answer in time",
                     "upstream_timeout",
                     Fault::Upstream,
-                    format!("{} did not send a response within {}", route.api, humantime::format_duration(timeout)),
+                    format!(
+                        "{} did not send a response within {}",
+                        route.api,
+                        humantime::format_duration(timeout)
+                    ),
                 ))
             }
             Ok(Err(e)) if forward::is_body_too_large(&e) => return Err(too_large(max_body)),
@@ -284,24 +326,42 @@ impl Proxy {
                     "Apple could not be reached",
                     "upstream_unavailable",
                     Fault::Upstream,
-                    format!("the proxy could not get a response from {} ({})", route.api, route.environment),
+                    format!(
+                        "the proxy could not get a response from {} ({})",
+                        route.api, route.environment
+                    ),
                 ));
             }
             Ok(Ok(response)) => response,
         };
 
         // Inspect: learn Apple's clock from its Date header; stream everything else untouched.
-        if let Some(date) = response.headers().get(header::DATE).and_then(|v| v.to_str().ok()).and_then(|v| httpdate::parse_http_date(v).ok()) {
+        if let Some(date) = response
+            .headers()
+            .get(header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+        {
             let offset = self.minter.clock().observe(date, SystemTime::now());
             if offset.abs() > 10 {
-                tracing::warn!(offset_s = offset, "Apple's clock differs from this host's; tokens are corrected for it");
+                tracing::warn!(
+                    offset_s = offset,
+                    "Apple's clock differs from this host's; tokens are corrected for it"
+                );
             }
         }
-        tracing::debug!(request_id, status = response.status().as_u16(), "upstream answered");
+        tracing::debug!(
+            request_id,
+            status = response.status().as_u16(),
+            "upstream answered"
+        );
         let (mut parts, body) = response.into_parts();
         forward::clean_response_headers(&mut parts.headers);
         let bytes_out = Arc::new(AtomicU64::new(0));
-        Ok(Response::from_parts(parts, forward::boxed(forward::Metered::new(body, bytes_out, None))))
+        Ok(Response::from_parts(
+            parts,
+            forward::boxed(forward::Metered::new(body, bytes_out, None)),
+        ))
     }
 
     fn authenticate(&self, headers: &http::HeaderMap) -> Result<Identity, ProxyError> {
@@ -323,7 +383,10 @@ impl Proxy {
     /// The key that signs: the client's pinned key, else the first key configured for the API.
     fn key_for(&self, who: &Identity, api: Api) -> Result<&str, ProxyError> {
         if let Some(pinned) = self.clients.pinned_key(who) {
-            let serves = self.minter.key_config(pinned).is_some_and(|k| k.apis.contains(&api));
+            let serves = self
+                .minter
+                .key_config(pinned)
+                .is_some_and(|k| k.apis.contains(&api));
             if !serves {
                 return Err(ProxyError::new(
                     StatusCode::FORBIDDEN,
@@ -331,7 +394,10 @@ impl Proxy {
                     "Forbidden by proxy policy",
                     "forbidden",
                     Fault::Client,
-                    format!("client `{}` is pinned to key `{pinned}`, which does not sign for {api}", who.name),
+                    format!(
+                        "client `{}` is pinned to key `{pinned}`, which does not sign for {api}",
+                        who.name
+                    ),
                 ));
             }
             return Ok(pinned);
@@ -350,7 +416,14 @@ impl Proxy {
 }
 
 fn bad_request(detail: String) -> ProxyError {
-    ProxyError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, "Bad request", "bad_request", Fault::Client, detail)
+    ProxyError::new(
+        StatusCode::BAD_REQUEST,
+        codes::BAD_REQUEST,
+        "Bad request",
+        "bad_request",
+        Fault::Client,
+        detail,
+    )
 }
 
 fn too_large(limit: u64) -> ProxyError {
@@ -371,7 +444,10 @@ fn no_route(e: &RouteError) -> ProxyError {
         "No route",
         "no_route",
         Fault::Client,
-        format!("{e}; known path prefixes: {}", route::known_prefixes().join(", ")),
+        format!(
+            "{e}; known path prefixes: {}",
+            route::known_prefixes().join(", ")
+        ),
     )
 }
 
@@ -423,6 +499,10 @@ impl RequestIds {
     }
 
     fn next(&self) -> String {
-        format!("{}-{:08x}", self.prefix, self.next.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{}-{:08x}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
     }
 }

@@ -33,7 +33,9 @@ pub struct Route<'a> {
 impl Route<'_> {
     /// The absolute URL to forward to.
     pub fn url(&self, query: Option<&str>) -> String {
-        let mut url = String::with_capacity(self.upstream.base.len() + self.path.len() + query.map_or(0, |q| q.len() + 1));
+        let mut url = String::with_capacity(
+            self.upstream.base.len() + self.path.len() + query.map_or(0, |q| q.len() + 1),
+        );
         url.push_str(&self.upstream.base);
         url.push_str(self.path);
         if let Some(q) = query {
@@ -82,10 +84,18 @@ impl Table {
         let mut upstreams = BTreeMap::new();
         for api in Api::ALL {
             let settings = config.api(api);
-            let production = settings.base_url.as_ref().map(base_of).unwrap_or_else(|| api.production_url().to_string());
+            let production = settings
+                .base_url
+                .as_ref()
+                .map(base_of)
+                .unwrap_or_else(|| api.production_url().to_string());
             upstreams.insert((api, EnvKey::Production), Upstream { base: production });
             if let Some(default_sandbox) = api.sandbox_url() {
-                let sandbox = settings.sandbox_base_url.as_ref().map(base_of).unwrap_or_else(|| default_sandbox.to_string());
+                let sandbox = settings
+                    .sandbox_base_url
+                    .as_ref()
+                    .map(base_of)
+                    .unwrap_or_else(|| default_sandbox.to_string());
                 upstreams.insert((api, EnvKey::Sandbox), Upstream { base: sandbox });
             }
         }
@@ -99,7 +109,10 @@ impl Table {
             _ => (Environment::Production, path),
         };
         let api = Api::for_path(rest).ok_or(RouteError::NoRoute)?;
-        let upstream = self.upstreams.get(&(api, environment.into())).ok_or(RouteError::NoSandbox(api))?;
+        let upstream = self
+            .upstreams
+            .get(&(api, environment.into()))
+            .ok_or(RouteError::NoSandbox(api))?;
         Ok(Route {
             api,
             environment,
@@ -125,7 +138,10 @@ impl Table {
 
 /// The known path prefixes, as listed in `PROXY_NO_ROUTE` errors.
 pub fn known_prefixes() -> Vec<String> {
-    let mut out: Vec<String> = Api::ALL.iter().flat_map(|a| a.prefixes().iter().map(|p| p.to_string())).collect();
+    let mut out: Vec<String> = Api::ALL
+        .iter()
+        .flat_map(|a| a.prefixes().iter().map(|p| p.to_string()))
+        .collect();
     out.push("/sandbox/{inApps,groups,advancedCommerce,externalPurchase}/".to_string());
     out
 }
@@ -207,17 +223,56 @@ mod tests {
     fn every_api_and_the_sandbox_prefix_route_to_apples_hosts() {
         let t = table("");
         let cases = [
-            ("/v1/apps", Api::AppStoreConnect, Environment::Production, "https://api.appstoreconnect.apple.com/v1/apps"),
-            ("/inApps/v1/transactions/1", Api::AppStoreServer, Environment::Production, "https://api.storekit.apple.com/inApps/v1/transactions/1"),
-            ("/sandbox/inApps/v1/transactions/1", Api::AppStoreServer, Environment::Sandbox, "https://api.storekit-sandbox.apple.com/inApps/v1/transactions/1"),
-            ("/sandbox/groups/v1/transactions/1/seats", Api::AppStoreServer, Environment::Sandbox, "https://api.storekit-sandbox.apple.com/groups/v1/transactions/1/seats"),
-            ("/advancedCommerce/v1/subscription/revoke/1", Api::AdvancedCommerce, Environment::Production, "https://api.storekit.apple.com/advancedCommerce/v1/subscription/revoke/1"),
-            ("/sandbox/externalPurchase/v1/reports", Api::ExternalPurchase, Environment::Sandbox, "https://api.storekit-sandbox.apple.com/externalPurchase/v1/reports"),
-            ("/notary/v2/test", Api::Notary, Environment::Production, "https://appstoreconnect.apple.com/notary/v2/test"),
+            (
+                "/v1/apps",
+                Api::AppStoreConnect,
+                Environment::Production,
+                "https://api.appstoreconnect.apple.com/v1/apps",
+            ),
+            (
+                "/inApps/v1/transactions/1",
+                Api::AppStoreServer,
+                Environment::Production,
+                "https://api.storekit.apple.com/inApps/v1/transactions/1",
+            ),
+            (
+                "/sandbox/inApps/v1/transactions/1",
+                Api::AppStoreServer,
+                Environment::Sandbox,
+                "https://api.storekit-sandbox.apple.com/inApps/v1/transactions/1",
+            ),
+            (
+                "/sandbox/groups/v1/transactions/1/seats",
+                Api::AppStoreServer,
+                Environment::Sandbox,
+                "https://api.storekit-sandbox.apple.com/groups/v1/transactions/1/seats",
+            ),
+            (
+                "/advancedCommerce/v1/subscription/revoke/1",
+                Api::AdvancedCommerce,
+                Environment::Production,
+                "https://api.storekit.apple.com/advancedCommerce/v1/subscription/revoke/1",
+            ),
+            (
+                "/sandbox/externalPurchase/v1/reports",
+                Api::ExternalPurchase,
+                Environment::Sandbox,
+                "https://api.storekit-sandbox.apple.com/externalPurchase/v1/reports",
+            ),
+            (
+                "/notary/v2/test",
+                Api::Notary,
+                Environment::Production,
+                "https://appstoreconnect.apple.com/notary/v2/test",
+            ),
         ];
         for (path, api, env, url) in cases {
             let r = t.resolve(path).unwrap();
-            assert_eq!((r.api, r.environment, r.url(None)), (api, env, url.to_string()), "{path}");
+            assert_eq!(
+                (r.api, r.environment, r.url(None)),
+                (api, env, url.to_string()),
+                "{path}"
+            );
         }
     }
 
@@ -226,16 +281,31 @@ mod tests {
         let t = table("");
         assert_eq!(t.resolve("/foo").unwrap_err(), RouteError::NoRoute);
         assert_eq!(t.resolve("/sandbox").unwrap_err(), RouteError::NoRoute);
-        assert_eq!(t.resolve("/sandboxinApps/v1/x").unwrap_err(), RouteError::NoRoute);
-        assert_eq!(t.resolve("/sandbox/v1/apps").unwrap_err(), RouteError::NoSandbox(Api::AppStoreConnect));
-        assert_eq!(t.resolve("/sandbox/notary/v2/x").unwrap_err(), RouteError::NoSandbox(Api::Notary));
+        assert_eq!(
+            t.resolve("/sandboxinApps/v1/x").unwrap_err(),
+            RouteError::NoRoute
+        );
+        assert_eq!(
+            t.resolve("/sandbox/v1/apps").unwrap_err(),
+            RouteError::NoSandbox(Api::AppStoreConnect)
+        );
+        assert_eq!(
+            t.resolve("/sandbox/notary/v2/x").unwrap_err(),
+            RouteError::NoSandbox(Api::Notary)
+        );
     }
 
     #[test]
     fn base_url_overrides_keep_the_path_and_query() {
         let t = table("[apis.app-store-server]\nbase_url = \"https://127.0.0.1:9443/\"\nsandbox_base_url = \"https://127.0.0.1:9444/prefix\"\n");
-        assert_eq!(t.resolve("/inApps/v1/x").unwrap().url(Some("a=1")), "https://127.0.0.1:9443/inApps/v1/x?a=1");
-        assert_eq!(t.resolve("/sandbox/inApps/v1/x").unwrap().url(None), "https://127.0.0.1:9444/prefix/inApps/v1/x");
+        assert_eq!(
+            t.resolve("/inApps/v1/x").unwrap().url(Some("a=1")),
+            "https://127.0.0.1:9443/inApps/v1/x?a=1"
+        );
+        assert_eq!(
+            t.resolve("/sandbox/inApps/v1/x").unwrap().url(None),
+            "https://127.0.0.1:9444/prefix/inApps/v1/x"
+        );
     }
 
     #[test]
@@ -258,7 +328,14 @@ mod tests {
         for (path, want) in bad {
             assert_eq!(check_path(path), Err(want), "{path}");
         }
-        for ok in ["/v1/apps", "/v1/apps/", "/v1/apps/%20x", "/inApps/v1/transactions/123", "/", "/v1/a..b"] {
+        for ok in [
+            "/v1/apps",
+            "/v1/apps/",
+            "/v1/apps/%20x",
+            "/inApps/v1/transactions/123",
+            "/",
+            "/v1/a..b",
+        ] {
             assert_eq!(check_path(ok), Ok(()), "{ok}");
         }
     }

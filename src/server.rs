@@ -30,7 +30,11 @@ pub const H2_MAX_PENDING_RESETS: usize = 20;
 
 /// Builds the proxy from `config` and serves it on `listener` until `shutdown` resolves.
 /// The library entry point: tests bind port 0 and pass the listener in.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let (proxy, warnings) = Proxy::new(config, None)?;
     for w in warnings {
         tracing::warn!("{w}");
@@ -59,7 +63,9 @@ fn builder() -> auto::Builder<TokioExecutor> {
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let grace = proxy.config().server.shutdown_grace;
     if proxy.config().server.allow_anonymous {
-        tracing::warn!("allow_anonymous = true: requests without a client secret are served as `anonymous`");
+        tracing::warn!(
+            "allow_anonymous = true: requests without a client secret are served as `anonymous`"
+        );
     }
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "proxy listening");
@@ -86,7 +92,9 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
             let proxy = proxy.clone();
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -96,7 +104,10 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
     }
     drop(listener);
     tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
     }
 }

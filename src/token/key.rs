@@ -27,7 +27,6 @@ pub enum KeyError {
     #[error("{source_name}: cannot read the key: {error} (fix: check the file's owner and permissions; the proxy's user must be able to read it)")]
     Unreadable {
         source_name: String,
-        #[source]
         error: std::io::Error,
     },
     #[error("{source_name}: environment variable is not set or empty (fix: export it with the .p8 file's contents, or use private_key_file)")]
@@ -58,7 +57,10 @@ pub struct SigningKey {
 impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SigningKey")
-            .field("public_key_sha256", &crate::hex(&crate::sha256(self.public_key())[..8]))
+            .field(
+                "public_key_sha256",
+                &crate::hex(&crate::sha256(self.public_key())[..8]),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -68,7 +70,9 @@ impl SigningKey {
     /// §3.4), never DER.
     pub fn sign(&self, message: &[u8]) -> Result<[u8; 64], ring::error::Unspecified> {
         let sig = self.pair.sign(&self.rng, message)?;
-        sig.as_ref().try_into().map_err(|_| ring::error::Unspecified)
+        sig.as_ref()
+            .try_into()
+            .map_err(|_| ring::error::Unspecified)
     }
 
     /// The uncompressed SEC1 public point (65 bytes, `0x04 || X || Y`).
@@ -192,16 +196,20 @@ fn parse_pem(text: &str, source_name: &str) -> Result<SigningKey, KeyError> {
             source_name: source_name.to_string(),
         }),
         "PRIVATE KEY" => {
-            let info = pkcs8::PrivateKeyInfo::try_from(block.contents()).map_err(|e| KeyError::Malformed {
-                source_name: source_name.to_string(),
-                problem: format!("PKCS#8 structure: {e}"),
+            let info = pkcs8::PrivateKeyInfo::try_from(block.contents()).map_err(|e| {
+                KeyError::Malformed {
+                    source_name: source_name.to_string(),
+                    problem: format!("PKCS#8 structure: {e}"),
+                }
             })?;
             from_pkcs8(info, source_name)
         }
         "EC PRIVATE KEY" => {
-            let ec = sec1::EcPrivateKey::try_from(block.contents()).map_err(|e| KeyError::Malformed {
-                source_name: source_name.to_string(),
-                problem: format!("SEC1 structure: {e}"),
+            let ec = sec1::EcPrivateKey::try_from(block.contents()).map_err(|e| {
+                KeyError::Malformed {
+                    source_name: source_name.to_string(),
+                    problem: format!("SEC1 structure: {e}"),
+                }
             })?;
             from_sec1(ec, source_name)
         }
@@ -261,11 +269,14 @@ fn from_sec1(ec: sec1::EcPrivateKey<'_>, source_name: &str) -> Result<SigningKey
             _ => malformed("the private scalar is not 32 bytes"),
         });
     }
-    let secret = p256::SecretKey::from_slice(ec.private_key).map_err(|_| malformed("the private scalar is out of range"))?;
+    let secret = p256::SecretKey::from_slice(ec.private_key)
+        .map_err(|_| malformed("the private scalar is out of range"))?;
     let public = secret.public_key().to_encoded_point(false);
     if let Some(embedded) = ec.public_key {
         if embedded != public.as_bytes() {
-            return Err(malformed("the embedded public key does not belong to the private key"));
+            return Err(malformed(
+                "the embedded public key does not belong to the private key",
+            ));
         }
     }
     let rng = SystemRandom::new();
@@ -374,17 +385,35 @@ mod tests {
 
     #[test]
     fn rejects_the_wrong_things_with_a_named_reason() {
-        let p384 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &SystemRandom::new()).unwrap();
+        let p384 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &SystemRandom::new())
+                .unwrap();
         let ed = ring::signature::Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
         let cases: Vec<(&str, String, &str)> = vec![
             ("garbage", "hello world".into(), "not a PEM"),
             ("p384", pem_of("PRIVATE KEY", p384.as_ref()), "P-384"),
             ("ed25519", pem_of("PRIVATE KEY", ed.as_ref()), "Ed25519"),
-            ("rsa", include_str!("../../tests/fixtures/rsa-2048-test-only.pem").into(), "RSA"),
-            ("encrypted", pem_of("ENCRYPTED PRIVATE KEY", &[0x30, 0x00]), "encrypted"),
-            ("certificate", pem_of("CERTIFICATE", &[0x30, 0x00]), "certificate"),
+            (
+                "rsa",
+                include_str!("../../tests/fixtures/rsa-2048-test-only.pem").into(),
+                "RSA",
+            ),
+            (
+                "encrypted",
+                pem_of("ENCRYPTED PRIVATE KEY", &[0x30, 0x00]),
+                "encrypted",
+            ),
+            (
+                "certificate",
+                pem_of("CERTIFICATE", &[0x30, 0x00]),
+                "certificate",
+            ),
             ("public", pem_of("PUBLIC KEY", &[0x30, 0x00]), "public key"),
-            ("truncated", pem_of("PRIVATE KEY", &pkcs8_p256()[..40]), "damaged"),
+            (
+                "truncated",
+                pem_of("PRIVATE KEY", &pkcs8_p256()[..40]),
+                "damaged",
+            ),
         ];
         for (name, text, want) in cases {
             let err = parse(&text, "file keys/k.p8").unwrap_err().to_string();
@@ -414,7 +443,11 @@ mod tests {
         std::fs::write(&path, pem_of("PRIVATE KEY", &pkcs8_p256())).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let loaded = load(&KeySource::File(path.clone())).unwrap();
-        assert!(loaded.warnings[0].contains("chmod 600"), "{:?}", loaded.warnings);
+        assert!(
+            loaded.warnings[0].contains("chmod 600"),
+            "{:?}",
+            loaded.warnings
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(load(&KeySource::File(path)).unwrap().warnings.is_empty());
         let err = load(&KeySource::File(dir.path().join("nope.p8"))).unwrap_err();

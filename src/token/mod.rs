@@ -17,7 +17,7 @@
 pub mod key;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -187,8 +187,9 @@ impl std::fmt::Debug for Minter {
 
 /// A key that failed to load, with the config entry it came from.
 #[derive(Debug, thiserror::Error)]
-#[error("key `{name}` ({field}): {error}")]
+#[error("{file}: field `{field}` (key `{name}`)")]
 pub struct LoadError {
+    pub file: String,
     pub name: String,
     pub field: String,
     #[source]
@@ -197,20 +198,26 @@ pub struct LoadError {
 
 impl Minter {
     /// Loads every configured key. Returns the minter and warnings for the operator.
-    pub fn new(config: &Config, clock: Arc<AppleClock>) -> Result<(Minter, Vec<String>), LoadError> {
+    pub fn new(
+        config: &Config,
+        clock: Arc<AppleClock>,
+    ) -> Result<(Minter, Vec<String>), Box<LoadError>> {
         let mut keys = HashMap::new();
         let mut warnings = Vec::new();
         for (i, kc) in config.keys.iter().enumerate() {
-            let loaded = key::load(&kc.source).map_err(|error| LoadError {
-                name: kc.name.clone(),
-                field: format!(
-                    "keys[{i}].{}",
-                    match kc.source {
-                        crate::config::KeySource::Env(_) => "private_key_env",
-                        _ => "private_key_file",
-                    }
-                ),
-                error,
+            let loaded = key::load(&kc.source).map_err(|error| {
+                Box::new(LoadError {
+                    file: config.source.clone(),
+                    name: kc.name.clone(),
+                    field: format!(
+                        "keys[{i}].{}",
+                        match kc.source {
+                            crate::config::KeySource::Env(_) => "private_key_env",
+                            _ => "private_key_file",
+                        }
+                    ),
+                    error,
+                })
             })?;
             warnings.extend(loaded.warnings);
             warnings.extend(file_name_hints(kc));
@@ -255,21 +262,39 @@ impl Minter {
     /// Signs a throw-away message with `name` and verifies it with the key's public half:
     /// proves the key loads, signs, and yields a 64-byte `r||s` signature.
     pub fn self_test(&self, name: &str) -> Result<(), String> {
-        let key = self.keys.get(name).ok_or_else(|| format!("no key named `{name}` is loaded"))?;
+        let key = self
+            .keys
+            .get(name)
+            .ok_or_else(|| format!("no key named `{name}` is loaded"))?;
         let message = b"apple-api-proxy self-test";
-        let signature = key.signer.sign(message).map_err(|_| "signing failed".to_string())?;
-        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, key.signer.public_key())
-            .verify(message, &signature)
-            .map_err(|_| "the test signature does not verify with the key's public key".to_string())
+        let signature = key
+            .signer
+            .sign(message)
+            .map_err(|_| "signing failed".to_string())?;
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_FIXED,
+            key.signer.public_key(),
+        )
+        .verify(message, &signature)
+        .map_err(|_| "the test signature does not verify with the key's public key".to_string())
     }
 
     /// Tokens signed so far, and requests served from the cache.
     pub fn counts(&self) -> (u64, u64) {
-        (self.minted.load(Ordering::Relaxed), self.cache_hits.load(Ordering::Relaxed))
+        (
+            self.minted.load(Ordering::Relaxed),
+            self.cache_hits.load(Ordering::Relaxed),
+        )
     }
 
     /// The scope entry for a request, or `None` when this request gets an unscoped token.
-    pub fn scope_for(&self, api: Api, method: &str, path: &str, query: Option<&str>) -> Option<String> {
+    pub fn scope_for(
+        &self,
+        api: Api,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+    ) -> Option<String> {
         (api == Api::AppStoreConnect && self.scope_methods.iter().any(|m| m == method))
             .then(|| scope_entry(method, path, query))
     }
@@ -278,7 +303,10 @@ impl Minter {
     /// freshly signed. The cache lock is never held while signing, so one request's
     /// signature never delays another request.
     pub fn token(&self, req: &Request<'_>, now: SystemTime) -> Result<Arc<Token>, MintError> {
-        let key = self.keys.get(req.key).ok_or_else(|| MintError::UnknownKey(req.key.to_string()))?;
+        let key = self
+            .keys
+            .get(req.key)
+            .ok_or_else(|| MintError::UnknownKey(req.key.to_string()))?;
         if !key.config.apis.contains(&req.api) {
             return Err(MintError::WrongApi {
                 key: req.key.to_string(),
@@ -343,7 +371,10 @@ impl Minter {
         jwt.push_str(&key.header_b64);
         jwt.push('.');
         URL_SAFE_NO_PAD.encode_string(&payload, &mut jwt);
-        let signature = key.signer.sign(jwt.as_bytes()).map_err(|_| MintError::Sign)?;
+        let signature = key
+            .signer
+            .sign(jwt.as_bytes())
+            .map_err(|_| MintError::Sign)?;
         jwt.push('.');
         URL_SAFE_NO_PAD.encode_string(signature, &mut jwt);
         Ok(Token {
@@ -364,7 +395,8 @@ impl Minter {
 ///   example (`filter[platform]=IOS`). How Apple matches encoded brackets is UNCONFIRMED
 ///   (APPLE.md §2); this one form is what the proxy uses and what diagnoses name.
 pub fn scope_entry(method: &str, path: &str, query: Option<&str>) -> String {
-    let mut entry = String::with_capacity(method.len() + 1 + path.len() + query.map_or(0, str::len) + 1);
+    let mut entry =
+        String::with_capacity(method.len() + 1 + path.len() + query.map_or(0, str::len) + 1);
     entry.push_str(method);
     entry.push(' ');
     entry.push_str(path);
@@ -411,7 +443,10 @@ pub fn file_name_hints(kc: &KeyConfig) -> Vec<String> {
         return Vec::new();
     };
     let mut hints = Vec::new();
-    for (prefix, kinds) in [("AuthKey_", "team or individual"), ("SubscriptionKey_", "in-app-purchase")] {
+    for (prefix, kinds) in [
+        ("AuthKey_", "team or individual"),
+        ("SubscriptionKey_", "in-app-purchase"),
+    ] {
         if let Some(id) = stem.strip_prefix(prefix) {
             if prefix != kc.kind.file_prefix() {
                 hints.push(format!(
@@ -437,7 +472,10 @@ pub fn file_name_hints(kc: &KeyConfig) -> Vec<String> {
     }
     if let Some(iss) = &kc.issuer_id {
         if !apple::is_plausible_issuer_id(iss) {
-            hints.push(format!("key `{}`: issuer_id \"{iss}\" is not a UUID like Apple's", kc.name));
+            hints.push(format!(
+                "key `{}`: issuer_id \"{iss}\" is not a UUID like Apple's",
+                kc.name
+            ));
         }
     }
     hints
@@ -484,10 +522,8 @@ impl Cache {
     }
 
     fn shard(&self, key: &str) -> &Mutex<HashMap<String, Arc<Token>>> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
         // Truncation is the point: any bits pick a shard.
-        &self.shards[(h.finish() as usize) % SHARDS]
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
     }
 
     fn usable(token: &Token, apple_now: i64, offset: i64) -> bool {
@@ -498,7 +534,10 @@ impl Cache {
     fn get(&self, key: &CacheKey<'_>, apple_now: i64, offset: i64) -> Option<Arc<Token>> {
         let k = key.owned();
         let shard = self.shard(&k).lock().unwrap_or_else(|p| p.into_inner());
-        shard.get(&k).filter(|t| Cache::usable(t, apple_now, offset)).cloned()
+        shard
+            .get(&k)
+            .filter(|t| Cache::usable(t, apple_now, offset))
+            .cloned()
     }
 
     fn insert(&self, key: &CacheKey<'_>, token: Arc<Token>, apple_now: i64) {
@@ -509,7 +548,11 @@ impl Cache {
             if shard.len() >= self.per_shard {
                 // Still full of live tokens: drop an arbitrary eighth (HashMap order is
                 // random), keeping the bound without an LRU's per-hit bookkeeping.
-                let drop: Vec<String> = shard.keys().take(self.per_shard.div_ceil(8)).cloned().collect();
+                let drop: Vec<String> = shard
+                    .keys()
+                    .take(self.per_shard.div_ceil(8))
+                    .cloned()
+                    .collect();
                 for d in drop {
                     shard.remove(&d);
                 }
@@ -520,7 +563,10 @@ impl Cache {
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .sum()
     }
 }
 
@@ -533,7 +579,11 @@ mod tests {
     const ISS: &str = "57246542-96fe-1a63-e053-0824d011072a";
 
     fn pem() -> String {
-        let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &ring::rand::SystemRandom::new()).unwrap();
+        let der = EcdsaKeyPair::generate_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            &ring::rand::SystemRandom::new(),
+        )
+        .unwrap();
         pem::encode(&pem::Pem::new("PRIVATE KEY", der.as_ref().to_vec()))
     }
 
@@ -552,10 +602,18 @@ mod tests {
     }
 
     fn minter(extra: &str) -> Minter {
-        Minter::new(&config(extra), Arc::new(AppleClock::default())).unwrap().0
+        Minter::new(&config(extra), Arc::new(AppleClock::default()))
+            .unwrap()
+            .0
     }
 
-    fn req<'a>(key: &'a str, api: Api, method: &'a str, path: &'a str, query: Option<&'a str>) -> Request<'a> {
+    fn req<'a>(
+        key: &'a str,
+        api: Api,
+        method: &'a str,
+        path: &'a str,
+        query: Option<&'a str>,
+    ) -> Request<'a> {
         Request {
             key,
             api,
@@ -589,7 +647,13 @@ mod tests {
         let now_i = NOW as i64;
         let cases = [
             (
-                req("team", Api::AppStoreConnect, "GET", "/v1/apps", Some("filter%5Bplatform%5D=IOS&limit=5")),
+                req(
+                    "team",
+                    Api::AppStoreConnect,
+                    "GET",
+                    "/v1/apps",
+                    Some("filter%5Bplatform%5D=IOS&limit=5"),
+                ),
                 serde_json::json!({"iss": ISS, "iat": now_i - 60, "exp": now_i - 60 + 1200, "aud": "appstoreconnect-v1", "scope": ["GET /v1/apps?filter[platform]=IOS"]}),
                 "TEAMKEY001",
             ),
@@ -609,7 +673,13 @@ mod tests {
                 "TEAMKEY001",
             ),
             (
-                req("iap", Api::AppStoreServer, "GET", "/inApps/v1/transactions/1", None),
+                req(
+                    "iap",
+                    Api::AppStoreServer,
+                    "GET",
+                    "/inApps/v1/transactions/1",
+                    None,
+                ),
                 serde_json::json!({"iss": ISS, "iat": now_i - 60, "exp": now_i - 60 + 3600, "aud": "appstoreconnect-v1", "bid": "com.example.app"}),
                 "IAPKEY0001",
             ),
@@ -617,7 +687,10 @@ mod tests {
         for (r, want, kid) in cases {
             let t = m.token(&r, now()).unwrap();
             let (header, claims, sig) = decode(t.jwt());
-            assert_eq!(header, serde_json::json!({"alg": "ES256", "kid": kid, "typ": "JWT"}));
+            assert_eq!(
+                header,
+                serde_json::json!({"alg": "ES256", "kid": kid, "typ": "JWT"})
+            );
             assert_eq!(claims, want, "{r:?}");
             assert_eq!(sig.len(), 64, "raw r||s, not DER");
         }
@@ -629,7 +702,13 @@ mod tests {
         for r in [
             req("team", Api::AppStoreConnect, "GET", "/v1/apps", None),
             req("team", Api::AppStoreConnect, "DELETE", "/v1/apps/1", None),
-            req("iap", Api::ExternalPurchase, "PUT", "/externalPurchase/v1/reports", None),
+            req(
+                "iap",
+                Api::ExternalPurchase,
+                "PUT",
+                "/externalPurchase/v1/reports",
+                None,
+            ),
         ] {
             let t = m.token(&r, now()).unwrap();
             let cap = r.api.token_family().max_lifetime().as_secs() as i64;
@@ -640,7 +719,13 @@ mod tests {
     #[test]
     fn storekit_tokens_never_carry_a_scope_and_take_the_overridden_bundle_id() {
         let m = minter("");
-        let mut r = req("iap", Api::AdvancedCommerce, "POST", "/advancedCommerce/v1/subscription/cancel/1", None);
+        let mut r = req(
+            "iap",
+            Api::AdvancedCommerce,
+            "POST",
+            "/advancedCommerce/v1/subscription/cancel/1",
+            None,
+        );
         r.bundle_id = Some("com.example.other");
         let t = m.token(&r, now()).unwrap();
         assert_eq!(t.claims.scope, None);
@@ -651,9 +736,21 @@ mod tests {
     fn scope_drops_ignored_params_and_writes_literal_brackets() {
         let cases = [
             ("/v1/apps", None, "GET /v1/apps"),
-            ("/v1/apps", Some("limit=200&cursor=abc&sort=name"), "GET /v1/apps"),
-            ("/v1/apps", Some("filter%5BbundleId%5D=com.x&limit=2"), "GET /v1/apps?filter[bundleId]=com.x"),
-            ("/v1/apps", Some("filter[platform]=IOS&fields%5bapps%5d=name"), "GET /v1/apps?filter[platform]=IOS&fields[apps]=name"),
+            (
+                "/v1/apps",
+                Some("limit=200&cursor=abc&sort=name"),
+                "GET /v1/apps",
+            ),
+            (
+                "/v1/apps",
+                Some("filter%5BbundleId%5D=com.x&limit=2"),
+                "GET /v1/apps?filter[bundleId]=com.x",
+            ),
+            (
+                "/v1/apps",
+                Some("filter[platform]=IOS&fields%5bapps%5d=name"),
+                "GET /v1/apps?filter[platform]=IOS&fields[apps]=name",
+            ),
             ("/v1/apps", Some("a=%20b&&c"), "GET /v1/apps?a=%20b&c"),
             ("/v1/apps", Some("x=%"), "GET /v1/apps?x=%"),
             ("/v1/apps", Some("limited=1"), "GET /v1/apps?limited=1"),
@@ -667,27 +764,50 @@ mod tests {
     fn iat_follows_apples_clock() {
         let m = minter("");
         m.clock().observe(now() - Duration::from_secs(300), now());
-        let t = m.token(&req("iap", Api::AppStoreServer, "GET", "/inApps/v1/x", None), now()).unwrap();
+        let t = m
+            .token(
+                &req("iap", Api::AppStoreServer, "GET", "/inApps/v1/x", None),
+                now(),
+            )
+            .unwrap();
         assert_eq!(t.claims.iat, NOW as i64 - 300 - 60);
     }
 
     #[test]
     fn cache_reuses_until_refresh_margin_and_retires_on_clock_change() {
         let m = minter("");
-        let r = req("iap", Api::AppStoreServer, "GET", "/inApps/v1/transactions/1", None);
+        let r = req(
+            "iap",
+            Api::AppStoreServer,
+            "GET",
+            "/inApps/v1/transactions/1",
+            None,
+        );
         let a = m.token(&r, now()).unwrap();
         let b = m.token(&r, now() + Duration::from_secs(60)).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
         // exp = now - 60 + 3600: within 60 s of it, a new token is minted.
-        let c = m.token(&r, now() + Duration::from_secs(3600 - 60 - 59)).unwrap();
+        let c = m
+            .token(&r, now() + Duration::from_secs(3600 - 60 - 59))
+            .unwrap();
         assert!(!Arc::ptr_eq(&a, &c));
         m.clock().observe(now() + Duration::from_secs(30), now());
         let d = m.token(&r, now()).unwrap();
         assert!(!Arc::ptr_eq(&c, &d));
         assert_eq!(m.counts(), (3, 1));
         // Different scopes are different entries.
-        let e = m.token(&req("team", Api::AppStoreConnect, "GET", "/v1/apps/1", None), now()).unwrap();
-        let f = m.token(&req("team", Api::AppStoreConnect, "GET", "/v1/apps/2", None), now()).unwrap();
+        let e = m
+            .token(
+                &req("team", Api::AppStoreConnect, "GET", "/v1/apps/1", None),
+                now(),
+            )
+            .unwrap();
+        let f = m
+            .token(
+                &req("team", Api::AppStoreConnect, "GET", "/v1/apps/2", None),
+                now(),
+            )
+            .unwrap();
         assert_ne!(e.claims.scope, f.claims.scope);
     }
 
@@ -696,7 +816,11 @@ mod tests {
         let m = minter("cache_capacity = 64");
         for i in 0..1000 {
             let path = format!("/v1/apps/{i}");
-            m.token(&req("team", Api::AppStoreConnect, "GET", &path, None), now()).unwrap();
+            m.token(
+                &req("team", Api::AppStoreConnect, "GET", &path, None),
+                now(),
+            )
+            .unwrap();
         }
         assert!(m.cache.len() <= 64 + SHARDS, "{}", m.cache.len());
     }
@@ -705,11 +829,17 @@ mod tests {
     fn wrong_api_and_unknown_key_are_errors() {
         let m = minter("");
         assert!(matches!(
-            m.token(&req("iap", Api::AppStoreConnect, "GET", "/v1/apps", None), now()),
+            m.token(
+                &req("iap", Api::AppStoreConnect, "GET", "/v1/apps", None),
+                now()
+            ),
             Err(MintError::WrongApi { .. })
         ));
         assert!(matches!(
-            m.token(&req("nope", Api::AppStoreConnect, "GET", "/v1/apps", None), now()),
+            m.token(
+                &req("nope", Api::AppStoreConnect, "GET", "/v1/apps", None),
+                now()
+            ),
             Err(MintError::UnknownKey(_))
         ));
     }
@@ -717,7 +847,12 @@ mod tests {
     #[test]
     fn token_debug_hides_the_jwt() {
         let m = minter("");
-        let t = m.token(&req("team", Api::AppStoreConnect, "GET", "/v1/apps", None), now()).unwrap();
+        let t = m
+            .token(
+                &req("team", Api::AppStoreConnect, "GET", "/v1/apps", None),
+                now(),
+            )
+            .unwrap();
         let sig = t.jwt().rsplit('.').next().unwrap().to_string();
         assert!(!format!("{t:?}").contains(&sig));
         assert!(!format!("{t:?}").contains(t.jwt()));

@@ -1,0 +1,829 @@
+//! End-to-end tests: the real proxy (in process on port 0, or the real binary) in front of
+//! the Apple stand-in over real TLS. What reached "Apple" is asserted from the stand-in's
+//! record; tokens are verified with RustCrypto's p256, never with ring (which signs them).
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use apple_api_proxy::proxy::codes;
+use apple_api_proxy::standin::Role;
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt as _, Full};
+use support::*;
+
+fn empty() -> Full<Bytes> {
+    Full::new(Bytes::new())
+}
+
+fn bearer(received: &apple_api_proxy::standin::Received) -> String {
+    received.headers["authorization"]
+        .to_str()
+        .unwrap()
+        .strip_prefix("Bearer ")
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_and_the_sandbox_prefix_reach_the_right_upstream_with_the_path_intact() {
+    let h = Harness::start().await;
+    let cases = [
+        (
+            "GET",
+            "/v1/apps?filter%5Bplatform%5D=IOS&limit=5",
+            Role::AppStoreConnect,
+            "/v1/apps?filter%5Bplatform%5D=IOS&limit=5",
+        ),
+        (
+            "GET",
+            "/v2/inAppPurchases/123",
+            Role::AppStoreConnect,
+            "/v2/inAppPurchases/123",
+        ),
+        (
+            "GET",
+            "/v3/appPricePoints/abc",
+            Role::AppStoreConnect,
+            "/v3/appPricePoints/abc",
+        ),
+        (
+            "GET",
+            "/notary/v2/test",
+            Role::AppStoreConnect,
+            "/notary/v2/test",
+        ),
+        (
+            "GET",
+            "/inApps/v1/transactions/2000000000000001",
+            Role::StoreKitProduction,
+            "/inApps/v1/transactions/2000000000000001",
+        ),
+        (
+            "GET",
+            "/sandbox/inApps/v2/history/1?revision=abc",
+            Role::StoreKitSandbox,
+            "/inApps/v2/history/1?revision=abc",
+        ),
+        (
+            "POST",
+            "/groups/v1/transactions/1/seats",
+            Role::StoreKitProduction,
+            "/groups/v1/transactions/1/seats",
+        ),
+        (
+            "POST",
+            "/sandbox/groups/v1/transactions/1/seats",
+            Role::StoreKitSandbox,
+            "/groups/v1/transactions/1/seats",
+        ),
+        (
+            "POST",
+            "/advancedCommerce/v1/subscription/cancel/7",
+            Role::StoreKitProduction,
+            "/advancedCommerce/v1/subscription/cancel/7",
+        ),
+        (
+            "PUT",
+            "/externalPurchase/v1/reports",
+            Role::StoreKitProduction,
+            "/externalPurchase/v1/reports",
+        ),
+        (
+            "GET",
+            "/sandbox/externalPurchase/v1/reports/r1",
+            Role::StoreKitSandbox,
+            "/externalPurchase/v1/reports/r1",
+        ),
+    ];
+    for (method, path, role, upstream_path) in cases {
+        h.standin().clear_received();
+        let reply = send(h.request(method, path).body(empty()).unwrap()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{method} {path}: {:?}",
+            reply.body
+        );
+        let got = h.standin().received();
+        assert_eq!(got.len(), 1, "{method} {path}");
+        assert_eq!(
+            (
+                got[0].role,
+                got[0].method.as_str(),
+                got[0].path_and_query.as_str()
+            ),
+            (role, method, upstream_path)
+        );
+        assert!(
+            got[0].verdict.is_ok(),
+            "{method} {path}: {:?}",
+            got[0].verdict
+        );
+        assert!(reply.headers.contains_key("x-request-id"));
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_are_exact_for_each_api_and_key_kind() {
+    let h = Harness::start().await;
+    // Team key on App Store Connect, scoped GET.
+    h.get("/v1/apps/1").await;
+    // Individual key (client `reader` is pinned to it).
+    let r = send(
+        http::Request::get(h.url("/v1/users"))
+            .header(
+                "proxy-authorization",
+                format!("Bearer {}", h.world.reader_secret),
+            )
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    // Team key on Notary (unscoped).
+    h.get("/notary/v2/test").await;
+    // In-app-purchase key on the storekit APIs.
+    h.get("/inApps/v1/transactions/1").await;
+    let got = h.standin().received();
+    assert_eq!(got.len(), 4);
+    let claims: Vec<serde_json::Value> = got
+        .iter()
+        .map(|r| r.verdict.as_ref().expect("accepted").claims.clone())
+        .collect();
+    let headers: Vec<serde_json::Value> = got
+        .iter()
+        .map(|r| r.verdict.as_ref().unwrap().header.clone())
+        .collect();
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&claims[0]), ["aud", "exp", "iat", "iss", "scope"]);
+    assert_eq!(claims[0]["iss"], ISSUER);
+    assert_eq!(claims[0]["scope"], serde_json::json!(["GET /v1/apps/1"]));
+    assert_eq!(
+        headers[0],
+        serde_json::json!({"alg": "ES256", "kid": TEAM_KID, "typ": "JWT"})
+    );
+    assert_eq!(keys(&claims[1]), ["aud", "exp", "iat", "scope", "sub"]);
+    assert_eq!(claims[1]["sub"], "user");
+    assert_eq!(headers[1]["kid"], INDIVIDUAL_KID);
+    assert_eq!(keys(&claims[2]), ["aud", "exp", "iat", "iss"]);
+    assert_eq!(keys(&claims[3]), ["aud", "bid", "exp", "iat", "iss"]);
+    assert_eq!(claims[3]["bid"], BUNDLE);
+    assert_eq!(headers[3]["kid"], IAP_KID);
+    for c in &claims {
+        assert_eq!(c["aud"], "appstoreconnect-v1");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let iat = c["iat"].as_i64().unwrap();
+        assert!(
+            iat <= now && iat >= now - 70,
+            "iat back-dated by the 60 s leeway: {iat} vs {now}"
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scope_is_exact_including_the_query_and_the_path_is_forwarded_as_sent() {
+    let h = Harness::start().await;
+    let target = "/v1/apps?filter%5BbundleId%5D=com.example.app&fields[apps]=name&limit=200&cursor=abc&sort=-name";
+    let r = h.get(target).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let got = h.standin().received();
+    assert_eq!(got[0].path_and_query, target);
+    let claims = &got[0].verdict.as_ref().unwrap().claims;
+    assert_eq!(
+        claims["scope"],
+        serde_json::json!(["GET /v1/apps?filter[bundleId]=com.example.app&fields[apps]=name"])
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifetime_caps_hold_against_a_config_asking_for_more() {
+    let h = Harness::with(Setup {
+        key_lifetime: Some("6h"),
+        ..Setup::default()
+    })
+    .await;
+    h.get("/v1/apps").await;
+    h.get("/inApps/v1/transactions/1").await;
+    h.request("POST", "/v1/apps");
+    let post = send(
+        h.request("POST", "/v1/bundleIds")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(post.status, StatusCode::OK);
+    let got = h.standin().received();
+    let lifetime = |i: usize| {
+        let c = &got[i].verdict.as_ref().expect("accepted").claims;
+        c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap()
+    };
+    assert_eq!(lifetime(0), 20 * 60, "App Store Connect capped at 20 min");
+    assert_eq!(lifetime(1), 60 * 60, "storekit capped at 60 min");
+    assert!(
+        lifetime(2) <= 3 * 60,
+        "unscoped (non-GET) App Store Connect tokens are short"
+    );
+    assert!(got[2]
+        .verdict
+        .as_ref()
+        .unwrap()
+        .claims
+        .get("scope")
+        .is_none());
+    assert_eq!(got[2].body_len, 2, "the request body streamed through");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signature_verifies_with_an_independent_implementation() {
+    let h = Harness::start().await;
+    h.get("/v1/apps").await;
+    h.get("/inApps/v1/transactions/1").await;
+    let got = h.standin().received();
+    let (team, iap) = (bearer(&got[0]), bearer(&got[1]));
+    assert!(verify_with_p256(&team, &h.world.keys.team.public));
+    assert!(verify_with_p256(&iap, &h.world.keys.iap.public));
+    assert!(
+        !verify_with_p256(&team, &h.world.keys.iap.public),
+        "and fails with the wrong key"
+    );
+    use base64::Engine as _;
+    let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(team.rsplit('.').next().unwrap())
+        .unwrap();
+    assert_eq!(sig.len(), 64, "raw r||s, never DER");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_authorization_cookies_and_hop_by_hop_headers_are_never_forwarded() {
+    let h = Harness::start().await;
+    let r = send(
+        http::Request::get(h.url("/v1/apps"))
+            .header("proxy-authorization", format!("Bearer {}", h.world.secret))
+            .header(
+                "authorization",
+                "Bearer eyJhbGciOiJFUzI1NiJ9.eyJpc3MiOiJzZGsifQ.c2ln",
+            )
+            .header("cookie", "session=abc")
+            .header("host", "evil.example")
+            .header("x-forwarded-for", "10.1.2.3")
+            .header("connection", "x-private-hop")
+            .header("x-private-hop", "1")
+            .header("accept", "application/json")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let got = &h.standin().received()[0];
+    let headers = &got.headers;
+    assert_eq!(headers.get_all("authorization").iter().count(), 1);
+    let sent = bearer(got);
+    assert!(
+        !sent.contains("c2ln") && verify_with_p256(&sent, &h.world.keys.team.public),
+        "only the proxy's token"
+    );
+    for name in [
+        "proxy-authorization",
+        "cookie",
+        "x-forwarded-for",
+        "x-private-hop",
+    ] {
+        assert!(!headers.contains_key(name), "{name} reached Apple");
+    }
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(!body.contains(&h.world.secret));
+    assert_eq!(headers["accept"], "application/json");
+    if let Some(host) = headers.get("host") {
+        assert_ne!(host, "evil.example");
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_from_the_client_and_http2_to_apple() {
+    let h = Harness::start().await;
+    let r = send_with(
+        http2_client(),
+        h.request("GET", "/v1/apps").body(empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        h.standin().received()[0].version,
+        http::Version::HTTP_2,
+        "ALPN picked h2 upstream"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_prefix_is_a_json_404_naming_the_known_prefixes_and_contacts_nothing() {
+    let h = Harness::start().await;
+    for path in ["/nope", "/sandbox/v1/apps", "/vx/apps", "/"] {
+        let r = h.get(path).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(r.error_code(), codes::NO_ROUTE);
+        let detail = r.json()["errors"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        for prefix in [
+            "/v1/",
+            "/inApps/",
+            "/groups/",
+            "/advancedCommerce/",
+            "/externalPurchase/",
+            "/notary/",
+        ] {
+            assert!(detail.contains(prefix), "{detail}");
+        }
+        assert_eq!(
+            r.json()["request_id"],
+            r.headers["x-request-id"].to_str().unwrap()
+        );
+    }
+    assert!(h.standin().received().is_empty());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_a_valid_secret_or_permission_get_json_errors_and_nothing_reaches_apple() {
+    let h = Harness::start().await;
+    let none = send(http::Request::get(h.url("/v1/apps")).body(empty()).unwrap()).await;
+    assert_eq!(
+        (none.status, none.error_code().as_str()),
+        (StatusCode::UNAUTHORIZED, codes::UNAUTHENTICATED)
+    );
+    let wrong = send(
+        http::Request::get(h.url("/v1/apps"))
+            .header("authorization", "Bearer aap_wrong")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (wrong.status, wrong.error_code().as_str()),
+        (StatusCode::UNAUTHORIZED, codes::UNAUTHENTICATED)
+    );
+    let sdk_jwt = send(
+        http::Request::get(h.url("/v1/apps"))
+            .header("authorization", "Bearer eyJ.x.y")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(sdk_jwt.status, StatusCode::UNAUTHORIZED);
+    let reader = |method: &str, path: &str| {
+        http::Request::builder()
+            .method(method)
+            .uri(h.url(path))
+            .header("authorization", format!("Bearer {}", h.world.reader_secret))
+            .body(empty())
+            .unwrap()
+    };
+    let denied = send(reader("DELETE", "/v1/apps/1")).await;
+    assert_eq!(
+        (denied.status, denied.error_code().as_str()),
+        (StatusCode::FORBIDDEN, codes::FORBIDDEN)
+    );
+    let denied = send(reader("GET", "/inApps/v1/transactions/1")).await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    for r in [&none, &wrong, &denied] {
+        assert!(r.headers.contains_key("x-request-id"));
+        assert_eq!(r.headers["content-type"], "application/json");
+    }
+    assert!(h.standin().received().is_empty(), "nothing reached Apple");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_tricks_are_refused_before_routing() {
+    let h = Harness::start().await;
+    for path in [
+        "/v1/../inApps/v1/x",
+        "/v1/%2e%2e/inApps/v1/x",
+        "/v1/a%2fb",
+        "/v1//apps",
+        "/v1/a%00b",
+        "/v1/a%ff",
+    ] {
+        let r = h.get(path).await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (StatusCode::BAD_REQUEST, codes::BAD_REQUEST),
+            "{path}"
+        );
+    }
+    assert!(h.standin().received().is_empty());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_is_a_json_502() {
+    let closed = free_port();
+    let h = Harness::with(Setup {
+        connect_base_url: Some(format!("https://127.0.0.1:{closed}")),
+        ..Setup::default()
+    })
+    .await;
+    let r = h.get("/v1/apps").await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::BAD_GATEWAY, codes::UPSTREAM_UNAVAILABLE)
+    );
+    assert!(r.headers.contains_key("x-request-id"));
+    let detail = r.json()["errors"][0]["detail"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        !detail.contains("Connection refused") && !detail.contains("os error"),
+        "no internal error text: {detail}"
+    );
+    // The other APIs still work.
+    assert_eq!(
+        h.get("/inApps/v1/transactions/1").await.status,
+        StatusCode::OK
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_host_whose_clock_runs_fast_learns_apples_clock_and_gets_through() {
+    // "Apple" is 5 minutes behind this host: our iat looks 4 minutes in the future to it.
+    let h = Harness::with(Setup {
+        standin_clock_offset: -300,
+        ..Setup::default()
+    })
+    .await;
+    let first = h.get("/inApps/v1/transactions/1").await;
+    assert_eq!(
+        first.status,
+        StatusCode::UNAUTHORIZED,
+        "Apple rejects the future iat"
+    );
+    let second = h.get("/inApps/v1/transactions/1").await;
+    assert_eq!(
+        second.status,
+        StatusCode::OK,
+        "after learning Apple's clock from its Date header"
+    );
+    let got = h.standin().received();
+    let claims = &got[1].verdict.as_ref().unwrap().claims;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let iat = claims["iat"].as_i64().unwrap();
+    assert!(
+        (now - 300 - 62..=now - 300 - 58).contains(&iat),
+        "iat = Apple's now - 60 s: {iat} vs {now}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_oversize_bodies_get_413_without_contacting_apple() {
+    let h = Harness::with(Setup {
+        server_toml: "max_request_body = \"1KiB\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let r = send(
+        h.request("PUT", "/externalPurchase/v1/reports")
+            .body(Full::new(Bytes::from(vec![b'x'; 4096])))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, codes::BODY_TOO_LARGE)
+    );
+    assert!(h.standin().received().is_empty());
+    h.stop().await;
+}
+
+#[test]
+fn the_reference_proxy_toml_parses() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
+    let config = apple_api_proxy::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!config.keys.is_empty());
+    assert!(!config.clients.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// The real binary.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_gib_response_streams_through_the_real_binary_with_flat_memory() {
+    let port = free_port();
+    let world = World::new(&Setup::default(), &format!("127.0.0.1:{port}")).await;
+    let mut child = spawn_serve(&world.config_path);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr, &mut child).await;
+    let client = http1_client();
+    let req = |n: u64| {
+        http::Request::get(format!("http://{addr}/v1/salesReports?standin_bytes={n}"))
+            .header("authorization", format!("Bearer {}", world.secret))
+            .body(empty())
+            .unwrap()
+    };
+    // Warm up (TLS session, pool, allocator), then take the baseline.
+    let warm = client.request(req(1 << 20)).await.unwrap();
+    assert_eq!(warm.status(), StatusCode::OK);
+    warm.into_body().collect().await.unwrap();
+    let (rss_before, _) = memory_kib(child.id());
+    const GIB: u64 = 1 << 30;
+    let started = std::time::Instant::now();
+    let response = client.request(req(GIB)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut total = 0u64;
+    let mut peak_rss = 0u64;
+    let mut frames = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            total += data.len() as u64;
+        }
+        frames += 1;
+        if frames % 2048 == 0 {
+            peak_rss = peak_rss.max(memory_kib(child.id()).0);
+        }
+    }
+    let elapsed = started.elapsed();
+    let (rss_after, hwm) = memory_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(total, GIB);
+    println!(
+        "1 GiB streamed in {:.2}s ({:.0} MiB/s); proxy RSS before {} KiB, peak sampled {} KiB, after {} KiB, high-water {} KiB",
+        elapsed.as_secs_f64(),
+        1024.0 / elapsed.as_secs_f64(),
+        rss_before,
+        peak_rss,
+        rss_after,
+        hwm
+    );
+    assert!(
+        peak_rss.max(rss_after) < rss_before + 48 * 1024,
+        "memory grew while streaming: {rss_before} → {peak_rss} KiB"
+    );
+    assert!(hwm < 160 * 1024, "high-water mark {hwm} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_on_a_good_config_and_prints_the_tables() {
+    let world = World::new(&Setup::default(), "127.0.0.1:0").await;
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&world.config_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "KEYS",
+        "ROUTES",
+        "CLIENTS",
+        "connect",
+        "storekit",
+        "app-store-server",
+        "sandbox",
+        "tester",
+    ] {
+        assert!(stdout.contains(want), "{want}: {stdout}");
+    }
+    assert_eq!(
+        stdout.matches(" ok ").count(),
+        3,
+        "three keys test-signed: {stdout}"
+    );
+    assert!(!stdout.contains(&world.keys.team.pem[30..60]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_with_a_message_naming_file_field_and_fix() {
+    let world = World::new(&Setup::default(), "127.0.0.1:0").await;
+    let good = std::fs::read_to_string(&world.config_path).unwrap();
+    let p384 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+        &ring::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+        &ring::rand::SystemRandom::new(),
+    )
+    .unwrap();
+    write_private(
+        &world.dir.path().join("keys/p384.p8"),
+        &pem::encode(&pem::Pem::new("PRIVATE KEY", p384.as_ref().to_vec())),
+    );
+    let cases = [
+        (
+            "typo'd field",
+            good.replace("request_timeout", "request_timout"),
+            vec!["request_timout", "fix:"],
+        ),
+        (
+            "missing key file",
+            good.replace(
+                &format!("keys/AuthKey_{TEAM_KID}.p8"),
+                "keys/AuthKey_MISSING.p8",
+            ),
+            vec![
+                "keys[0].private_key_file",
+                "AuthKey_MISSING.p8",
+                "not found",
+                "fix:",
+            ],
+        ),
+        (
+            "non-P-256 key",
+            good.replace(
+                &format!("keys/SubscriptionKey_{IAP_KID}.p8"),
+                "keys/p384.p8",
+            ),
+            vec!["keys[2].private_key_file", "P-384", "fix:"],
+        ),
+        (
+            "bad duration",
+            good.replace("connect_timeout = \"2s\"", "connect_timeout = \"soon\""),
+            vec!["upstream.connect_timeout", "fix:"],
+        ),
+    ];
+    for (name, text, wants) in cases {
+        let path = world.dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = bin()
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains("bad.toml"),
+            "{name}: names the file: {stderr}"
+        );
+        for want in wants {
+            assert!(stderr.contains(want), "{name}: wants {want:?}: {stderr}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_command_prints_a_jwt_for_exactly_that_request() {
+    let world = World::new(&Setup::default(), "127.0.0.1:0").await;
+    let out = bin()
+        .args([
+            "token",
+            "--key",
+            "connect",
+            "--request",
+            "GET /v1/apps?filter[platform]=IOS&limit=2",
+            "--config",
+        ])
+        .arg(&world.config_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jwt = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(verify_with_p256(&jwt, &world.keys.team.public));
+    let (header, claims) = decode_jwt(&jwt);
+    assert_eq!(header["kid"], TEAM_KID);
+    assert_eq!(
+        claims["scope"],
+        serde_json::json!(["GET /v1/apps?filter[platform]=IOS"])
+    );
+    let out = bin()
+        .args([
+            "token",
+            "--request",
+            "GET /sandbox/inApps/v1/transactions/1",
+            "--config",
+        ])
+        .arg(&world.config_path)
+        .output()
+        .unwrap();
+    let (_, claims) = decode_jwt(String::from_utf8(out.stdout).unwrap().trim());
+    assert_eq!(claims["bid"], BUNDLE);
+    let out = bin()
+        .args(["token", "--request", "GET /nowhere", "--config"])
+        .arg(&world.config_path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("known prefixes"));
+}
+
+#[test]
+fn client_secret_prints_a_secret_and_its_config_hash() {
+    let out = bin().args(["client-secret", "ci"]).output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let secret = stdout
+        .lines()
+        .find(|l| l.starts_with("aap_"))
+        .expect("a secret line");
+    let hash_line = stdout
+        .lines()
+        .find(|l| l.starts_with("secret_sha256"))
+        .expect("a hash line");
+    assert_eq!(
+        hash_line,
+        format!("secret_sha256 = \"{}\"", sha_hex(secret))
+    );
+    assert!(stdout.contains("name = \"ci\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_prints_curl_lines_that_work_as_pasted_and_stops_on_ctrl_c() {
+    use tokio::io::AsyncBufReadExt as _;
+    let port = free_port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_apple-api-proxy"))
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut curls = Vec::new();
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("demo prints")
+    {
+        if line.starts_with("curl ") {
+            curls.push(line);
+        } else if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    assert!(curls.len() >= 5, "{curls:?}");
+    let have_curl = std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_ok();
+    for line in &curls {
+        let body = if have_curl {
+            let out = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(line)
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{line}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        } else {
+            eprintln!("curl is not installed: checking the line's shape only");
+            continue;
+        };
+        if line.contains("-D -") {
+            assert!(
+                body.contains("x-request-id") && body.contains("x-rate-limit"),
+                "{body}"
+            );
+            continue;
+        }
+        let json: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{line}: not JSON ({e}): {body}"));
+        assert!(
+            json.get("data").is_some() || json["errors"][0]["code"].is_string(),
+            "Apple-shaped JSON: {body}"
+        );
+    }
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("demo stops")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
