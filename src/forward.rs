@@ -168,12 +168,15 @@ pub struct BodyTooLarge {
 }
 
 /// A body that counts the bytes passing through into a shared counter, and optionally
-/// fails once more than `limit` bytes have passed. Nothing is buffered.
+/// fails once more than `limit` bytes have passed. Nothing is buffered. It can also hold a
+/// guard (e.g. a concurrency permit) that is released only when the body is dropped, so a
+/// request counts as in flight until its response has finished streaming.
 pub struct Metered<B> {
     inner: B,
     count: Arc<AtomicU64>,
     seen: u64,
     limit: Option<u64>,
+    _guard: Option<Box<dyn Send>>,
 }
 
 impl<B> Metered<B> {
@@ -183,7 +186,14 @@ impl<B> Metered<B> {
             count,
             seen: 0,
             limit,
+            _guard: None,
         }
+    }
+
+    /// Keeps `guard` alive as long as the body.
+    pub fn holding(mut self, guard: impl Send + 'static) -> Metered<B> {
+        self._guard = Some(Box::new(guard));
+        self
     }
 }
 

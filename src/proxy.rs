@@ -102,6 +102,9 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             h.insert(
                 header::WWW_AUTHENTICATE,
@@ -133,6 +136,8 @@ pub struct Proxy {
     minter: Minter,
     upstream: forward::Client,
     ids: RequestIds,
+    /// `max_concurrent_requests` permits; a permit lives until the response body is done.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -166,6 +171,9 @@ impl Proxy {
                 minter,
                 upstream,
                 ids: RequestIds::new(),
+                in_flight: Arc::new(tokio::sync::Semaphore::new(
+                    config.server.max_concurrent_requests,
+                )),
                 config: Arc::new(config),
             },
             warnings,
@@ -222,6 +230,20 @@ impl Proxy {
         req: Request<Incoming>,
         request_id: &str,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        // Shed load first, answering at once rather than queuing without bound.
+        let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            ProxyError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::OVERLOADED,
+                "Proxy overloaded",
+                "overloaded",
+                Fault::Proxy,
+                format!(
+                    "more than {} requests are in flight; retry shortly",
+                    self.config.server.max_concurrent_requests
+                ),
+            )
+        })?;
         let (parts, body) = req.into_parts();
         // Authenticate first: an unauthenticated caller learns nothing about routes.
         let who = self.authenticate(&parts.headers)?;
@@ -360,7 +382,7 @@ impl Proxy {
         let bytes_out = Arc::new(AtomicU64::new(0));
         Ok(Response::from_parts(
             parts,
-            forward::boxed(forward::Metered::new(body, bytes_out, None)),
+            forward::boxed(forward::Metered::new(body, bytes_out, None).holding(permit)),
         ))
     }
 

@@ -518,6 +518,45 @@ async fn declared_oversize_bodies_get_413_without_contacting_apple() {
     h.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_concurrent_requests_the_proxy_sheds_load_with_503_until_a_stream_finishes() {
+    let h = Harness::with(Setup {
+        server_toml: "max_concurrent_requests = 1".into(),
+        ..Setup::default()
+    })
+    .await;
+    // A big response left unread keeps its request in flight (the permit lives with the body).
+    let slow = http1_client()
+        .request(
+            h.request("GET", "/v1/salesReports?standin_bytes=268435456")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(slow.status(), StatusCode::OK);
+    let shed = h.get("/v1/apps").await;
+    assert_eq!(
+        (shed.status, shed.error_code().as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, codes::OVERLOADED)
+    );
+    assert_eq!(shed.headers["retry-after"], "1");
+    drop(slow);
+    let mut recovered = false;
+    for _ in 0..100 {
+        if h.get("/v1/apps").await.status == StatusCode::OK {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        recovered,
+        "the permit is released when the client goes away"
+    );
+    h.stop().await;
+}
+
 #[test]
 fn the_reference_proxy_toml_parses() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
