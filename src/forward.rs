@@ -248,18 +248,6 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
-/// Whether `err` (from the upstream client) was caused by the request body overflowing.
-pub fn is_body_too_large(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if e.is::<BodyTooLarge>() {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -315,7 +315,7 @@ impl Proxy {
             .uri(url)
             .body(forward::boxed(forward::Metered::new(
                 body,
-                bytes_in,
+                bytes_in.clone(),
                 Some(max_body),
             )))
             .map_err(|e| internal("upstream request", e))?;
@@ -339,7 +339,11 @@ impl Proxy {
                     ),
                 ))
             }
-            Ok(Err(e)) if forward::is_body_too_large(&e) => return Err(too_large(max_body)),
+            // The metered body counts before it fails, so this holds however the transport
+            // (HTTP/1 write error, HTTP/2 stream reset) reports the abort.
+            Ok(Err(_)) if bytes_in.load(Ordering::Relaxed) > max_body => {
+                return Err(too_large(max_body))
+            }
             Ok(Err(e)) => {
                 tracing::warn!(api = %route.api, error = %error_chain(&e), "upstream request failed");
                 return Err(ProxyError::new(

@@ -557,6 +557,141 @@ async fn beyond_max_concurrent_requests_the_proxy_sheds_load_with_503_until_a_st
     h.stop().await;
 }
 
+/// A chunked (no Content-Length) request body of `chunks` × 1 MiB, generated as it is sent.
+fn streamed_body(chunks: usize) -> apple_api_proxy::forward::ProxyBody {
+    let stream = futures_util::stream::iter((0..chunks).map(|_| {
+        Ok::<_, apple_api_proxy::forward::BoxError>(hyper::body::Frame::data(Bytes::from(
+            vec![b'u'; 1 << 20],
+        )))
+    }));
+    apple_api_proxy::forward::boxed(http_body_util::StreamBody::new(stream))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_stream_through_and_the_size_limit_holds_mid_stream() {
+    let h = Harness::with(Setup {
+        server_toml: "max_request_body = \"80MiB\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    // HTTP/2: a server may answer (413) before the body is done and reset just that stream;
+    // over HTTP/1.1 the same early answer surfaces in the client as a broken pipe.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<apple_api_proxy::forward::ProxyBody>();
+    let ok = client
+        .request(
+            h.request("PUT", "/externalPurchase/v1/reports")
+                .body(streamed_body(64))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let echoed: serde_json::Value =
+        serde_json::from_slice(&ok.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(echoed["data"]["bytes_received"], 64u64 << 20);
+    assert_eq!(h.standin().received()[0].body_len, 64 << 20);
+
+    let too_big = client
+        .request(
+            h.request("PUT", "/externalPurchase/v1/reports")
+                .body(streamed_body(100))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(too_big.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: serde_json::Value =
+        serde_json::from_slice(&too_big.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["errors"][0]["code"], codes::BODY_TOO_LARGE);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_token_key_or_body_ever_reaches_the_logs_even_at_trace_level() {
+    let port = free_port();
+    let world = World::new(&Setup::default(), &format!("127.0.0.1:{port}")).await;
+    // Logs go to a file: a pipe nobody reads until the end would fill and stall the proxy.
+    let log_path = world.dir.path().join("proxy.log");
+    let mut child = bin()
+        .args(["serve", "--config"])
+        .arg(&world.config_path)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr, &mut child).await;
+    let body_marker = "BODY-MARKER-4f1c9e";
+    let sdk_jwt = "eyJhbGciOiJFUzI1NiJ9.eyJzZGsiOiJ0b2tlbiJ9.U0RLLVNJR05BVFVSRS1NQVJLRVI";
+    let requests = [
+        (
+            "GET",
+            "/v1/apps?filter%5Bplatform%5D=IOS",
+            world.secret.clone(),
+        ),
+        ("PUT", "/externalPurchase/v1/reports", world.secret.clone()),
+        (
+            "GET",
+            "/sandbox/inApps/v1/transactions/1",
+            world.secret.clone(),
+        ),
+        ("GET", "/v1/apps", "aap_wrong-secret-d00d".to_string()),
+        ("GET", "/nope", world.secret.clone()),
+    ];
+    for (method, path, secret) in &requests {
+        let r = send_with(
+            http2_client(),
+            http::Request::builder()
+                .method(*method)
+                .uri(format!("http://{addr}{path}"))
+                .header("proxy-authorization", format!("Bearer {secret}"))
+                .header("authorization", format!("Bearer {sdk_jwt}"))
+                .body(Full::new(Bytes::from(format!(
+                    "{{\"x\":\"{body_marker}\"}}"
+                ))))
+                .unwrap(),
+        )
+        .await;
+        assert!(r.headers.contains_key("x-request-id"));
+    }
+    let sent_tokens: Vec<String> = world.standin.received().iter().map(bearer).collect();
+    assert_eq!(sent_tokens.len(), 3);
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM stops the proxy cleanly");
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        logs.contains("forwarded") && logs.contains("refused"),
+        "the run was logged: {}",
+        &logs[..logs.len().min(2000)]
+    );
+    let mut forbidden: Vec<(String, String)> = vec![
+        ("client secret".into(), world.secret.clone()),
+        ("wrong secret".into(), "aap_wrong-secret-d00d".into()),
+        ("sdk jwt".into(), sdk_jwt.into()),
+        ("request body".into(), body_marker.into()),
+    ];
+    for t in &sent_tokens {
+        let mut parts = t.split('.');
+        let (_, payload, sig) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+        forbidden.push(("minted token payload".into(), payload.to_string()));
+        forbidden.push(("minted token signature".into(), sig.to_string()));
+    }
+    for key in [&world.keys.team, &world.keys.individual, &world.keys.iap] {
+        let line = key.pem.lines().nth(1).unwrap().to_string();
+        forbidden.push(("private key".into(), line));
+    }
+    for (what, needle) in forbidden {
+        assert!(!logs.contains(&needle), "{what} appears in the logs");
+    }
+}
+
 #[test]
 fn the_reference_proxy_toml_parses() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
