@@ -8,10 +8,13 @@
 //!
 //! Imports only `config`. Holds no secret: only hashes.
 
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use http::header::{AUTHORIZATION, PROXY_AUTHORIZATION};
 use http::HeaderMap;
 
-use crate::config::{ClientConfig, Config};
+use crate::config::{ClientConfig, Config, RateLimit};
 
 /// Every client secret starts with this, so the proxy can tell one from an SDK's JWT.
 pub const SECRET_PREFIX: &str = "aap_";
@@ -61,6 +64,42 @@ struct Client {
     rules: Vec<Rule>,
     key: Option<String>,
     bundle_id: Option<String>,
+    bucket: Option<Bucket>,
+}
+
+/// A token bucket: `count` requests per `per`, bursts up to `count`.
+struct Bucket {
+    rate: RateLimit,
+    /// (tokens available, when last refilled)
+    state: Mutex<(f64, Option<Instant>)>,
+}
+
+impl Bucket {
+    fn new(rate: RateLimit) -> Bucket {
+        Bucket {
+            rate,
+            state: Mutex::new((f64::from(rate.count), None)),
+        }
+    }
+
+    /// Takes one token, or says how long until one is available.
+    fn take(&self, now: Instant) -> Result<(), Duration> {
+        let capacity = f64::from(self.rate.count);
+        let per_token = self.rate.per.as_secs_f64() / capacity;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, last) = &mut *state;
+        if let Some(last) = *last {
+            let elapsed = now.saturating_duration_since(last).as_secs_f64();
+            *tokens = (*tokens + elapsed / per_token).min(capacity);
+        }
+        *last = Some(now);
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) * per_token))
+        }
+    }
 }
 
 /// The configured clients and the anonymous switch.
@@ -131,6 +170,15 @@ impl Clients {
         }
     }
 
+    /// Spends one request of the client's `rate_limit`; `Err` says how long to wait.
+    /// Anonymous callers and clients without a limit are not limited here.
+    pub fn check_rate(&self, who: &Identity, now: Instant) -> Result<(), Duration> {
+        match who.index.and_then(|i| self.clients[i].bucket.as_ref()) {
+            Some(bucket) => bucket.take(now),
+            None => Ok(()),
+        }
+    }
+
     /// The key this client is pinned to, if any.
     pub fn pinned_key(&self, who: &Identity) -> Option<&str> {
         who.index.and_then(|i| self.clients[i].key.as_deref())
@@ -160,6 +208,7 @@ impl Client {
                 .collect(),
             key: c.key.clone(),
             bundle_id: c.bundle_id.clone(),
+            bucket: c.rate_limit.map(Bucket::new),
         }
     }
 }
@@ -295,6 +344,27 @@ mod tests {
         assert!(c.allows(&who, "POST", "/sandbox/inApps/v1/x"));
         assert!(!c.allows(&who, "GET", "/inApps/v1/x"));
         assert!(!c.allows(&who, "GET", "/v1/builds"));
+    }
+
+    #[test]
+    fn rate_limits_allow_a_burst_then_refill_at_the_rate() {
+        let b = Bucket::new(RateLimit::parse("2/s").unwrap());
+        let t0 = Instant::now();
+        assert!(b.take(t0).is_ok());
+        assert!(b.take(t0).is_ok());
+        let wait = b.take(t0).unwrap_err();
+        assert!(
+            wait > Duration::from_millis(490) && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+        assert!(b.take(t0 + Duration::from_millis(250)).is_err());
+        assert!(b.take(t0 + Duration::from_millis(500)).is_ok());
+        assert!(b.take(t0 + Duration::from_secs(60)).is_ok(), "refills");
+        assert!(
+            b.take(t0 + Duration::from_secs(60)).is_ok(),
+            "burst capped at 2"
+        );
+        assert!(b.take(t0 + Duration::from_secs(60)).is_err());
     }
 
     #[test]

@@ -159,7 +159,29 @@ pub struct ClientConfig {
     pub allow: Vec<String>,
     pub key: Option<String>,
     pub bundle_id: Option<String>,
-    pub rate_limit: Option<String>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `"20/s"`: at most `count` requests per `per`, with bursts up to `count`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl RateLimit {
+    /// `"20/s"`, `"100/m"`, `"1000/h"`, `"5/10s"`.
+    pub fn parse(s: &str) -> Option<RateLimit> {
+        let (count, per) = s.trim().split_once('/')?;
+        let count: u32 = count.trim().parse().ok().filter(|c| *c > 0)?;
+        let per = match per.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => parse_duration(other).filter(|d| !d.is_zero())?,
+        };
+        Some(RateLimit { count, per })
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -799,7 +821,19 @@ impl Validator<'_> {
             allow: c.allow,
             key: c.key,
             bundle_id: c.bundle_id,
-            rate_limit: c.rate_limit,
+            rate_limit: c
+                .rate_limit
+                .as_deref()
+                .map(|r| {
+                    RateLimit::parse(r).ok_or_else(|| {
+                        self.invalid(
+                            field("rate_limit"),
+                            format!("`{r}` is not a rate"),
+                            "write requests per period, e.g. \"20/s\", \"600/m\", \"5/10s\"",
+                        )
+                    })
+                })
+                .transpose()?,
         })
     }
 }
@@ -954,11 +988,35 @@ mod tests {
                 "[[clients]]\nname = \"ci\"\nallow = [\"GET /v1/*\"]\n".to_string(),
                 "clients[0].secret_sha256",
             ),
+            (
+                format!(
+                    "[[clients]]\nname = \"ci\"\nsecret_sha256 = \"{}\"\nrate_limit = \"fast\"\n",
+                    "ab".repeat(32)
+                ),
+                "clients[0].rate_limit",
+            ),
         ];
         for (text, field) in cases {
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(&format!("field `{field}`")), "{field}: {err}");
             assert!(err.contains("fix:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn rate_limits_parse() {
+        let r = |count, secs| {
+            Some(RateLimit {
+                count,
+                per: Duration::from_secs(secs),
+            })
+        };
+        assert_eq!(RateLimit::parse("20/s"), r(20, 1));
+        assert_eq!(RateLimit::parse("600/m"), r(600, 60));
+        assert_eq!(RateLimit::parse("5/10s"), r(5, 10));
+        assert_eq!(RateLimit::parse("1000 / h"), r(1000, 3600));
+        for bad in ["", "20", "0/s", "x/s", "20/fortnight", "20/0s", "-1/s"] {
+            assert_eq!(RateLimit::parse(bad), None, "{bad}");
         }
     }
 

@@ -63,6 +63,8 @@ pub struct ProxyError {
     /// Stable snake_case kind (logs, later metrics and audit).
     pub kind: &'static str,
     pub fault: Fault,
+    /// Seconds for `Retry-After` (delta-seconds, never Apple's millisecond form).
+    pub retry_after: Option<u64>,
 }
 
 impl ProxyError {
@@ -81,6 +83,7 @@ impl ProxyError {
             detail: detail.into(),
             kind,
             fault,
+            retry_after: None,
         }
     }
 
@@ -102,8 +105,8 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if let Some(secs) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             h.insert(
@@ -231,19 +234,24 @@ impl Proxy {
         request_id: &str,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // Shed load first, answering at once rather than queuing without bound.
-        let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
-            ProxyError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                codes::OVERLOADED,
-                "Proxy overloaded",
-                "overloaded",
-                Fault::Proxy,
-                format!(
-                    "more than {} requests are in flight; retry shortly",
-                    self.config.server.max_concurrent_requests
-                ),
-            )
-        })?;
+        let permit = self
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ProxyError {
+                retry_after: Some(1),
+                ..ProxyError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    codes::OVERLOADED,
+                    "Proxy overloaded",
+                    "overloaded",
+                    Fault::Proxy,
+                    format!(
+                        "more than {} requests are in flight; retry shortly",
+                        self.config.server.max_concurrent_requests
+                    ),
+                )
+            })?;
         let (parts, body) = req.into_parts();
         // Authenticate first: an unauthenticated caller learns nothing about routes.
         let who = self.authenticate(&parts.headers)?;
@@ -269,6 +277,23 @@ impl Proxy {
                 Fault::Client,
                 format!("client `{}` may not {} {}", who.name, parts.method, path),
             ));
+        }
+        if let Err(wait) = self.clients.check_rate(&who, Instant::now()) {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return Err(ProxyError {
+                retry_after: Some(secs.max(1)),
+                ..ProxyError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    codes::RATE_LIMITED,
+                    "Client rate limit exceeded",
+                    "rate_limited",
+                    Fault::Client,
+                    format!(
+                        "client `{}` exceeded its rate_limit; retry after the Retry-After seconds",
+                        who.name
+                    ),
+                )
+            });
         }
         let key_name = self.key_for(&who, route.api)?;
 

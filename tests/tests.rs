@@ -692,6 +692,43 @@ async fn no_secret_token_key_or_body_ever_reaches_the_logs_even_at_trace_level()
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_rate_limit_gets_429_with_delta_seconds_and_nothing_reaches_apple() {
+    let world = World::new(&Setup::default(), "127.0.0.1:0").await;
+    let text = std::fs::read_to_string(&world.config_path)
+        .unwrap()
+        .replace(
+            "allow = [\"* /*\"]",
+            "allow = [\"* /*\"]\nrate_limit = \"2/m\"",
+        );
+    std::fs::write(&world.config_path, text).unwrap();
+    let h = Harness::from_world(world).await;
+    assert_eq!(h.get("/v1/apps").await.status, StatusCode::OK);
+    assert_eq!(h.get("/v1/apps").await.status, StatusCode::OK);
+    let limited = h.get("/v1/apps").await;
+    assert_eq!(
+        (limited.status, limited.error_code().as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, codes::RATE_LIMITED)
+    );
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("delta-seconds");
+    assert!((1..=30).contains(&retry), "{retry}");
+    assert_eq!(h.standin().received().len(), 2);
+    // Other clients are not affected.
+    let reader = send(
+        http::Request::get(h.url("/v1/apps"))
+            .header("authorization", format!("Bearer {}", h.world.reader_secret))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reader.status, StatusCode::OK);
+    h.stop().await;
+}
+
 #[test]
 fn the_reference_proxy_toml_parses() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");

@@ -243,7 +243,11 @@ impl Harness {
     }
 
     pub async fn with(setup: Setup) -> Harness {
-        let world = World::new(&setup, "127.0.0.1:0").await;
+        Harness::from_world(World::new(&setup, "127.0.0.1:0").await).await
+    }
+
+    /// Starts the proxy for a world whose config file the test may have edited.
+    pub async fn from_world(world: World) -> Harness {
         let config = world.config();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
