@@ -24,6 +24,7 @@ pub const SECRET_PREFIX: &str = "aap_";
 pub enum AuthMethod {
     Anonymous,
     Secret,
+    Certificate,
 }
 
 impl AuthMethod {
@@ -31,6 +32,61 @@ impl AuthMethod {
         match self {
             AuthMethod::Anonymous => "anonymous",
             AuthMethod::Secret => "secret",
+            AuthMethod::Certificate => "mtls",
+        }
+    }
+}
+
+/// The names a verified TLS client certificate carries: its DNS subject alternative names
+/// and its subject common name. rustls has already verified the chain against
+/// `client_ca_file`; this only reads who it names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CertIdentity {
+    pub dns_names: Vec<String>,
+    pub common_name: Option<String>,
+}
+
+impl CertIdentity {
+    /// Reads the names from a DER certificate; `None` if it cannot be parsed.
+    pub fn from_der(der: &[u8]) -> Option<CertIdentity> {
+        use x509_cert::der::Decode as _;
+        use x509_cert::ext::pkix::name::GeneralName;
+        use x509_cert::ext::pkix::SubjectAltName;
+        let cert = x509_cert::Certificate::from_der(der).ok()?;
+        let tbs = &cert.tbs_certificate;
+        let dns_names = match tbs.get::<SubjectAltName>() {
+            Ok(Some((_, san))) => san
+                .0
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::DnsName(d) => Some(d.as_str().to_string()),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let common_name = tbs
+            .subject
+            .0
+            .iter()
+            .flat_map(|rdn| rdn.0.iter())
+            .find(|atv| atv.oid.to_string() == "2.5.4.3")
+            .and_then(|atv| std::str::from_utf8(atv.value.value()).ok())
+            .map(str::to_string);
+        Some(CertIdentity {
+            dns_names,
+            common_name,
+        })
+    }
+
+    /// `tls_subject` matches a DNS SAN; only a certificate without DNS SANs is matched by CN.
+    fn matches(&self, subject: &str) -> bool {
+        if self.dns_names.is_empty() {
+            self.common_name.as_deref() == Some(subject)
+        } else {
+            self.dns_names
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(subject))
         }
     }
 }
@@ -61,6 +117,7 @@ struct Rule {
 struct Client {
     name: String,
     secret_sha256: Option<[u8; 32]>,
+    tls_subject: Option<String>,
     rules: Vec<Rule>,
     key: Option<String>,
     bundle_id: Option<String>,
@@ -128,9 +185,27 @@ impl Clients {
         }
     }
 
-    /// Identifies the caller from its request headers.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {
+    /// Identifies the caller: a presented secret first (it names one client exactly), then
+    /// the verified client certificate, then anonymous if allowed.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        cert: Option<&CertIdentity>,
+    ) -> Result<Identity, AuthError> {
         let Some(secret) = presented_secret(headers) else {
+            if let Some(cert) = cert {
+                if let Some(i) = self
+                    .clients
+                    .iter()
+                    .position(|c| c.tls_subject.as_deref().is_some_and(|s| cert.matches(s)))
+                {
+                    return Ok(Identity {
+                        name: self.clients[i].name.clone(),
+                        method: AuthMethod::Certificate,
+                        index: Some(i),
+                    });
+                }
+            }
             return if self.allow_anonymous {
                 Ok(Identity {
                     name: "anonymous".to_string(),
@@ -195,6 +270,7 @@ impl Client {
         Client {
             name: c.name.clone(),
             secret_sha256: c.secret_sha256,
+            tls_subject: c.tls_subject.clone(),
             rules: c
                 .allow
                 .iter()
@@ -272,12 +348,68 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    fn clients(secret: &str, allow: &str, anonymous: bool) -> Clients {
+    fn clients(secret: &str, allow: &str) -> Clients {
         let text = format!(
-            "[server]\nallow_anonymous = {anonymous}\n[[clients]]\nname = \"ci\"\nsecret_sha256 = \"{}\"\nallow = [{allow}]\n",
+            "[[clients]]\nname = \"ci\"\nsecret_sha256 = \"{}\"\nallow = [{allow}]\n",
             crate::hex(&crate::sha256(secret.as_bytes()))
         );
         Clients::new(&Config::parse(&text, "t.toml", Path::new(".")).unwrap())
+    }
+
+    impl Clients {
+        fn authenticate_h(&self, h: &HeaderMap) -> Result<Identity, AuthError> {
+            self.authenticate(h, None)
+        }
+    }
+
+    #[test]
+    fn certificates_match_dns_sans_first_and_cn_only_without_sans() {
+        let text =
+            "[[clients]]\nname = \"ci\"\ntls_subject = \"ci.internal\"\nallow = [\"GET /v1/*\"]\n";
+        let c = Clients::new(&Config::parse(text, "t.toml", Path::new(".")).unwrap());
+        let san = CertIdentity {
+            dns_names: vec!["CI.internal".into()],
+            common_name: Some("other".into()),
+        };
+        assert_eq!(
+            c.authenticate(&HeaderMap::new(), Some(&san))
+                .unwrap()
+                .method,
+            AuthMethod::Certificate
+        );
+        let cn_only = CertIdentity {
+            dns_names: vec![],
+            common_name: Some("ci.internal".into()),
+        };
+        assert_eq!(
+            c.authenticate(&HeaderMap::new(), Some(&cn_only))
+                .unwrap()
+                .name,
+            "ci"
+        );
+        let cn_but_sans = CertIdentity {
+            dns_names: vec!["x.internal".into()],
+            common_name: Some("ci.internal".into()),
+        };
+        assert_eq!(
+            c.authenticate(&HeaderMap::new(), Some(&cn_but_sans))
+                .unwrap_err(),
+            AuthError::Missing
+        );
+    }
+
+    #[test]
+    fn names_are_read_from_a_real_certificate() {
+        let mut params = rcgen::CertificateParams::new(vec!["ci.internal".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "CI Runner");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let id = CertIdentity::from_der(cert.der()).unwrap();
+        assert_eq!(id.dns_names, ["ci.internal"]);
+        assert_eq!(id.common_name.as_deref(), Some("CI Runner"));
+        assert_eq!(CertIdentity::from_der(b"garbage"), None);
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -293,40 +425,48 @@ mod tests {
 
     #[test]
     fn secrets_are_accepted_in_either_header_and_sdk_jwts_are_not_credentials() {
-        let c = clients("aap_good", "\"GET /v1/*\"", false);
+        let c = clients("aap_good", "\"GET /v1/*\"");
         assert_eq!(
-            c.authenticate(&headers(&[("proxy-authorization", "Bearer aap_good")]))
+            c.authenticate_h(&headers(&[("proxy-authorization", "Bearer aap_good")]))
                 .unwrap()
                 .name,
             "ci"
         );
         assert_eq!(
-            c.authenticate(&headers(&[("authorization", "bearer aap_good")]))
+            c.authenticate_h(&headers(&[("authorization", "bearer aap_good")]))
                 .unwrap()
                 .name,
             "ci"
         );
         assert_eq!(
-            c.authenticate(&headers(&[("authorization", "Bearer aap_bad")]))
+            c.authenticate_h(&headers(&[("authorization", "Bearer aap_bad")]))
                 .unwrap_err(),
             AuthError::Invalid
         );
         assert_eq!(
-            c.authenticate(&headers(&[("authorization", "Bearer eyJhbGciOi.x.y")]))
+            c.authenticate_h(&headers(&[("authorization", "Bearer eyJhbGciOi.x.y")]))
                 .unwrap_err(),
             AuthError::Missing
         );
         assert_eq!(
-            c.authenticate(&HeaderMap::new()).unwrap_err(),
+            c.authenticate_h(&HeaderMap::new()).unwrap_err(),
             AuthError::Missing
         );
-        let anon = clients("aap_good", "", true);
+        // Anonymous access exists only without clients; a presented secret is still checked.
+        let anon = Clients::new(
+            &Config::parse(
+                "[server]\nallow_anonymous = true\n",
+                "t.toml",
+                Path::new("."),
+            )
+            .unwrap(),
+        );
         assert_eq!(
-            anon.authenticate(&HeaderMap::new()).unwrap().method,
+            anon.authenticate_h(&HeaderMap::new()).unwrap().method,
             AuthMethod::Anonymous
         );
         assert_eq!(
-            anon.authenticate(&headers(&[("authorization", "Bearer aap_bad")]))
+            anon.authenticate_h(&headers(&[("authorization", "Bearer aap_bad")]))
                 .unwrap_err(),
             AuthError::Invalid
         );
@@ -334,9 +474,9 @@ mod tests {
 
     #[test]
     fn allow_rules_default_deny_and_glob_across_slashes() {
-        let c = clients("aap_s", "\"GET /v1/apps*\", \"* /sandbox/inApps/*\"", false);
+        let c = clients("aap_s", "\"GET /v1/apps*\", \"* /sandbox/inApps/*\"");
         let who = c
-            .authenticate(&headers(&[("authorization", "Bearer aap_s")]))
+            .authenticate_h(&headers(&[("authorization", "Bearer aap_s")]))
             .unwrap();
         assert!(c.allows(&who, "GET", "/v1/apps"));
         assert!(c.allows(&who, "GET", "/v1/apps/1/builds"));

@@ -463,6 +463,13 @@ impl Validator<'_> {
                 "set both to serve HTTPS, or neither to serve plain HTTP",
             ));
         }
+        if server.client_ca_file.is_some() && server.tls_cert_file.is_none() {
+            return Err(self.invalid(
+                "server.client_ca_file",
+                "client certificates need inbound TLS",
+                "set tls_cert_file and tls_key_file too, or remove client_ca_file",
+            ));
+        }
         if server.max_concurrent_requests == 0 {
             return Err(self.invalid(
                 "server.max_concurrent_requests",
@@ -602,6 +609,13 @@ impl Validator<'_> {
             clients.push(client);
         }
 
+        if server.allow_anonymous && !clients.is_empty() {
+            return Err(self.invalid(
+                "server.allow_anonymous",
+                "anonymous access would let any caller bypass the [[clients]] allow rules",
+                "set allow_anonymous = false when clients are configured (anonymous is for local use without clients)",
+            ));
+        }
         Ok(Config {
             source: self.file.to_string(),
             server,

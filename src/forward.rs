@@ -176,6 +176,7 @@ pub struct Metered<B> {
     count: Arc<AtomicU64>,
     seen: u64,
     limit: Option<u64>,
+    drop_trailers: bool,
     _guard: Option<Box<dyn Send>>,
 }
 
@@ -186,8 +187,16 @@ impl<B> Metered<B> {
             count,
             seen: 0,
             limit,
+            drop_trailers: false,
             _guard: None,
         }
+    }
+
+    /// Drops trailer frames: a client's trailers are headers too (`authorization`, `cookie`
+    /// could hide there), and Apple's APIs take none.
+    pub fn without_trailers(mut self) -> Metered<B> {
+        self.drop_trailers = true;
+        self
     }
 
     /// Keeps `guard` alive as long as the body.
@@ -210,23 +219,27 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let n = data.len() as u64;
-                    this.seen += n;
-                    this.count.fetch_add(n, Ordering::Relaxed);
-                    if let Some(limit) = this.limit {
-                        if this.seen > limit {
-                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+        loop {
+            return match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        let n = data.len() as u64;
+                        this.seen += n;
+                        this.count.fetch_add(n, Ordering::Relaxed);
+                        if let Some(limit) = this.limit {
+                            if this.seen > limit {
+                                return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+                            }
                         }
+                    } else if this.drop_trailers && frame.is_trailers() {
+                        continue;
                     }
+                    Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
         }
     }
 
@@ -282,6 +295,26 @@ mod tests {
         );
         assert_eq!(out.get_all(header::AUTHORIZATION).iter().count(), 1);
         assert_eq!(out[header::AUTHORIZATION], "Bearer minted");
+    }
+
+    #[tokio::test]
+    async fn request_trailers_are_dropped_and_bytes_counted() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer aap_hidden"),
+        );
+        let frames = vec![
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let count = Arc::new(AtomicU64::new(0));
+        let stream = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let body = Metered::new(stream, count.clone(), None).without_trailers();
+        let collected = body.collect().await.unwrap();
+        assert!(collected.trailers().is_none());
+        assert_eq!(collected.to_bytes(), "abc");
+        assert_eq!(count.load(Ordering::Relaxed), 3);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Parser, Subcommand};
 
 use apple_api_proxy::config::Config;
+use apple_api_proxy::proxy::Proxy;
 use apple_api_proxy::{apple, client, demo, route, server, token};
 
 #[derive(Parser)]
@@ -22,6 +23,9 @@ use apple_api_proxy::{apple, client, demo, route, server, token};
     about = "Authenticating reverse proxy for Apple's server APIs: mints an ES256 JWT per request; keys never leave this host."
 )]
 struct Cli {
+    /// The configuration file (every command that needs one).
+    #[arg(long, global = true, default_value = "proxy.toml")]
+    config: PathBuf,
     /// Log format for operational logs (`RUST_LOG` sets the filter).
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -32,19 +36,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the default).
-    Serve {
-        #[arg(long, default_value = "proxy.toml")]
-        config: PathBuf,
-    },
+    Serve,
     /// Validate config and keys, test-sign with each key, print the route/key/client tables.
-    Check {
-        #[arg(long, default_value = "proxy.toml")]
-        config: PathBuf,
-    },
+    Check,
     /// Print a JWT for one request, e.g. --request "GET /v1/apps" (for curl).
     Token {
-        #[arg(long, default_value = "proxy.toml")]
-        config: PathBuf,
         /// The key's name in config; default: the first key that serves the request's API.
         #[arg(long)]
         key: Option<String>,
@@ -75,10 +71,8 @@ fn main() -> ExitCode {
             "info"
         },
     );
-    let command = cli.command.unwrap_or(Command::Serve {
-        config: PathBuf::from("proxy.toml"),
-    });
-    match run(command) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    match run(command, &cli.config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -107,15 +101,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+fn run(command: Command, config: &std::path::Path) -> anyhow::Result<()> {
     match command {
-        Command::Serve { config } => serve(&config),
-        Command::Check { config } => check(&config),
-        Command::Token {
-            config,
-            key,
-            request,
-        } => print_token(&config, key.as_deref(), &request),
+        Command::Serve => serve(config),
+        Command::Check => check(config),
+        Command::Token { key, request } => print_token(config, key.as_deref(), &request),
         Command::ClientSecret { name } => client_secret(&name),
         Command::Demo { listen } => run_demo(listen),
     }
@@ -160,15 +150,11 @@ async fn shutdown_signal() {
 }
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
-    let (minter, warnings) = token::Minter::new(&config, Arc::new(token::AppleClock::default()))?;
-    if let Some(ca) = &config.upstream.ca_file {
-        apple_api_proxy::forward::client(&config, None)
-            .with_context(|| format!("{}: [upstream] ca_file = {}", config.source, ca.display()))?;
-    }
-    if config.clients.is_empty() && !config.server.allow_anonymous {
-        bail!("{}: no [[clients]] are configured and allow_anonymous is false, so nobody could use the proxy (fix: add a client with `apple-api-proxy client-secret NAME`)", config.source);
-    }
+    // The very checks `serve` runs at start-up (keys, TLS files, CA files, deployment
+    // rules), so `check` never passes a configuration `serve` would refuse.
+    let (proxy, warnings) = Proxy::new(Config::load(path)?, None)?;
+    let config = proxy.config();
+    let minter = proxy.minter();
     println!("config {}: OK", config.source);
     println!("\nKEYS");
     println!(
@@ -190,7 +176,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     }
     println!("\nROUTES");
     println!("  {:<18} {:<11} {:<44} KEY", "API", "ENV", "UPSTREAM");
-    let table = route::Table::new(&config);
+    let table = route::Table::new(config);
     for (api, env, upstream) in table.rows() {
         let key = config
             .default_key_for(api)

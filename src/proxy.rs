@@ -19,11 +19,15 @@ use hyper::body::Incoming;
 use tracing::Instrument as _;
 
 use crate::apple::Api;
-use crate::client::{AuthError, Clients, Identity};
+use crate::client::{AuthError, CertIdentity, Clients, Identity};
 use crate::config::Config;
 use crate::forward::{self, ProxyBody};
 use crate::route::{self, RouteError};
 use crate::token::{self, AppleClock, Minter};
+
+/// Longest path + query accepted. Apple's URLs are far shorter; the bound keeps scopes (and
+/// so cached tokens) small whatever a client sends.
+pub const MAX_TARGET_BYTES: usize = 8 * 1024;
 
 /// Response header carrying the request id on every response.
 pub const X_REQUEST_ID: &str = "x-request-id";
@@ -123,8 +127,15 @@ impl ProxyError {
 pub enum StartError {
     #[error("{0}: no [[clients]] are configured and allow_anonymous is false, so nobody could use the proxy (fix: add a client with `apple-api-proxy client-secret NAME`, or set allow_anonymous = true under [server] for local use)")]
     NoClients(String),
-    #[error("{0}: inbound TLS (tls_cert_file / tls_key_file / client_ca_file) is not implemented yet (fix: remove those fields and terminate TLS in front of the proxy)")]
-    InboundTlsUnsupported(String),
+    #[error("{file}: field `{field}`: {problem} (fix: {fix})")]
+    Tls {
+        file: String,
+        field: &'static str,
+        problem: String,
+        fix: &'static str,
+    },
+    #[error("{file}: field `{field}` is not implemented yet, and the proxy will not pretend it is (fix: remove it)")]
+    NotImplemented { file: String, field: &'static str },
     #[error(transparent)]
     Key(#[from] Box<token::LoadError>),
     #[error(transparent)]
@@ -141,6 +152,8 @@ pub struct Proxy {
     ids: RequestIds,
     /// `max_concurrent_requests` permits; a permit lives until the response body is done.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Inbound TLS (and mTLS), when configured.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -161,10 +174,19 @@ impl Proxy {
         if config.clients.is_empty() && !config.server.allow_anonymous {
             return Err(StartError::NoClients(config.source.clone()));
         }
-        let s = &config.server;
-        if s.tls_cert_file.is_some() || s.client_ca_file.is_some() {
-            return Err(StartError::InboundTlsUnsupported(config.source.clone()));
+        if config.upstream.egress_proxy.is_some() {
+            return Err(StartError::NotImplemented {
+                file: config.source.clone(),
+                field: "upstream.egress_proxy",
+            });
         }
+        if config.apis.values().any(|a| a.sandbox_fallback) {
+            return Err(StartError::NotImplemented {
+                file: config.source.clone(),
+                field: "apis.<id>.sandbox_fallback",
+            });
+        }
+        let tls = crate::server::tls_acceptor(&config)?;
         let (minter, warnings) = Minter::new(&config, Arc::new(AppleClock::default()))?;
         let upstream = forward::client(&config, extra_ca_pem)?;
         Ok((
@@ -177,6 +199,7 @@ impl Proxy {
                 in_flight: Arc::new(tokio::sync::Semaphore::new(
                     config.server.max_concurrent_requests,
                 )),
+                tls,
                 config: Arc::new(config),
             },
             warnings,
@@ -191,18 +214,27 @@ impl Proxy {
         &self.minter
     }
 
+    pub fn tls(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+        self.tls.as_ref()
+    }
+
     /// The outer handler: never fails, always stamps the request id, logs once.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
+        cert: Option<Arc<CertIdentity>>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let id = self.ids.next();
         let span = tracing::info_span!("request", id = %id, peer = %peer);
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let (mut response, outcome) = match self.process(req, &id).instrument(span.clone()).await {
+        let (mut response, outcome) = match self
+            .process(req, cert.as_deref(), &id)
+            .instrument(span.clone())
+            .await
+        {
             Ok(response) => (response, None),
             Err(error) => {
                 let outcome = (error.kind, error.fault, error.detail.clone());
@@ -231,6 +263,7 @@ impl Proxy {
     async fn process(
         &self,
         req: Request<Incoming>,
+        cert: Option<&CertIdentity>,
         request_id: &str,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // Shed load first, answering at once rather than queuing without bound.
@@ -254,7 +287,7 @@ impl Proxy {
             })?;
         let (parts, body) = req.into_parts();
         // Authenticate first: an unauthenticated caller learns nothing about routes.
-        let who = self.authenticate(&parts.headers)?;
+        let who = self.authenticate(&parts.headers, cert)?;
 
         // Methods that could make the proxy a tunnel or an echo server are refused outright.
         if parts.method == Method::CONNECT || parts.method == Method::TRACE {
@@ -264,6 +297,17 @@ impl Proxy {
         // Check the path before routing so no path is ever normalised into another one, and
         // route by the path alone (an absolute-form target's authority is ignored).
         let path = parts.uri.path();
+        let target_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+        if target_len > MAX_TARGET_BYTES {
+            return Err(ProxyError::new(
+                StatusCode::URI_TOO_LONG,
+                codes::BAD_REQUEST,
+                "Request target too long",
+                "target_too_long",
+                Fault::Client,
+                format!("the path and query exceed {MAX_TARGET_BYTES} bytes"),
+            ));
+        }
         route::check_path(path).map_err(|e| bad_request(e.to_string()))?;
         let route = self.routes.resolve(path).map_err(|e| no_route(&e))?;
 
@@ -338,11 +382,9 @@ impl Proxy {
         let mut upstream_req = Request::builder()
             .method(parts.method.clone())
             .uri(url)
-            .body(forward::boxed(forward::Metered::new(
-                body,
-                bytes_in.clone(),
-                Some(max_body),
-            )))
+            .body(forward::boxed(
+                forward::Metered::new(body, bytes_in.clone(), Some(max_body)).without_trailers(),
+            ))
             .map_err(|e| internal("upstream request", e))?;
         *upstream_req.headers_mut() = forward::upstream_headers(&parts.headers, authorization);
 
@@ -415,8 +457,12 @@ impl Proxy {
         ))
     }
 
-    fn authenticate(&self, headers: &http::HeaderMap) -> Result<Identity, ProxyError> {
-        self.clients.authenticate(headers).map_err(|e| {
+    fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        cert: Option<&CertIdentity>,
+    ) -> Result<Identity, ProxyError> {
+        self.clients.authenticate(headers, cert).map_err(|e| {
             ProxyError::new(
                 StatusCode::UNAUTHORIZED,
                 codes::UNAUTHENTICATED,

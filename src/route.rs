@@ -199,7 +199,9 @@ pub fn percent_decode(s: &str) -> Option<Vec<u8>> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
+            let hex = s
+                .get(i + 1..i + 3)
+                .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))?;
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -324,6 +326,7 @@ mod tests {
             ("/v1/a%00b", PathError::ControlCharacter),
             ("/v1/a%zz", PathError::BadEncoding),
             ("/v1/a%ff", PathError::BadEncoding),
+            ("/v1/a%+a", PathError::BadEncoding),
         ];
         for (path, want) in bad {
             assert_eq!(check_path(path), Err(want), "{path}");

@@ -16,6 +16,11 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+
+use crate::client::CertIdentity;
 use crate::config::Config;
 use crate::proxy::{Proxy, StartError};
 
@@ -23,6 +28,8 @@ use crate::proxy::{Proxy, StartError};
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/1 read buffer, which bounds the header block (hyper answers 431 beyond it).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// How long a client may take to finish the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 limits, set deliberately rather than inherited.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
@@ -88,16 +95,53 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let service = {
+                let proxy = proxy.clone();
+                move |cert: Option<Arc<CertIdentity>>| {
+                    let proxy = proxy.clone();
+                    service_fn(move |req| {
+                        let (proxy, cert) = (proxy.clone(), cert.clone());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(proxy.handle(req, peer, cert).await)
+                        }
+                    })
+                }
+            };
+            let result = match proxy.tls().cloned() {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service(None));
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    let tls =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::info!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::info!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let cert = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(|leaf| CertIdentity::from_der(leaf))
+                        .map(Arc::new);
+                    let conn = builder.serve_connection(TokioIo::new(tls), service(cert));
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
         });
@@ -110,6 +154,107 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
     {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
     }
+}
+
+/// The inbound TLS acceptor when `tls_cert_file`/`tls_key_file` are set: rustls on ring,
+/// ALPN `h2` then `http/1.1`; with `client_ca_file`, client certificates are required and
+/// verified against it (mTLS).
+pub fn tls_acceptor(config: &Config) -> Result<Option<TlsAcceptor>, StartError> {
+    let s = &config.server;
+    let (Some(cert_file), Some(key_file)) = (&s.tls_cert_file, &s.tls_key_file) else {
+        return Ok(None);
+    };
+    let err = |field: &'static str, problem: String, fix: &'static str| StartError::Tls {
+        file: config.source.clone(),
+        field,
+        problem,
+        fix,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .map_err(|e| {
+            err(
+                "server.tls_cert_file",
+                format!("cannot read {}: {e}", cert_file.display()),
+                "point it at a PEM certificate chain",
+            )
+        })?
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            err(
+                "server.tls_cert_file",
+                format!("{}: {e}", cert_file.display()),
+                "point it at a PEM certificate chain",
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(err(
+            "server.tls_cert_file",
+            format!("{} holds no certificate", cert_file.display()),
+            "point it at a PEM certificate chain, leaf first",
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
+        err(
+            "server.tls_key_file",
+            format!("{}: {e}", key_file.display()),
+            "point it at the PEM private key of tls_cert_file",
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err("server.tls_cert_file", e.to_string(), "use TLS 1.2 or 1.3"))?;
+    let builder = match &s.client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(ca_file) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let cas = CertificateDer::pem_file_iter(ca_file).map_err(|e| {
+                err(
+                    "server.client_ca_file",
+                    format!("cannot read {}: {e}", ca_file.display()),
+                    "point it at the PEM CA that issues client certificates",
+                )
+            })?;
+            for ca in cas {
+                let ca = ca.map_err(|e| {
+                    err(
+                        "server.client_ca_file",
+                        format!("{}: {e}", ca_file.display()),
+                        "point it at PEM CA certificates",
+                    )
+                })?;
+                roots.add(ca).map_err(|e| {
+                    err(
+                        "server.client_ca_file",
+                        format!("{}: {e}", ca_file.display()),
+                        "point it at PEM CA certificates",
+                    )
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| {
+                err(
+                    "server.client_ca_file",
+                    format!("{}: {e}", ca_file.display()),
+                    "point it at PEM CA certificates",
+                )
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut tls = builder.with_single_cert(certs, key).map_err(|e| {
+        err(
+            "server.tls_key_file",
+            e.to_string(),
+            "use the private key that belongs to tls_cert_file",
+        )
+    })?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(tls))))
 }
 
 /// Binds `config.server.listen`.

@@ -35,6 +35,10 @@ pub use key::{KeyError, SigningKey};
 /// when under 60 s remain").
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(60);
 
+/// Tokens whose scope is longer than this are not cached: the cache is bounded in entries,
+/// and this keeps it bounded in bytes too (unusually long queries are rare and cheap to sign).
+pub const MAX_CACHED_SCOPE: usize = 1024;
+
 /// A newly measured Apple clock offset this far from the one a cached token was minted with
 /// retires that token.
 const OFFSET_TOLERANCE_SECS: i64 = 5;
@@ -350,7 +354,9 @@ impl Minter {
         };
         let token = Arc::new(self.sign(key, claims, offset)?);
         self.minted.fetch_add(1, Ordering::Relaxed);
-        self.cache.insert(&cache_key, token.clone(), apple_now);
+        if scope.as_ref().is_none_or(|s| s.len() <= MAX_CACHED_SCOPE) {
+            self.cache.insert(&cache_key, token.clone(), apple_now);
+        }
         Ok(token)
     }
 
@@ -823,6 +829,23 @@ mod tests {
             .unwrap();
         }
         assert!(m.cache.len() <= 64 + SHARDS, "{}", m.cache.len());
+    }
+
+    #[test]
+    fn long_scopes_are_signed_but_not_cached() {
+        let m = minter("");
+        let query = format!("filter[name]={}", "x".repeat(2000));
+        let r = req(
+            "team",
+            Api::AppStoreConnect,
+            "GET",
+            "/v1/apps",
+            Some(&query),
+        );
+        let a = m.token(&r, now()).unwrap();
+        let b = m.token(&r, now()).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert_eq!(m.cache.len(), 0);
     }
 
     #[test]
