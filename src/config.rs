@@ -100,6 +100,8 @@ pub struct Server {
     pub max_concurrent_requests: usize,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// How long a client may take to send a request's header block (slowloris guard).
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -219,6 +221,7 @@ struct RawServer {
     max_concurrent_requests: Option<usize>,
     request_timeout: Option<String>,
     shutdown_grace: Option<String>,
+    header_read_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -303,6 +306,7 @@ pub const DEFAULT_MAX_REQUEST_BODY: u64 = 10 * 1024 * 1024;
 pub const DEFAULT_MAX_CONCURRENT: usize = 1024;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_IAT_LEEWAY: Duration = Duration::from_secs(60);
@@ -455,6 +459,11 @@ impl Validator<'_> {
             max_concurrent_requests: s.max_concurrent_requests.unwrap_or(DEFAULT_MAX_CONCURRENT),
             request_timeout: self.duration("server.request_timeout", s.request_timeout.as_deref(), DEFAULT_REQUEST_TIMEOUT)?,
             shutdown_grace: self.duration("server.shutdown_grace", s.shutdown_grace.as_deref(), DEFAULT_SHUTDOWN_GRACE)?,
+            header_read_timeout: self.duration(
+                "server.header_read_timeout",
+                s.header_read_timeout.as_deref(),
+                DEFAULT_HEADER_READ_TIMEOUT,
+            )?,
         };
         if server.tls_cert_file.is_some() != server.tls_key_file.is_some() {
             return Err(self.invalid(

@@ -24,8 +24,6 @@ use crate::client::CertIdentity;
 use crate::config::Config;
 use crate::proxy::{Proxy, StartError};
 
-/// How long a client may take to send a request's headers (slowloris guard).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/1 read buffer, which bounds the header block (hyper answers 431 beyond it).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// How long a client may take to finish the TLS handshake.
@@ -51,11 +49,11 @@ pub async fn run(
 }
 
 /// The connection builder with the proxy's limits.
-fn builder() -> auto::Builder<TokioExecutor> {
+fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(config.server.header_read_timeout)
         .max_buf_size(MAX_HEADER_BYTES);
     b.http2()
         .timer(TokioTimer::new())
@@ -77,7 +75,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "proxy listening");
     }
-    let builder = builder();
+    let builder = builder(proxy.config());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {

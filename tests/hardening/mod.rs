@@ -1,0 +1,1 @@
+//! Hostile and malformed input (being written).
