@@ -13,7 +13,8 @@
 //! - [`client`]: who is calling (client secrets) and what they may call (allow rules).
 //! - [`forward`]: the pooled rustls client, header hygiene, streaming bodies.
 //! - [`proxy`]: the only module that knows the order of a request's steps.
-//! - [`server`]: listeners, connection tasks, graceful shutdown.
+//! - [`framing`]: watches HTTP/1 framing under hyper to refuse request smuggling.
+//! - [`server`]: listeners, inbound TLS/mTLS, connection tasks, graceful shutdown.
 //! - [`standin`]: the local Apple stand-in used by `demo` and the tests; it shares no code
 //!   with the minting path (its verifier is RustCrypto's `p256`, not `ring`).
 //! - [`demo`]: wires the stand-in and the proxy together for `apple-api-proxy demo`.
@@ -35,6 +36,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod forward;
+pub mod framing;
 pub mod proxy;
 pub mod route;
 pub mod server;

@@ -259,6 +259,24 @@ impl Proxy {
         response
     }
 
+    /// The answer to a request whose head carried both `Content-Length` and
+    /// `Transfer-Encoding` (see [`crate::framing`]): 400, and `Connection: close` so hyper
+    /// drops the connection whose framing can no longer be trusted.
+    pub fn refuse_smuggling(&self, peer: SocketAddr) -> Response<ProxyBody> {
+        let id = self.ids.next();
+        tracing::info!(id = %id, %peer, kind = "smuggling", "refused: conflicting Content-Length and Transfer-Encoding");
+        let mut response = bad_request(
+            "the request carries both Content-Length and Transfer-Encoding".to_string(),
+        )
+        .into_response(&id);
+        let h = response.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            h.insert(X_REQUEST_ID, v);
+        }
+        response
+    }
+
     /// The inner handler: each step in order, `?` on the first refusal.
     async fn process(
         &self,

@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::client::CertIdentity;
 use crate::config::Config;
+use crate::framing::{Guard, Verdict};
 use crate::proxy::{Proxy, StartError};
 
 /// HTTP/1 read buffer, which bounds the header block (hyper answers 431 beyond it).
@@ -96,21 +97,30 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            // Every connection's bytes pass the framing guard; its verdict tells the service
+            // which request (if any) carried smuggling-prone framing.
+            let verdict = Arc::new(Verdict::default());
             let service = {
-                let proxy = proxy.clone();
+                let (proxy, verdict) = (proxy.clone(), verdict.clone());
                 move |cert: Option<Arc<CertIdentity>>| {
-                    let proxy = proxy.clone();
+                    let (proxy, verdict) = (proxy.clone(), verdict.clone());
                     service_fn(move |req| {
                         let (proxy, cert) = (proxy.clone(), cert.clone());
+                        let smuggled = verdict.next_request_is_smuggled();
                         async move {
-                            Ok::<_, std::convert::Infallible>(proxy.handle(req, peer, cert).await)
+                            Ok::<_, std::convert::Infallible>(if smuggled {
+                                proxy.refuse_smuggling(peer)
+                            } else {
+                                proxy.handle(req, peer, cert).await
+                            })
                         }
                     })
                 }
             };
             let result = match proxy.tls().cloned() {
                 None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), service(None));
+                    let io = TokioIo::new(Guard::new(stream, verdict));
+                    let conn = builder.serve_connection(io, service(None));
                     watcher.watch(conn.into_owned()).await
                 }
                 Some(acceptor) => {
@@ -135,7 +145,8 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
                         .and_then(|chain| chain.first())
                         .and_then(|leaf| CertIdentity::from_der(leaf))
                         .map(Arc::new);
-                    let conn = builder.serve_connection(TokioIo::new(tls), service(cert));
+                    let io = TokioIo::new(Guard::new(tls, verdict));
+                    let conn = builder.serve_connection(io, service(cert));
                     watcher.watch(conn.into_owned()).await
                 }
             };
