@@ -730,6 +730,85 @@ async fn a_client_over_its_rate_limit_gets_429_with_delta_seconds_and_nothing_re
     h.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_tls_with_client_certificates_identifies_mtls_clients_by_san() {
+    let world = World::new(&Setup::default(), "127.0.0.1:0").await;
+    let server_ca = TestCa::new("proxy server CA");
+    let client_ca = TestCa::new("client CA");
+    let (server_cert, server_key) = server_ca.issue(&["localhost", "127.0.0.1"], "proxy", false);
+    let dir = world.dir.path();
+    std::fs::write(dir.join("server.pem"), &server_cert).unwrap();
+    write_private(&dir.join("server-key.pem"), &server_key);
+    std::fs::write(dir.join("clients-ca.pem"), client_ca.cert.pem()).unwrap();
+    let text = std::fs::read_to_string(&world.config_path).unwrap().replace(
+        "request_timeout = \"20s\"",
+        "request_timeout = \"20s\"\ntls_cert_file = \"server.pem\"\ntls_key_file = \"server-key.pem\"\nclient_ca_file = \"clients-ca.pem\"",
+    ) + "\n[[clients]]\nname = \"mtls-ci\"\ntls_subject = \"ci.internal\"\nallow = [\"GET /v1/*\"]\n";
+    std::fs::write(&world.config_path, text).unwrap();
+    let h = Harness::from_world(world).await;
+    let url = format!("https://localhost:{}/v1/apps", h.addr.port());
+    let get = |client: &hyper_util::client::legacy::Client<_, Full<Bytes>>,
+               auth: Option<String>| {
+        let mut b = http::Request::get(&url);
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        client.request(b.body(empty()).unwrap())
+    };
+
+    // Certificate for ci.internal: identified as `mtls-ci`, over HTTP/2 (ALPN).
+    let ci = tls_client(
+        &server_ca,
+        Some(&client_ca.issue(&["ci.internal"], "CI", true)),
+    );
+    let r = get(&ci, None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    // Its rules apply: GET /v1/* only.
+    let denied = ci
+        .request(
+            http::Request::get(format!(
+                "https://localhost:{}/inApps/v1/transactions/1",
+                h.addr.port()
+            ))
+            .body(empty())
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), StatusCode::FORBIDDEN);
+    // A valid certificate naming nobody configured, and no secret: 401.
+    let stranger = tls_client(
+        &server_ca,
+        Some(&client_ca.issue(&["stranger.internal"], "ci.internal", true)),
+    );
+    assert_eq!(
+        get(&stranger, None).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED,
+        "CN is not used when the cert has DNS SANs"
+    );
+    // ...but the same connection with a client secret is that client.
+    let with_secret = get(&stranger, Some(format!("Bearer {}", h.world.secret)))
+        .await
+        .unwrap();
+    assert_eq!(with_secret.status(), StatusCode::OK);
+    // No certificate, or one from another CA: the handshake fails (mTLS is required).
+    assert!(get(&tls_client(&server_ca, None), None).await.is_err());
+    let rogue = TestCa::new("rogue CA");
+    assert!(get(
+        &tls_client(&server_ca, Some(&rogue.issue(&["ci.internal"], "CI", true))),
+        None
+    )
+    .await
+    .is_err());
+    assert_eq!(
+        h.standin().received().len(),
+        2,
+        "only the two authorised requests reached Apple"
+    );
+    h.stop().await;
+}
+
 #[test]
 fn the_reference_proxy_toml_parses() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
