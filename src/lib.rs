@@ -12,6 +12,8 @@
 //! - [`token`]: `.p8` loading, claims, scope, ES256 signing with `ring`, Apple's clock, cache.
 //! - [`client`]: who is calling (client secrets) and what they may call (allow rules).
 //! - [`forward`]: the pooled rustls client, header hygiene, streaming bodies.
+//! - [`diagnose`]: pure: evidence of an Apple 401/403 → ranked likely causes with fixes.
+//! - [`explain`]: pure: any Apple JWT → every rule it breaks (the `explain` command).
 //! - [`proxy`]: the only module that knows the order of a request's steps.
 //! - [`framing`]: watches HTTP/1 framing under hyper to refuse request smuggling.
 //! - [`server`]: listeners, inbound TLS/mTLS, connection tasks, graceful shutdown.
@@ -35,6 +37,8 @@ pub mod apple;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod diagnose;
+pub mod explain;
 pub mod forward;
 pub mod framing;
 pub mod proxy;

@@ -23,9 +23,9 @@ use apple_api_proxy::{apple, client, demo, route, server, token};
     about = "Authenticating reverse proxy for Apple's server APIs: mints an ES256 JWT per request; keys never leave this host."
 )]
 struct Cli {
-    /// The configuration file (every command that needs one).
-    #[arg(long, global = true, default_value = "proxy.toml")]
-    config: PathBuf,
+    /// The configuration file (default proxy.toml; `explain` uses it only when given).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     /// Log format for operational logs (`RUST_LOG` sets the filter).
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -47,6 +47,12 @@ enum Command {
         /// "METHOD /path[?query]" exactly as it will be sent to Apple.
         #[arg(long)]
         request: String,
+    },
+    /// Decode a JWT (argument or stdin) and list every Apple rule it breaks; no key needed.
+    /// With --config, also checks kid/iss against the configured keys and the signature.
+    Explain {
+        /// The token (with or without "Bearer "); read from stdin when absent.
+        token: Option<String>,
     },
     /// Print a new client secret and the config lines holding its hash.
     ClientSecret {
@@ -72,7 +78,7 @@ fn main() -> ExitCode {
         },
     );
     let command = cli.command.unwrap_or(Command::Serve);
-    match run(command, &cli.config) {
+    match run(command, cli.config.as_deref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -101,12 +107,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn run(command: Command, config: &std::path::Path) -> anyhow::Result<()> {
+fn run(command: Command, given: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let config = given.unwrap_or(std::path::Path::new("proxy.toml"));
     match command {
         Command::Serve => serve(config),
         Command::Check => check(config),
         Command::Token { key, request } => print_token(config, key.as_deref(), &request),
         Command::ClientSecret { name } => client_secret(&name),
+        Command::Explain { token } => explain(token, given),
         Command::Demo { listen } => run_demo(listen),
     }
 }
@@ -283,6 +291,80 @@ fn print_token(path: &std::path::Path, key: Option<&str>, request: &str) -> anyh
     }
     println!("{}", t.jwt());
     Ok(())
+}
+
+fn explain(token: Option<String>, config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let token = match token {
+        Some(t) => t,
+        None => {
+            let mut t = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut t)
+                .context("reading the token from stdin")?;
+            t
+        }
+    };
+    let now = token::unix_secs(SystemTime::now());
+    let report = apple_api_proxy::explain::explain(&token, now);
+    let mut problems = report.problems.clone();
+    println!("header: {}", report.header);
+    println!("claims: {}", report.claims);
+    match report.api {
+        Some((family, why)) => println!(
+            "api:    {} — {why}",
+            apple_api_proxy::explain::family_apis(family).join(" / ")
+        ),
+        None => println!("api:    unknown"),
+    }
+    for note in &report.notes {
+        println!("note:   {note}");
+    }
+    if let Some(path) = config {
+        let config = Config::load(path)?;
+        let (minter, _) = token::Minter::new(&config, Arc::new(token::AppleClock::default()))?;
+        let kid = report
+            .header
+            .get("kid")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        match config.keys.iter().find(|k| k.key_id == kid) {
+            None => problems.push(format!(
+                "kid \"{kid}\" is none of the configured keys' key_id"
+            )),
+            Some(k) => {
+                println!(
+                    "key:    `{}` ({}) from {}",
+                    k.name,
+                    k.kind.id(),
+                    config.source
+                );
+                let iss = report.claims.get("iss").and_then(|v| v.as_str());
+                if k.issuer_id.as_deref() != iss {
+                    problems.push(format!(
+                        "iss {:?} differs from key `{}`'s issuer_id {:?}",
+                        iss.unwrap_or(""),
+                        k.name,
+                        k.issuer_id.as_deref().unwrap_or("(none: individual key)")
+                    ));
+                }
+                let public = minter.public_key(&k.name).unwrap_or_default();
+                if !apple_api_proxy::explain::signature_verifies(&token, public) {
+                    problems.push(format!("the signature does not verify with key `{}`: it was not signed by this key, or the token was altered", k.name));
+                } else {
+                    println!("note:   signature verifies with key `{}`", k.name);
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        println!("\nOK: breaks none of the rules the proxy knows (APPLE.md §2)");
+        Ok(())
+    } else {
+        println!("\nbreaks {} rule(s):", problems.len());
+        for p in &problems {
+            println!("  - {p}");
+        }
+        std::process::exit(1);
+    }
 }
 
 fn client_secret(name: &str) -> anyhow::Result<()> {

@@ -106,6 +106,7 @@ impl World {
                 },
             ],
             clock_offset_secs: setup.standin_clock_offset,
+            ..Options::default()
         })
         .await
         .unwrap();

@@ -1,0 +1,455 @@
+//! `apple-api-proxy explain`: decode any App Store Connect or storekit JWT and list every
+//! Apple rule it breaks — no key needed. Pure: token text and `now` in, [`Report`] out.
+//!
+//! The rules are APPLE.md §2's, checked from the token alone; with a key's public half (from
+//! `--config`) the signature is verified and `kid`/`iss` are compared with the configured key.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde_json::Value;
+
+use crate::apple::{self, Api, TokenFamily};
+
+/// Resources whose GET-only scopes may have long-lived (up to 6 months) tokens (APPLE.md §2,
+/// INFERENCE mapping to path resources).
+pub const LONG_LIVED_RESOURCES: [&str; 15] = [
+    "ciBuildActions",
+    "ciBuildRuns",
+    "scmGitReferences",
+    "ciIssues",
+    "ciMacOsVersions",
+    "ciProducts",
+    "scmProviders",
+    "perfPowerMetrics",
+    "diagnosticSignatures",
+    "scmPullRequests",
+    "scmRepositories",
+    "ciTestResults",
+    "ciWorkflows",
+    "ciXcodeVersions",
+    "logs",
+];
+
+/// Six months, the longest any App Store Connect token may live (APPLE.md §2).
+pub const LONG_LIVED_MAX_S: i64 = 180 * 24 * 3600;
+
+/// What `explain` found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub header: Value,
+    pub claims: Value,
+    /// The API family the claims point to, and why.
+    pub api: Option<(TokenFamily, &'static str)>,
+    /// Every rule broken, as sentences.
+    pub problems: Vec<String>,
+    /// Facts worth saying that break no rule.
+    pub notes: Vec<String>,
+}
+
+/// Decodes and checks `token` at `now` (UNIX seconds).
+pub fn explain(token: &str, now: i64) -> Report {
+    let mut r = Report::default();
+    let token = token.trim().trim_start_matches("Bearer ").trim();
+    let parts: Vec<&str> = token.split('.').collect();
+    if parts.len() != 3 {
+        r.problems.push(format!(
+            "a JWT has 3 dot-separated parts; this has {}",
+            parts.len()
+        ));
+        return r;
+    }
+    let decode = |s: &str, what: &str, problems: &mut Vec<String>| -> Option<Vec<u8>> {
+        match URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')) {
+            Ok(b) => {
+                if s.ends_with('=') || s.contains(['+', '/']) {
+                    problems.push(format!(
+                        "the {what} is not base64url without padding (JWS requires it)"
+                    ));
+                }
+                Some(b)
+            }
+            Err(_) => {
+                problems.push(format!("the {what} is not base64url"));
+                None
+            }
+        }
+    };
+    let header = decode(parts[0], "header", &mut r.problems)
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let claims = decode(parts[1], "payload", &mut r.problems)
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let signature = decode(parts[2], "signature", &mut r.problems);
+    let (Some(header), Some(claims)) = (header, claims) else {
+        r.problems.push("the header or payload is not JSON".into());
+        return r;
+    };
+
+    check_header(&header, &mut r.problems);
+    if let Some(sig) = &signature {
+        match sig.len() {
+            64 => {}
+            70..=72 if sig.first() == Some(&0x30) => r.problems.push(
+                "the signature is DER-encoded (ASN.1); ES256 JWTs need the raw 64-byte r||s form (RFC 7518 §3.4). openssl dgst and Node's default produce DER".into(),
+            ),
+            n => r.problems.push(format!("the signature is {n} bytes; ES256 needs exactly 64 (r||s)")),
+        }
+    }
+
+    let family = if claims.get("bid").is_some() {
+        Some((
+            TokenFamily::StoreKit,
+            "it has a `bid` claim: App Store Server / Advanced Commerce / External Purchase",
+        ))
+    } else if claims.get("scope").is_some() || claims.get("sub").is_some() {
+        Some((
+            TokenFamily::Connect,
+            "it has a `scope` or `sub` claim and no `bid`: App Store Connect / Notary",
+        ))
+    } else if claims.get("iss").is_some() {
+        Some((TokenFamily::Connect, "it has `iss` and no `bid`: App Store Connect / Notary (a storekit token would need `bid`)"))
+    } else {
+        None
+    };
+    r.api = family;
+    check_claims(&claims, family.map(|f| f.0), now, &mut r);
+    r.header = header;
+    r.claims = claims;
+    r
+}
+
+fn check_header(header: &Value, problems: &mut Vec<String>) {
+    match header.get("alg").and_then(Value::as_str) {
+        Some("ES256") => {}
+        Some(other) => problems.push(format!(
+            "header alg is \"{other}\"; Apple requires \"ES256\""
+        )),
+        None => problems.push("header has no alg; Apple requires \"ES256\"".into()),
+    }
+    match header.get("kid").and_then(Value::as_str) {
+        Some(kid) if apple::is_plausible_key_id(kid) => {}
+        Some(kid) => problems.push(format!(
+            "header kid \"{kid}\" is not a Key ID like Apple's (10 upper-case letters/digits)"
+        )),
+        None => problems.push("header has no kid; it must be the Key ID of the signing key".into()),
+    }
+    match header.get("typ").and_then(Value::as_str) {
+        Some("JWT") => {}
+        Some(other) => problems.push(format!(
+            "header typ is \"{other}\"; Apple's documentation says \"JWT\""
+        )),
+        None => problems.push("header has no typ; Apple's documentation says \"JWT\"".into()),
+    }
+}
+
+fn check_claims(claims: &Value, family: Option<TokenFamily>, now: i64, r: &mut Report) {
+    let p = &mut r.problems;
+    match claims.get("aud").and_then(Value::as_str) {
+        Some(apple::AUDIENCE) => {}
+        Some("apple-developer-enterprise-v1") => p.push("aud is the Enterprise Program API's (\"apple-developer-enterprise-v1\"); App Store Connect and the storekit APIs need \"appstoreconnect-v1\"".into()),
+        Some(other) => p.push(format!("aud is \"{other}\"; Apple requires \"appstoreconnect-v1\"")),
+        None => p.push("no aud claim; Apple requires \"appstoreconnect-v1\"".into()),
+    }
+    let iat = claims.get("iat").and_then(Value::as_i64);
+    let exp = claims.get("exp").and_then(Value::as_i64);
+    match iat {
+        None => p.push("no iat claim (App Store Connect requires it; always send it)".into()),
+        Some(iat) if iat > now => p.push(format!("iat is {} s in the future; Apple rejects tokens issued in the future (check this host's clock)", iat - now)),
+        Some(_) => {}
+    }
+    match exp {
+        None => p.push("no exp claim; Apple requires one".into()),
+        Some(exp) if exp <= now => p.push(format!("the token expired {} s ago", now - exp)),
+        Some(_) => {}
+    }
+    let iss = claims.get("iss").and_then(Value::as_str);
+    let sub = claims.get("sub").and_then(Value::as_str);
+    if let Some(iss) = iss {
+        if !apple::is_plausible_issuer_id(iss) {
+            p.push(format!("iss \"{iss}\" is not an Issuer ID (a UUID)"));
+        }
+    }
+    let scope = claims.get("scope");
+    match family {
+        Some(TokenFamily::StoreKit) => {
+            if iss.is_none() {
+                p.push("no iss; storekit tokens need your Issuer ID".into());
+            }
+            if sub.is_some() {
+                p.push("sub is set; storekit tokens use iss (In-App Purchase keys have no individual form)".into());
+            }
+            if claims
+                .get("bid")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                p.push("bid is empty or not a string; it must be the app's bundle id".into());
+            }
+            if scope.is_some() {
+                p.push("scope is set; the storekit APIs document no scope claim (whether Apple ignores or rejects it is unconfirmed — leave it out)".into());
+            }
+            if let (Some(iat), Some(exp)) = (iat, exp) {
+                let max = apple::STOREKIT_MAX_LIFETIME.as_secs() as i64;
+                if exp - iat > max {
+                    p.push(format!("lifetime exp − iat is {} s; the storekit APIs reject more than {max} s (60 min)", exp - iat));
+                }
+            }
+        }
+        Some(TokenFamily::Connect) => {
+            match (iss, sub) {
+                (Some(_), Some("user")) => p.push("both iss and sub:\"user\"; team keys send iss only, individual keys sub:\"user\" only".into()),
+                (None, Some("user")) => r.notes.push("individual key (sub:\"user\", no iss)".into()),
+                (_, Some(other)) => p.push(format!("sub is \"{other}\"; the only value Apple accepts is \"user\" (individual keys)")),
+                (Some(_), None) => r.notes.push("team key (iss, no sub)".into()),
+                (None, None) => p.push("neither iss (team key) nor sub:\"user\" (individual key)".into()),
+            }
+            let entries = check_scope(scope, p);
+            if let (Some(iat), Some(exp)) = (iat, exp) {
+                let lifetime = exp - iat;
+                let max = apple::CONNECT_MAX_LIFETIME.as_secs() as i64;
+                if lifetime > max {
+                    let mut why = Vec::new();
+                    if entries.is_empty() {
+                        why.push("it has no scope".to_string());
+                    }
+                    for e in &entries {
+                        let (method, path) = e.split_once(' ').unwrap_or((e, ""));
+                        if method != "GET" {
+                            why.push(format!("scope entry \"{e}\" is not GET"));
+                        } else if !long_lived_path(path) {
+                            why.push(format!("scope entry \"{e}\" names a resource that may not have long-lived tokens"));
+                        }
+                    }
+                    if lifetime > LONG_LIVED_MAX_S {
+                        why.push("it is longer than 6 months".into());
+                    }
+                    if !why.is_empty() {
+                        p.push(format!(
+                            "lifetime exp − iat is {lifetime} s; App Store Connect rejects more than {max} s (20 min) unless the token is a long-lived one, and {}",
+                            why.join("; ")
+                        ));
+                    } else {
+                        r.notes.push(format!("long-lived token ({lifetime} s): allowed for GET scopes on Xcode Cloud / metrics resources"));
+                    }
+                }
+            }
+        }
+        None => p.push("the claims fit no Apple API: no iss, sub or bid".into()),
+    }
+}
+
+/// Checks `scope` is an array of `"METHOD /path[?query]"` strings; returns the entries.
+fn check_scope(scope: Option<&Value>, p: &mut Vec<String>) -> Vec<String> {
+    let Some(scope) = scope else {
+        return Vec::new();
+    };
+    let Some(items) = scope.as_array() else {
+        p.push("scope is not an array of strings".into());
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in items {
+        match item.as_str() {
+            Some(s) => match s.split_once(' ') {
+                Some((m, path))
+                    if m.bytes().all(|b| b.is_ascii_uppercase()) && path.starts_with('/') =>
+                {
+                    out.push(s.to_string())
+                }
+                _ => p.push(format!(
+                    "scope entry \"{s}\" is not \"METHOD /path[?query]\""
+                )),
+            },
+            None => p.push("scope holds a non-string entry".into()),
+        }
+    }
+    if items.is_empty() {
+        p.push("scope is an empty array; leave it out for an unscoped token".into());
+    }
+    out
+}
+
+fn long_lived_path(path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or(path);
+    path.split('/')
+        .any(|seg| LONG_LIVED_RESOURCES.contains(&seg))
+}
+
+/// Whether the token's ES256 signature verifies with `public_key` (uncompressed SEC1).
+pub fn signature_verifies(token: &str, public_key: &[u8]) -> bool {
+    let token = token.trim().trim_start_matches("Bearer ").trim();
+    let Some((signed, sig)) = token.rsplit_once('.') else {
+        return false;
+    };
+    let Ok(sig) = URL_SAFE_NO_PAD.decode(sig) else {
+        return false;
+    };
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, public_key)
+        .verify(signed.as_bytes(), &sig)
+        .is_ok()
+}
+
+/// The APIs a family covers, for the report's first line.
+pub fn family_apis(family: TokenFamily) -> Vec<&'static str> {
+    Api::ALL
+        .iter()
+        .filter(|a| a.token_family() == family)
+        .map(|a| a.id())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn jwt(header: Value, claims: Value, sig: &[u8]) -> String {
+        format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string()),
+            URL_SAFE_NO_PAD.encode(sig)
+        )
+    }
+
+    fn good_header() -> Value {
+        serde_json::json!({"alg": "ES256", "kid": "2X9R4HXF34", "typ": "JWT"})
+    }
+
+    #[test]
+    fn a_good_token_breaks_nothing() {
+        let t = jwt(
+            good_header(),
+            serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "iat": NOW - 60, "exp": NOW + 240, "aud": "appstoreconnect-v1", "scope": ["GET /v1/apps"]}),
+            &[1; 64],
+        );
+        let r = explain(&t, NOW);
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.api.unwrap().0, TokenFamily::Connect);
+        let t = jwt(
+            good_header(),
+            serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "iat": NOW, "exp": NOW + 300, "aud": "appstoreconnect-v1", "bid": "com.x"}),
+            &[1; 64],
+        );
+        let r = explain(&format!("Bearer {t}"), NOW);
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.api.unwrap().0, TokenFamily::StoreKit);
+    }
+
+    #[test]
+    fn every_rule_broken_is_named() {
+        let mut der = vec![0x30, 0x45];
+        der.extend([7u8; 69]);
+        let cases: Vec<(Value, Value, Vec<u8>, &str)> = vec![
+            (
+                good_header(),
+                serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "iat": NOW, "exp": NOW + 3600, "aud": "appstoreconnect-v1"}),
+                vec![1; 64],
+                "20 min",
+            ),
+            (
+                good_header(),
+                serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "iat": NOW + 100, "exp": NOW + 300, "aud": "appstoreconnect-v1"}),
+                vec![1; 64],
+                "future",
+            ),
+            (
+                good_header(),
+                serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "exp": NOW + 300, "aud": "appstoreconnect-v1"}),
+                vec![1; 64],
+                "no iat",
+            ),
+            (
+                good_header(),
+                serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "iat": NOW, "exp": NOW + 300, "aud": "apple-developer-enterprise-v1"}),
+                vec![1; 64],
+                "Enterprise",
+            ),
+            (
+                good_header(),
+                serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "sub": "user", "iat": NOW, "exp": NOW + 300, "aud": "appstoreconnect-v1"}),
+                vec![1; 64],
+                "both iss and sub",
+            ),
+            (
+                good_header(),
+                serde_json::json!({"sub": "me", "iat": NOW, "exp": NOW + 300, "aud": "appstoreconnect-v1"}),
+                vec![1; 64],
+                "only value",
+            ),
+            (
+                good_header(),
+                serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "iat": NOW, "exp": NOW + 300, "aud": "appstoreconnect-v1", "bid": ""}),
+                vec![1; 64],
+                "bid is empty",
+            ),
+            (
+                good_header(),
+                serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "iat": NOW, "exp": NOW + 86400, "aud": "appstoreconnect-v1", "scope": ["POST /v1/ciBuildRuns"]}),
+                vec![1; 64],
+                "is not GET",
+            ),
+            (
+                good_header(),
+                serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "iat": NOW, "exp": NOW + 86400, "aud": "appstoreconnect-v1", "scope": ["GET /v1/apps"]}),
+                vec![1; 64],
+                "may not have long-lived",
+            ),
+            (
+                good_header(),
+                serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "iat": NOW, "exp": NOW + 300, "aud": "appstoreconnect-v1"}),
+                der,
+                "DER",
+            ),
+            (
+                serde_json::json!({"alg": "RS256", "kid": "x"}),
+                serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "iat": NOW, "exp": NOW + 300, "aud": "appstoreconnect-v1"}),
+                vec![1; 64],
+                "RS256",
+            ),
+            (
+                good_header(),
+                serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "iat": NOW, "exp": NOW + 7200, "aud": "appstoreconnect-v1", "bid": "com.x"}),
+                vec![1; 64],
+                "60 min",
+            ),
+        ];
+        for (header, claims, sig, want) in cases {
+            let r = explain(&jwt(header, claims.clone(), &sig), NOW);
+            assert!(
+                r.problems.iter().any(|p| p.contains(want)),
+                "{want}: {claims} → {:?}",
+                r.problems
+            );
+        }
+        let r = explain(
+            &jwt(
+                good_header(),
+                serde_json::json!({"iss": "57246542-96fe-1a63-e053-0824d011072a", "iat": NOW, "exp": NOW + 86400, "aud": "appstoreconnect-v1", "scope": ["GET /v1/ciBuildRuns/1"]}),
+                &[1; 64],
+            ),
+            NOW,
+        );
+        assert!(
+            r.problems.is_empty(),
+            "long-lived CI token is fine: {:?}",
+            r.problems
+        );
+    }
+
+    #[test]
+    fn garbage_is_explained_not_panicked_on() {
+        for t in [
+            "",
+            "a.b",
+            "a.b.c",
+            "...",
+            "e30.e30.",
+            "Bearer x.y.z",
+            "é.é.é",
+        ] {
+            let r = explain(t, NOW);
+            assert!(!r.problems.is_empty(), "{t}");
+        }
+    }
+}
