@@ -1,15 +1,16 @@
 //! One request through the stand-in: check the token, count the body, record what
 //! arrived, and answer the way Apple would.
 //!
-//! Owns: the state shared by all connections (keys, clock, record, rate-limit counters),
-//! routing by role and path prefix, and Apple-shaped responses (APPLE.md §1, §3, §4).
+//! Owns: the state shared by all connections (keys, clock, faults, record, rate-limit
+//! counters), routing by role and path prefix, and Apple-shaped responses (APPLE.md §1,
+//! §3, §4).
 //! Imports only sibling stand-in modules.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -20,10 +21,12 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::body::ResponseBody;
-use super::verify::{Keyring, RequestLine};
+use super::fault::{self, Fault, Verified};
+use super::verify::{Keyring, Rejection, RequestLine, ScopeEncoding};
 use super::{
-    Received, Role, APP_STORE_CONNECT_NOT_AUTHORIZED_BODY, RATE_LIMIT_HEADER, RATE_LIMIT_PER_HOUR,
-    REQUEST_UUID_HEADER, STANDIN_BYTES_MAX, STANDIN_BYTES_PARAM,
+    Faults, Received, Role, VerifiedToken, AGREEMENT_PENDING_BODY,
+    APP_STORE_CONNECT_FORBIDDEN_BODY, APP_STORE_CONNECT_NOT_AUTHORIZED_BODY, RATE_LIMIT_HEADER,
+    RATE_LIMIT_PER_HOUR, REQUEST_UUID_HEADER, STANDIN_BYTES_MAX, STANDIN_BYTES_PARAM,
 };
 
 /// Path prefixes the App Store Server roles serve (APPLE.md §1: route by prefix).
@@ -41,6 +44,10 @@ pub(crate) struct Shared {
     pub keyring: Keyring,
     /// Added to the host clock: Apple's clock as the stand-in plays it.
     pub clock_offset_secs: i64,
+    /// The fault modes in force; replaced whole by [`Shared::set_faults`].
+    faults: RwLock<Faults>,
+    /// Transient 401s still to give (starts at `Faults::transient_401s`).
+    transient_left: AtomicU32,
     pub received: Mutex<Vec<Received>>,
     /// `user-hour-rem` per App Store Connect key ID.
     pub rate_remaining: Mutex<HashMap<String, u32>>,
@@ -56,22 +63,41 @@ impl std::fmt::Debug for Shared {
         f.debug_struct("Shared")
             .field("keyring", &self.keyring)
             .field("clock_offset_secs", &self.clock_offset_secs)
+            .field("faults", &*read(&self.faults))
+            .field(
+                "transient_left",
+                &self.transient_left.load(Ordering::Relaxed),
+            )
             .field("received", &lock(&self.received).len())
             .finish_non_exhaustive()
     }
 }
 
 impl Shared {
-    pub(crate) fn new(keyring: Keyring, clock_offset_secs: i64) -> Self {
+    pub(crate) fn new(keyring: Keyring, clock_offset_secs: i64, faults: Faults) -> Self {
         Shared {
             keyring,
             clock_offset_secs,
+            transient_left: AtomicU32::new(faults.transient_401s),
+            faults: RwLock::new(faults),
             received: Mutex::new(Vec::new()),
             rate_remaining: Mutex::new(HashMap::new()),
             pattern: super::body::pattern_chunk(),
             uuid_seed: RandomState::new(),
             uuid_counter: AtomicU64::new(0),
         }
+    }
+
+    /// Replaces the fault modes and restarts the transient-401 budget from them.
+    pub(crate) fn set_faults(&self, faults: Faults) {
+        let mut current = self.faults.write().unwrap_or_else(PoisonError::into_inner);
+        self.transient_left
+            .store(faults.transient_401s, Ordering::Release);
+        *current = faults;
+    }
+
+    pub(crate) fn faults(&self) -> Faults {
+        read(&self.faults).clone()
     }
 
     /// Apple's clock, in seconds since the epoch.
@@ -115,6 +141,10 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Answers one request on `role`'s listener. Never fails: every problem is a response.
 pub(crate) async fn handle(
     shared: &Shared,
@@ -136,13 +166,9 @@ pub(crate) async fn handle(
         path: &path,
         query: query.as_deref(),
     };
-    let verdict = shared
-        .keyring
-        .check(&parts.headers, &line, now)
-        .map_err(|rejection| rejection.to_string());
-    if let Err(reason) = &verdict {
-        tracing::debug!(role = role.as_str(), %reason, "stand-in rejected the bearer token");
-    }
+    let served = serves(role, &path);
+    // Decided before the body is read, so the faults' read guard never crosses an await.
+    let (verdict, fault) = judge(shared, &parts.headers, &line, served, now);
 
     // The body is streamed and counted, never kept: uploads can be gigabytes.
     let body_len = count_body(body).await;
@@ -162,12 +188,15 @@ pub(crate) async fn handle(
         headers: parts.headers,
         body_len,
         verdict,
+        fault: fault.map(Fault::as_str),
     });
 
-    let mut response = if !serves(role, &path) {
+    let mut response = if !served {
         not_found(role, shared)
     } else if !accepted {
         not_authorized(role)
+    } else if let Some(fault) = fault {
+        fault_response(fault, role)
     } else {
         match standin_bytes(query.as_deref()) {
             Ok(Some(len)) => {
@@ -199,6 +228,60 @@ pub(crate) async fn handle(
         shared.request_uuid(),
     );
     response
+}
+
+/// Did the token verify by Apple's rules, and which fault mode (if any) answers instead?
+/// Order: the token first (a bad token is a plain 401), then [`fault::decide`]. Faults
+/// apply only to paths the role serves: an unknown path is a 404 whatever the token.
+fn judge(
+    shared: &Shared,
+    headers: &http::HeaderMap,
+    line: &RequestLine<'_>,
+    served: bool,
+    now: i64,
+) -> (Result<VerifiedToken, String>, Option<Fault>) {
+    let role = line.role.as_str();
+    let faults = read(&shared.faults);
+    let scope_encoding = if faults.strict_scope_encoding {
+        ScopeEncoding::Raw
+    } else {
+        ScopeEncoding::Decoded
+    };
+    let token = match shared.keyring.check(headers, line, now, scope_encoding) {
+        Ok(token) => token,
+        Err(rejection) => {
+            let fault = matches!(rejection, Rejection::ScopeEncodingMismatch { .. })
+                .then_some(Fault::StrictScopeEncoding);
+            let reason = rejection.to_string();
+            tracing::debug!(role, %reason, "stand-in rejected the bearer token");
+            return (Err(reason), fault);
+        }
+    };
+    let key_id = token
+        .header
+        .get("kid")
+        .and_then(|kid| kid.as_str())
+        .unwrap_or_default();
+    let verified = Verified {
+        role: line.role,
+        path: line.path,
+        key_id,
+        kind: shared.keyring.kind(key_id),
+        claims: &token.claims,
+    };
+    let fault = served
+        .then(|| fault::decide(&faults, &shared.transient_left, &verified))
+        .flatten();
+    if let Some(fault) = fault {
+        tracing::debug!(
+            role,
+            fault = fault.as_str(),
+            kid = key_id,
+            reason = fault.reason(),
+            "stand-in refused a verified token (fault mode)"
+        );
+    }
+    (Ok(token), fault)
 }
 
 async fn count_body(mut body: Incoming) -> u64 {
@@ -288,6 +371,20 @@ fn not_authorized(role: Role) -> Response<ResponseBody> {
         Role::StoreKitProduction | Role::StoreKitSandbox => {
             empty_response(StatusCode::UNAUTHORIZED)
         }
+    }
+}
+
+/// The answer a fault mode gives a verified token (APPLE.md §3 and §5).
+fn fault_response(fault: Fault, role: Role) -> Response<ResponseBody> {
+    match fault {
+        // Indistinguishable from a bad token, as Apple makes them.
+        Fault::Revoked | Fault::Transient | Fault::StrictScopeEncoding => not_authorized(role),
+        // APPLE.md §0: production answers 401 with no body until the app is released.
+        Fault::Unreleased => empty_response(StatusCode::UNAUTHORIZED),
+        Fault::IndividualForbidden => {
+            json_response(StatusCode::FORBIDDEN, APP_STORE_CONNECT_FORBIDDEN_BODY)
+        }
+        Fault::AgreementPending => json_response(StatusCode::FORBIDDEN, AGREEMENT_PENDING_BODY),
     }
 }
 
@@ -428,7 +525,7 @@ mod tests {
     #[test]
     fn request_uuids_look_like_uuids_and_differ() {
         let keyring = Keyring::new(Vec::new()).expect("no keys is a valid keyring");
-        let shared = Shared::new(keyring, 0);
+        let shared = Shared::new(keyring, 0, Faults::default());
         let a = shared.request_uuid();
         let b = shared.request_uuid();
         assert_ne!(a, b);

@@ -7,11 +7,13 @@
 //! from the rest of the crate, and the rest of the crate must use it only in `demo` and
 //! tests.
 //!
-//! Modules: `verify` (token rules, pure), `exchange` (one request: check, count, record,
-//! answer), `body` (whole and generated response bodies), `tls` (the throw-away CA).
+//! Modules: `verify` (token rules, pure), `fault` (the [`Faults`] that refuse a verified
+//! token, APPLE.md §3 and §5), `exchange` (one request: check, count, record, answer),
+//! `body` (whole and generated response bodies), `tls` (the throw-away CA).
 
 mod body;
 mod exchange;
+mod fault;
 mod tls;
 mod verify;
 
@@ -35,6 +37,14 @@ use verify::Keyring;
 
 /// App Store Connect's 401 body, identical for every cause (APPLE.md §3).
 pub const APP_STORE_CONNECT_NOT_AUTHORIZED_BODY: &str = r#"{"errors":[{"status":"401","code":"NOT_AUTHORIZED","title":"Authentication credentials are missing or invalid.","detail":"Provide a properly configured and signed bearer token, and make sure that it has not expired. Learn more about Generating Tokens for API Requests https://developer.apple.com/go/?id=api-generating-tokens"}]}"#;
+/// App Store Connect's 403 when the API key may not make the request, e.g. an Individual
+/// key on Provisioning, Sales and Finance or Notary (APPLE.md §3 "403 variants seen",
+/// `FORBIDDEN_ERROR`; §5 "Individual key used for Provisioning, Sales/Finance or Notary").
+pub const APP_STORE_CONNECT_FORBIDDEN_BODY: &str = r#"{"errors":[{"status":"403","code":"FORBIDDEN_ERROR","title":"This request is forbidden for security reasons","detail":"The API key in use does not allow this request"}]}"#;
+/// App Store Connect's 403 while the Account Holder has not accepted the latest Program
+/// License Agreement (APPLE.md §3 "403 variants seen", `FORBIDDEN` / "Access Unavailable",
+/// detail as quoted in myappcloud/appstore-connect-api#3; §5 "Agreement not accepted").
+pub const AGREEMENT_PENDING_BODY: &str = r#"{"errors":[{"status":"403","code":"FORBIDDEN","title":"Access Unavailable","detail":"You currently don't have access to this resource. To resolve this issue, the Account Holder must agree to the latest Program License Agreement in their account on the Apple Developer website. https://developer.apple.com/account"}]}"#;
 /// App Store Connect's rate-limit header (APPLE.md §4), sent on successful responses.
 pub const RATE_LIMIT_HEADER: &str = "x-rate-limit";
 /// The stand-in's `user-hour-lim`; `user-hour-rem` counts down from it per key.
@@ -121,6 +131,39 @@ pub struct Options {
     pub keys: Vec<KnownKey>,
     /// Seconds added to the stand-in's own clock: it is the clock it checks iat/exp against AND the one it reports in every response's `Date` header. Negative = Apple's clock is behind the host's (so a token's iat looks "in the future").
     pub clock_offset_secs: i64,
+    /// Ways Apple refuses tokens its JWT rules accept; all off by default. Change them on a
+    /// running stand-in with [`Standin::set_faults`].
+    pub faults: Faults,
+}
+
+/// Fault modes reproducing the causes of Apple 401s and 403s that a token's claims alone
+/// don't explain (APPLE.md §3, §5). All default to off.
+///
+/// A bad token is always a plain 401 first. For a token that verifies, the faults apply
+/// in this order: revoked, transient, unreleased (production App Store Server only),
+/// Individual key forbidden (always on, App Store Connect only), agreement pending (App
+/// Store Connect only). Which one answered is recorded in [`Received::fault`].
+#[derive(Debug, Default, Clone)]
+pub struct Faults {
+    /// Key ids Apple treats as revoked: tokens that otherwise verify get 401 — App Store
+    /// Connect's exact NOT_AUTHORIZED body on that role, an empty body on the storekit roles.
+    pub revoked_key_ids: Vec<String>,
+    /// Bundle ids with no release in production yet: the StoreKitProduction role answers 401
+    /// with an EMPTY body for tokens with that `bid` (APPLE.md §0, forum 806452); the sandbox
+    /// role serves them normally.
+    pub unreleased_bundle_ids: Vec<String>,
+    /// Every otherwise-accepted App Store Connect request (Notary included) gets 403 with
+    /// [`AGREEMENT_PENDING_BODY`].
+    pub agreement_pending: bool,
+    /// The next N requests that would be accepted (any role) get a 401 instead (Apple's
+    /// transient 401s), then behaviour is normal. Requests refused for another reason, and
+    /// unknown paths, don't use one up.
+    pub transient_401s: u32,
+    /// Scope matching compares the request's raw query bytes with the scope entry's query
+    /// bytes (after dropping limit/cursor/sort, order-insensitive on '&'-separated pairs),
+    /// WITHOUT percent-decoding — so a scope with literal `[`/`]` does not match a request
+    /// sent with `%5B`/`%5D`. Models Apple's unconfirmed strict reading (APPLE.md §2).
+    pub strict_scope_encoding: bool,
 }
 
 /// One request as the stand-in received it.
@@ -136,8 +179,14 @@ pub struct Received {
     pub headers: http::HeaderMap,
     /// Request body bytes read (streamed and counted, not kept).
     pub body_len: u64,
-    /// `Err` is a human-readable reason the token was rejected (never the token).
+    /// Did the token verify by Apple's rules? `Err` is a human-readable reason it was
+    /// rejected (never the token). A token refused by a fault below may still be `Ok`.
     pub verdict: Result<VerifiedToken, String>,
+    /// The [`Faults`] mode that produced the answer, if one did: `"revoked"`,
+    /// `"transient"`, `"unreleased"`, `"individual_forbidden"` (always on), `"agreement"`,
+    /// or `"strict_scope_encoding"` (the scope would have matched after percent-decoding;
+    /// `verdict` is then `Err`).
+    pub fault: Option<&'static str>,
 }
 
 /// A token that passed every check: its decoded header and claims.
@@ -165,7 +214,7 @@ impl Standin {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let authority = tls::Authority::generate().map_err(std::io::Error::other)?;
         let acceptor = TlsAcceptor::from(authority.server_config);
-        let shared = Arc::new(Shared::new(keyring, opts.clock_offset_secs));
+        let shared = Arc::new(Shared::new(keyring, opts.clock_offset_secs, opts.faults));
         let (stop, stopped) = watch::channel(false);
 
         let mut addrs = [SocketAddr::from((Ipv4Addr::LOCALHOST, 0)); 3];
@@ -208,6 +257,17 @@ impl Standin {
 
     pub fn clear_received(&self) {
         lock(&self.shared.received).clear();
+    }
+
+    /// Replaces the fault modes of the running stand-in; requests already being answered
+    /// keep the old ones. The transient-401 budget restarts at `faults.transient_401s`.
+    pub fn set_faults(&self, faults: Faults) {
+        self.shared.set_faults(faults);
+    }
+
+    /// The fault modes in force now (the transient budget as configured, not what is left).
+    pub fn faults(&self) -> Faults {
+        self.shared.faults()
     }
 
     /// Stops the listeners and ends their connection tasks, then waits for them.
@@ -406,6 +466,7 @@ mod tests {
                 },
             }],
             clock_offset_secs: OFFSET,
+            ..Options::default()
         })
         .await
         .expect("stand-in starts");
@@ -608,5 +669,508 @@ mod tests {
             TcpStream::connect(addr).await.is_err(),
             "listener is closed after shutdown"
         );
+    }
+
+    // ---- Fault modes (APPLE.md §3, §5) ----
+
+    const TEAM_KID: &str = "TEAMKEY001";
+    const INDIVIDUAL_KID: &str = "INDIVKEY01";
+    const IAP_KID: &str = "IAPKEY0001";
+    const BUNDLE: &str = "com.example.App";
+    const UNRELEASED: &str = "com.example.Unreleased";
+
+    fn fault_key(seed: u8) -> SigningKey {
+        SigningKey::from_slice(&[seed; 32]).expect("valid test scalar")
+    }
+
+    /// Test-only ES256 signer (RustCrypto, never `ring`).
+    fn sign(kid: &str, seed: u8, claims: &Value) -> String {
+        let header = json!({"alg": "ES256", "kid": kid, "typ": "JWT"});
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let signature: Signature = fault_key(seed).sign(input.as_bytes());
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.to_bytes()))
+    }
+
+    fn team(scope: Option<&str>) -> String {
+        let now = unix_now();
+        let mut claims =
+            json!({"iss": ISSUER, "iat": now - 60, "exp": now + 600, "aud": "appstoreconnect-v1"});
+        if let Some(scope) = scope {
+            claims["scope"] = json!([scope]);
+        }
+        sign(TEAM_KID, 11, &claims)
+    }
+
+    fn individual() -> String {
+        let now = unix_now();
+        let claims =
+            json!({"sub": "user", "iat": now - 60, "exp": now + 600, "aud": "appstoreconnect-v1"});
+        sign(INDIVIDUAL_KID, 12, &claims)
+    }
+
+    fn iap(bid: &str) -> String {
+        let now = unix_now();
+        let claims = json!({"iss": ISSUER, "iat": now - 60, "exp": now + 300,
+            "aud": "appstoreconnect-v1", "bid": bid});
+        sign(IAP_KID, 13, &claims)
+    }
+
+    async fn fault_standin(faults: Faults) -> Standin {
+        let public = |seed| {
+            fault_key(seed)
+                .verifying_key()
+                .to_encoded_point(false)
+                .as_bytes()
+                .to_vec()
+        };
+        Standin::start(Options {
+            keys: vec![
+                KnownKey {
+                    key_id: TEAM_KID.into(),
+                    public_key: public(11),
+                    kind: KnownKeyKind::Team {
+                        issuer_id: ISSUER.into(),
+                    },
+                },
+                KnownKey {
+                    key_id: INDIVIDUAL_KID.into(),
+                    public_key: public(12),
+                    kind: KnownKeyKind::Individual,
+                },
+                KnownKey {
+                    key_id: IAP_KID.into(),
+                    public_key: public(13),
+                    kind: KnownKeyKind::InAppPurchase {
+                        issuer_id: ISSUER.into(),
+                        bundle_ids: vec![BUNDLE.into(), UNRELEASED.into()],
+                    },
+                },
+            ],
+            clock_offset_secs: OFFSET,
+            faults,
+        })
+        .await
+        .expect("stand-in starts")
+    }
+
+    /// One request over a fresh HTTP/1.1 connection. Every answer must carry Apple's `Date`
+    /// (offset clock) and `x-apple-request-uuid`, faults included.
+    async fn call(
+        standin: &Standin,
+        role: Role,
+        method: &str,
+        target: &str,
+        token: Option<&str>,
+    ) -> (StatusCode, Bytes) {
+        let (mut h1, conn) = http1::handshake(tls_to(standin, role, b"http/1.1").await)
+            .await
+            .expect("h1 handshake");
+        tokio::spawn(conn);
+        let mut request = Request::builder()
+            .method(method)
+            .uri(target)
+            .header("host", "127.0.0.1");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request
+            .body(Full::<Bytes>::default())
+            .expect("valid request");
+        let response = h1.send_request(request).await.expect("answer arrives");
+        let status = response.status();
+        let date = httpdate::parse_http_date(header(&response, "date")).expect("IMF-fixdate");
+        let date = date
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        let date = i64::try_from(date).expect("fits");
+        assert!(
+            (date - (unix_now() + OFFSET)).abs() <= 5,
+            "{target}: Date follows the offset clock"
+        );
+        assert_eq!(header(&response, REQUEST_UUID_HEADER).len(), 36, "{target}");
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, body)
+    }
+
+    /// The `fault` and verdict of the last request received.
+    fn last(standin: &Standin) -> (Option<&'static str>, Result<VerifiedToken, String>) {
+        let received = standin.received();
+        let last = received.last().expect("a request was recorded");
+        (last.fault, last.verdict.clone())
+    }
+
+    const ASC_401: &[u8] = APP_STORE_CONNECT_NOT_AUTHORIZED_BODY.as_bytes();
+    const TRANSACTION: &str = "/inApps/v1/transactions/2000000123456789";
+
+    #[tokio::test]
+    async fn revoked_key_gets_apples_401_on_every_role() {
+        let standin = fault_standin(Faults {
+            revoked_key_ids: vec![TEAM_KID.into(), IAP_KID.into()],
+            ..Faults::default()
+        })
+        .await;
+        let (status, body) = call(
+            &standin,
+            Role::AppStoreConnect,
+            "GET",
+            "/v1/apps",
+            Some(&team(None)),
+        )
+        .await;
+        assert_eq!((status, &body[..]), (StatusCode::UNAUTHORIZED, ASC_401));
+        let (fault, verdict) = last(&standin);
+        assert_eq!(fault, Some("revoked"));
+        assert!(verdict.is_ok(), "the token itself verifies");
+
+        for role in [Role::StoreKitProduction, Role::StoreKitSandbox] {
+            let (status, body) = call(&standin, role, "GET", TRANSACTION, Some(&iap(BUNDLE))).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{role:?}");
+            assert!(body.is_empty(), "{role:?}");
+            assert_eq!(last(&standin).0, Some("revoked"));
+        }
+
+        // Another key is unaffected; a bad token is a plain 401, not "revoked".
+        let (status, _) = call(
+            &standin,
+            Role::AppStoreConnect,
+            "GET",
+            "/v1/apps",
+            Some(&individual()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(last(&standin).0, None);
+        let (status, body) = call(&standin, Role::AppStoreConnect, "GET", "/v1/apps", None).await;
+        assert_eq!((status, &body[..]), (StatusCode::UNAUTHORIZED, ASC_401));
+        let (fault, verdict) = last(&standin);
+        assert_eq!(fault, None);
+        assert_eq!(verdict.err().as_deref(), Some("no Authorization header"));
+    }
+
+    #[tokio::test]
+    async fn transient_401s_fail_the_next_n_accepted_requests_then_clear() {
+        let standin = fault_standin(Faults {
+            transient_401s: 2,
+            ..Faults::default()
+        })
+        .await;
+        let token = team(None);
+        // Neither a bad token nor an unknown path uses one up.
+        let (status, _) = call(&standin, Role::AppStoreConnect, "GET", "/v1/apps", None).await;
+        assert_eq!((status, last(&standin).0), (StatusCode::UNAUTHORIZED, None));
+        let (status, _) = call(
+            &standin,
+            Role::AppStoreConnect,
+            "GET",
+            "/nope",
+            Some(&token),
+        )
+        .await;
+        assert_eq!((status, last(&standin).0), (StatusCode::NOT_FOUND, None));
+
+        let (status, body) = call(
+            &standin,
+            Role::AppStoreConnect,
+            "GET",
+            "/v1/apps",
+            Some(&token),
+        )
+        .await;
+        assert_eq!((status, &body[..]), (StatusCode::UNAUTHORIZED, ASC_401));
+        assert_eq!(last(&standin).0, Some("transient"));
+        let (status, body) = call(
+            &standin,
+            Role::StoreKitSandbox,
+            "GET",
+            TRANSACTION,
+            Some(&iap(BUNDLE)),
+        )
+        .await;
+        assert_eq!((status, body.is_empty()), (StatusCode::UNAUTHORIZED, true));
+        assert_eq!(last(&standin).0, Some("transient"));
+
+        // The same token now works: the fault has cleared.
+        let (status, _) = call(
+            &standin,
+            Role::AppStoreConnect,
+            "GET",
+            "/v1/apps",
+            Some(&token),
+        )
+        .await;
+        assert_eq!((status, last(&standin).0), (StatusCode::OK, None));
+        let (status, _) = call(
+            &standin,
+            Role::StoreKitSandbox,
+            "GET",
+            TRANSACTION,
+            Some(&iap(BUNDLE)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn unreleased_bundle_gets_an_empty_401_in_production_only() {
+        let standin = fault_standin(Faults {
+            unreleased_bundle_ids: vec![UNRELEASED.into()],
+            ..Faults::default()
+        })
+        .await;
+        let token = iap(UNRELEASED);
+        let (status, body) = call(
+            &standin,
+            Role::StoreKitProduction,
+            "GET",
+            TRANSACTION,
+            Some(&token),
+        )
+        .await;
+        assert_eq!((status, body.is_empty()), (StatusCode::UNAUTHORIZED, true));
+        let (fault, verdict) = last(&standin);
+        assert_eq!(fault, Some("unreleased"));
+        assert_eq!(verdict.expect("verifies").claims["bid"], UNRELEASED);
+
+        let (status, _) = call(
+            &standin,
+            Role::StoreKitSandbox,
+            "GET",
+            TRANSACTION,
+            Some(&token),
+        )
+        .await;
+        assert_eq!((status, last(&standin).0), (StatusCode::OK, None));
+        let (status, _) = call(
+            &standin,
+            Role::StoreKitProduction,
+            "GET",
+            TRANSACTION,
+            Some(&iap(BUNDLE)),
+        )
+        .await;
+        assert_eq!((status, last(&standin).0), (StatusCode::OK, None));
+    }
+
+    #[tokio::test]
+    async fn individual_key_is_forbidden_provisioning_reports_and_notary() {
+        // Always on: no fault needs setting.
+        let standin = fault_standin(Faults::default()).await;
+        let forbidden = APP_STORE_CONNECT_FORBIDDEN_BODY.as_bytes();
+        for (method, target) in [
+            ("GET", "/v1/bundleIds"),
+            ("POST", "/v1/certificates"),
+            ("GET", "/v1/devices?limit=200"),
+            ("GET", "/v1/profiles/ABC/devices"),
+            ("POST", "/v1/bundleIdCapabilities"),
+            ("GET", "/v1/salesReports?filter%5BreportType%5D=SALES"),
+            ("GET", "/v1/financeReports"),
+            ("POST", "/notary/v2/submissions"),
+        ] {
+            let (status, body) = call(
+                &standin,
+                Role::AppStoreConnect,
+                method,
+                target,
+                Some(&individual()),
+            )
+            .await;
+            assert_eq!(
+                (status, &body[..]),
+                (StatusCode::FORBIDDEN, forbidden),
+                "{target}"
+            );
+            let (fault, verdict) = last(&standin);
+            assert_eq!(fault, Some("individual_forbidden"), "{target}");
+            assert!(verdict.is_ok(), "{target}");
+        }
+        let (status, _) = call(
+            &standin,
+            Role::AppStoreConnect,
+            "GET",
+            "/v1/apps",
+            Some(&individual()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "other resources are allowed");
+        let (status, _) = call(
+            &standin,
+            Role::AppStoreConnect,
+            "GET",
+            "/v1/salesReports",
+            Some(&team(None)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "team keys are allowed");
+    }
+
+    #[tokio::test]
+    async fn agreement_pending_forbids_app_store_connect_only() {
+        let standin = fault_standin(Faults {
+            agreement_pending: true,
+            ..Faults::default()
+        })
+        .await;
+        let body_json: Value = serde_json::from_str(AGREEMENT_PENDING_BODY).expect("JSON");
+        assert_eq!(body_json["errors"][0]["code"], "FORBIDDEN");
+        for target in ["/v1/apps", "/notary/v2/submissions"] {
+            let (status, body) = call(
+                &standin,
+                Role::AppStoreConnect,
+                "GET",
+                target,
+                Some(&team(None)),
+            )
+            .await;
+            assert_eq!(
+                (status, &body[..]),
+                (StatusCode::FORBIDDEN, AGREEMENT_PENDING_BODY.as_bytes()),
+                "{target}"
+            );
+            assert_eq!(last(&standin).0, Some("agreement"));
+        }
+        // A bad token is still a 401; an individual key on reports still its own 403.
+        let (status, body) = call(&standin, Role::AppStoreConnect, "GET", "/v1/apps", None).await;
+        assert_eq!((status, &body[..]), (StatusCode::UNAUTHORIZED, ASC_401));
+        let (status, body) = call(
+            &standin,
+            Role::AppStoreConnect,
+            "GET",
+            "/v1/financeReports",
+            Some(&individual()),
+        )
+        .await;
+        assert_eq!(
+            (status, &body[..]),
+            (
+                StatusCode::FORBIDDEN,
+                APP_STORE_CONNECT_FORBIDDEN_BODY.as_bytes()
+            )
+        );
+        // The App Store Server API is not affected.
+        let (status, _) = call(
+            &standin,
+            Role::StoreKitProduction,
+            "GET",
+            TRANSACTION,
+            Some(&iap(BUNDLE)),
+        )
+        .await;
+        assert_eq!((status, last(&standin).0), (StatusCode::OK, None));
+    }
+
+    #[tokio::test]
+    async fn strict_scope_encoding_refuses_a_bracket_scope_sent_encoded() {
+        let standin = fault_standin(Faults::default()).await;
+        let target = "/v1/apps?filter%5Bplatform%5D=IOS&limit=200";
+        let bracketed = team(Some("GET /v1/apps?filter[platform]=IOS"));
+        let encoded = team(Some("GET /v1/apps?filter%5Bplatform%5D=IOS"));
+        let (status, _) = call(
+            &standin,
+            Role::AppStoreConnect,
+            "GET",
+            target,
+            Some(&bracketed),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "the default reading decodes both");
+
+        standin.set_faults(Faults {
+            strict_scope_encoding: true,
+            ..Faults::default()
+        });
+        let (status, body) = call(
+            &standin,
+            Role::AppStoreConnect,
+            "GET",
+            target,
+            Some(&bracketed),
+        )
+        .await;
+        assert_eq!((status, &body[..]), (StatusCode::UNAUTHORIZED, ASC_401));
+        let (fault, verdict) = last(&standin);
+        assert_eq!(fault, Some("strict_scope_encoding"));
+        let reason = verdict.expect_err("the strict reading refuses the token");
+        assert!(reason.contains("encoding"), "{reason}");
+
+        let (status, _) = call(
+            &standin,
+            Role::AppStoreConnect,
+            "GET",
+            target,
+            Some(&encoded),
+        )
+        .await;
+        assert_eq!((status, last(&standin).0), (StatusCode::OK, None));
+        let other = team(Some("GET /v1/apps?filter%5Bplatform%5D=MAC_OS"));
+        let (status, _) = call(&standin, Role::AppStoreConnect, "GET", target, Some(&other)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (fault, verdict) = last(&standin);
+        assert_eq!(fault, None, "a plain scope mismatch is no encoding fault");
+        assert!(verdict
+            .expect_err("refused")
+            .contains("strict scope encoding"));
+    }
+
+    #[tokio::test]
+    async fn set_faults_changes_a_running_standin() {
+        let standin = fault_standin(Faults::default()).await;
+        let token = team(None);
+        let get = || {
+            call(
+                &standin,
+                Role::AppStoreConnect,
+                "GET",
+                "/v1/apps",
+                Some(&token),
+            )
+        };
+        assert_eq!(get().await.0, StatusCode::OK);
+
+        standin.set_faults(Faults {
+            revoked_key_ids: vec![TEAM_KID.into()],
+            transient_401s: 1,
+            ..Faults::default()
+        });
+        assert_eq!(standin.faults().revoked_key_ids, [TEAM_KID]);
+        for _ in 0..2 {
+            assert_eq!(get().await.0, StatusCode::UNAUTHORIZED);
+            assert_eq!(
+                last(&standin).0,
+                Some("revoked"),
+                "revoked spends no transient"
+            );
+        }
+
+        // Replacing the faults restarts the transient budget from the new value.
+        let mut faults = standin.faults();
+        faults.revoked_key_ids.clear();
+        faults.transient_401s = 1;
+        standin.set_faults(faults.clone());
+        assert_eq!(get().await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(last(&standin).0, Some("transient"));
+        assert_eq!(get().await.0, StatusCode::OK);
+        standin.set_faults(faults);
+        assert_eq!(get().await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(get().await.0, StatusCode::OK);
+
+        faults = Faults {
+            agreement_pending: true,
+            ..Faults::default()
+        };
+        standin.set_faults(faults);
+        assert_eq!(get().await.0, StatusCode::FORBIDDEN);
+        standin.set_faults(Faults::default());
+        assert_eq!(get().await.0, StatusCode::OK);
+        standin.shutdown().await;
     }
 }

@@ -126,6 +126,28 @@ pub(crate) enum Rejection {
     ScopeShape { found: String },
     #[error("no `scope` entry matches {method} {target}")]
     ScopeMismatch { method: String, target: String },
+    #[error(
+        "no `scope` entry matches {method} {target} under strict scope encoding (query bytes \
+         compared without percent-decoding)"
+    )]
+    StrictScopeMismatch { method: String, target: String },
+    #[error(
+        "no `scope` entry matches {method} {target} byte for byte: strict scope encoding \
+         compares query bytes without percent-decoding, and an entry matches only once `%XX` \
+         escapes are decoded (e.g. `[` in the scope vs `%5B` on the wire)"
+    )]
+    ScopeEncodingMismatch { method: String, target: String },
+}
+
+/// How App Store Connect compares a `scope` entry's query with the request's (APPLE.md §2:
+/// whether the scope must carry literal brackets or `%5B`/`%5D` is UNCONFIRMED).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum ScopeEncoding {
+    /// `%XX` escapes are decoded on both sides first (the stand-in's default reading).
+    #[default]
+    Decoded,
+    /// Raw bytes: `filter[platform]` in the scope does not match `filter%5Bplatform%5D`.
+    Raw,
 }
 
 /// A known key that failed to load: a configuration error in the test, not a token fault.
@@ -186,13 +208,20 @@ impl Keyring {
         Ok(Keyring { keys: map })
     }
 
+    /// What kind of key `key_id` is, if the stand-in knows it.
+    pub(crate) fn kind(&self, key_id: &str) -> Option<&KnownKeyKind> {
+        self.keys.get(key_id).map(|trusted| &trusted.key.kind)
+    }
+
     /// Checks the request's bearer token against Apple's rules for `request.role`, with
-    /// `now` (seconds since the epoch) as Apple's clock.
+    /// `now` (seconds since the epoch) as Apple's clock and `scope_encoding` deciding how
+    /// App Store Connect `scope` queries are compared.
     pub(crate) fn check(
         &self,
         headers: &HeaderMap,
         request: &RequestLine<'_>,
         now: i64,
+        scope_encoding: ScopeEncoding,
     ) -> Result<VerifiedToken, Rejection> {
         let token = bearer_token(headers)?;
         let (header_b64, payload_b64, signature_b64) = split_token(token)?;
@@ -231,7 +260,7 @@ impl Keyring {
             .map_err(|_| Rejection::BadSignature(key_id.to_owned()))?;
 
         let claims = parse_object(&payload_bytes, Segment::Payload)?;
-        check_claims(&trusted.key, &claims, request, now)?;
+        check_claims(&trusted.key, &claims, request, now, scope_encoding)?;
 
         Ok(VerifiedToken {
             header: Value::Object(header),
@@ -316,6 +345,7 @@ fn check_claims(
     claims: &Map<String, Value>,
     request: &RequestLine<'_>,
     now: i64,
+    scope_encoding: ScopeEncoding,
 ) -> Result<(), Rejection> {
     expect_string(claims, "aud", AUDIENCE).map_err(|found| Rejection::Audience { found })?;
 
@@ -342,7 +372,7 @@ fn check_claims(
     }
 
     match request.role {
-        Role::AppStoreConnect => check_app_store_connect(key, claims, request),
+        Role::AppStoreConnect => check_app_store_connect(key, claims, request, scope_encoding),
         Role::StoreKitProduction | Role::StoreKitSandbox => check_storekit(key, claims),
     }
 }
@@ -358,6 +388,7 @@ fn check_app_store_connect(
     key: &KnownKey,
     claims: &Map<String, Value>,
     request: &RequestLine<'_>,
+    scope_encoding: ScopeEncoding,
 ) -> Result<(), Rejection> {
     match &key.kind {
         KnownKeyKind::Team { issuer_id } => {
@@ -397,21 +428,26 @@ fn check_app_store_connect(
     .ok_or_else(|| Rejection::ScopeShape {
         found: quote(Some(scope)),
     })?;
-    if entries
-        .iter()
-        .any(|entry| scope_entry_matches(entry, request))
-    {
-        Ok(())
-    } else {
-        let target = match request.query {
-            Some(q) => format!("{}?{q}", request.path),
-            None => request.path.to_owned(),
-        };
-        Err(Rejection::ScopeMismatch {
-            method: request.method.to_owned(),
-            target: truncate(&target),
-        })
+    let any_matches = |encoding| {
+        entries
+            .iter()
+            .any(|entry| scope_entry_matches(entry, request, encoding))
+    };
+    if any_matches(scope_encoding) {
+        return Ok(());
     }
+    let method = request.method.to_owned();
+    let target = truncate(&match request.query {
+        Some(q) => format!("{}?{q}", request.path),
+        None => request.path.to_owned(),
+    });
+    Err(match scope_encoding {
+        ScopeEncoding::Decoded => Rejection::ScopeMismatch { method, target },
+        ScopeEncoding::Raw if any_matches(ScopeEncoding::Decoded) => {
+            Rejection::ScopeEncodingMismatch { method, target }
+        }
+        ScopeEncoding::Raw => Rejection::StrictScopeMismatch { method, target },
+    })
 }
 
 fn check_storekit(key: &KnownKey, claims: &Map<String, Value>) -> Result<(), Rejection> {
@@ -442,9 +478,10 @@ fn check_storekit(key: &KnownKey, claims: &Map<String, Value>) -> Result<(), Rej
 }
 
 /// Does one App Store Connect scope entry, `"<METHOD> <path>[?query]"`, cover the request?
-/// Method and path compare exactly; queries compare as multisets of percent-decoded
-/// (name, value) pairs, ignoring `limit`, `cursor` and `sort` (APPLE.md §2).
-fn scope_entry_matches(entry: &str, request: &RequestLine<'_>) -> bool {
+/// Method and path compare exactly; queries compare as multisets of (name, value) pairs,
+/// ignoring `limit`, `cursor` and `sort` (APPLE.md §2), percent-decoded or raw as
+/// `encoding` says.
+fn scope_entry_matches(entry: &str, request: &RequestLine<'_>, encoding: ScopeEncoding) -> bool {
     let Some((method, target)) = entry.split_once(' ') else {
         return false;
     };
@@ -454,19 +491,23 @@ fn scope_entry_matches(entry: &str, request: &RequestLine<'_>) -> bool {
     };
     method == request.method
         && path == request.path
-        && query_pairs(query) == query_pairs(request.query)
+        && query_pairs(query, encoding) == query_pairs(request.query, encoding)
 }
 
-/// The query's (name, value) pairs, percent-decoded, without the ignored names, sorted so
-/// that equal multisets compare equal. `+` is left as is: only `%XX` is decoded.
-fn query_pairs(query: Option<&str>) -> Vec<(Vec<u8>, Vec<u8>)> {
+/// The query's (name, value) pairs, percent-decoded (or raw), without the ignored names,
+/// sorted so that equal multisets compare equal. `+` is left as is: only `%XX` is decoded.
+fn query_pairs(query: Option<&str>, encoding: ScopeEncoding) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let bytes = |s: &str| match encoding {
+        ScopeEncoding::Decoded => percent_decode(s),
+        ScopeEncoding::Raw => s.as_bytes().to_vec(),
+    };
     let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = query
         .unwrap_or("")
         .split('&')
         .filter(|piece| !piece.is_empty())
         .map(|piece| {
             let (name, value) = piece.split_once('=').unwrap_or((piece, ""));
-            (percent_decode(name), percent_decode(value))
+            (bytes(name), bytes(value))
         })
         .filter(|(name, _)| !SCOPE_IGNORED_PARAMS.contains(&name.as_slice()))
         .collect();
@@ -636,7 +677,7 @@ mod tests {
 
     /// `None` = accepted; `Some(text)` = rejected with a reason containing `text`.
     fn run(headers: &HeaderMap, request: RequestLine<'_>, expect: Option<&str>, name: &str) {
-        let outcome = keyring().check(headers, &request, NOW);
+        let outcome = keyring().check(headers, &request, NOW, ScopeEncoding::Decoded);
         match (expect, outcome) {
             (None, Ok(_)) => {}
             (None, Err(rejection)) => panic!("{name}: rejected ({rejection}), expected accepted"),
@@ -1145,7 +1186,12 @@ mod tests {
     #[test]
     fn accepted_tokens_expose_their_header_and_claims() {
         let token = keyring()
-            .check(&bearer(&iap_token(|_| {})), &STOREKIT_GET, NOW)
+            .check(
+                &bearer(&iap_token(|_| {})),
+                &STOREKIT_GET,
+                NOW,
+                ScopeEncoding::Decoded,
+            )
             .expect("a good IAP token");
         assert_eq!(token.header["kid"], "IAPKEY0001");
         assert_eq!(token.claims["bid"], BUNDLE);
@@ -1191,22 +1237,100 @@ mod tests {
         ];
         for (entry, query, expected) in cases {
             assert_eq!(
-                scope_entry_matches(entry, &request(query)),
+                scope_entry_matches(entry, &request(query), ScopeEncoding::Decoded),
                 expected,
                 "{entry:?} vs {query:?}"
             );
         }
         assert!(
-            !scope_entry_matches("GET", &request(None)),
+            !scope_entry_matches("GET", &request(None), ScopeEncoding::Decoded),
             "entry without a path"
         );
         assert!(
-            !scope_entry_matches("GET /v1/apps/", &request(None)),
+            !scope_entry_matches("GET /v1/apps/", &request(None), ScopeEncoding::Decoded),
             "paths compare exactly"
         );
         assert!(
-            !scope_entry_matches("GET /v1/%61pps", &request(None)),
+            !scope_entry_matches("GET /v1/%61pps", &request(None), ScopeEncoding::Decoded),
             "paths are not decoded"
+        );
+    }
+
+    #[test]
+    fn strict_scope_encoding_compares_raw_query_bytes() {
+        let request = |query| RequestLine {
+            role: Role::AppStoreConnect,
+            method: "GET",
+            path: "/v1/apps",
+            query,
+        };
+        let cases: [(&str, Option<&str>, bool); 9] = [
+            ("GET /v1/apps", None, true),
+            ("GET /v1/apps?a=1&b=2", Some("b=2&a=1"), true),
+            (
+                "GET /v1/apps?a=1&limit=5",
+                Some("limit=9&a=1&cursor=x"),
+                true,
+            ),
+            (
+                "GET /v1/apps?filter%5Bplatform%5D=IOS",
+                Some("filter%5Bplatform%5D=IOS"),
+                true,
+            ),
+            (
+                "GET /v1/apps?filter[platform]=IOS",
+                Some("filter[platform]=IOS"),
+                true,
+            ),
+            (
+                "GET /v1/apps?filter[platform]=IOS",
+                Some("filter%5Bplatform%5D=IOS"),
+                false,
+            ),
+            (
+                "GET /v1/apps?filter%5bplatform%5d=IOS",
+                Some("filter%5Bplatform%5D=IOS"),
+                false,
+            ),
+            (
+                "GET /v1/apps?fields[apps]=name,bundleId",
+                Some("fields%5Bapps%5D=name%2CbundleId"),
+                false,
+            ),
+            ("GET /v1/apps?a=1&a=1", Some("a=1"), false),
+        ];
+        for (entry, query, expected) in cases {
+            assert_eq!(
+                scope_entry_matches(entry, &request(query), ScopeEncoding::Raw),
+                expected,
+                "{entry:?} vs {query:?}"
+            );
+        }
+
+        let check = |scope: Value, encoding| {
+            keyring().check(
+                &bearer(&team_token(|c| set(c, "scope", scope))),
+                &ASC_GET_APPS,
+                NOW,
+                encoding,
+            )
+        };
+        let bracketed = json!(["GET /v1/apps?filter[platform]=IOS"]);
+        assert!(check(bracketed.clone(), ScopeEncoding::Decoded).is_ok());
+        let rejection = check(bracketed, ScopeEncoding::Raw).expect_err("strict refuses");
+        assert!(matches!(rejection, Rejection::ScopeEncodingMismatch { .. }));
+        assert!(rejection.to_string().contains("encoding"), "{rejection}");
+        let encoded = json!(["GET /v1/apps?filter%5Bplatform%5D=IOS"]);
+        assert!(check(encoded, ScopeEncoding::Raw).is_ok());
+        let rejection = check(
+            json!(["GET /v1/apps?filter[platform]=MAC_OS"]),
+            ScopeEncoding::Raw,
+        )
+        .expect_err("no reading matches");
+        assert!(matches!(rejection, Rejection::StrictScopeMismatch { .. }));
+        assert!(
+            rejection.to_string().contains("strict scope encoding"),
+            "{rejection}"
         );
     }
 
