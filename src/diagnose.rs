@@ -384,7 +384,7 @@ pub fn diagnose(e: &Evidence<'_>) -> Vec<Cause> {
     }
 
     // Stable order: by weight, then by the order pushed (evidence order above).
-    out.sort_by(|a, b| b.weight.cmp(&a.weight));
+    out.sort_by_key(|c| std::cmp::Reverse(c.weight));
     out
 }
 

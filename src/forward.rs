@@ -252,6 +252,11 @@ where
     }
 }
 
+/// An empty body (retries and probes replay body-less requests).
+pub fn empty() -> ProxyBody {
+    boxed(http_body_util::Empty::<Bytes>::new())
+}
+
 /// Boxes any streaming body into [`ProxyBody`].
 pub fn boxed<B>(body: B) -> ProxyBody
 where

@@ -6,21 +6,24 @@
 //! of DESIGN §6, stamps `X-Request-Id`, and logs exactly once; [`Proxy::process`] is the
 //! inner handler and returns `Result`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use tracing::Instrument as _;
 
-use crate::apple::Api;
+use crate::apple::{Api, Environment, KeyKind, TokenFamily};
 use crate::client::{AuthError, CertIdentity, Clients, Identity};
 use crate::config::Config;
+use crate::diagnose::{self, SandboxProbe};
 use crate::forward::{self, ProxyBody};
 use crate::route::{self, RouteError};
 use crate::token::{self, AppleClock, Minter};
@@ -28,6 +31,14 @@ use crate::token::{self, AppleClock, Minter};
 /// Longest path + query accepted. Apple's URLs are far shorter; the bound keeps scopes (and
 /// so cached tokens) small whatever a client sends.
 pub const MAX_TARGET_BYTES: usize = 8 * 1024;
+
+/// Response header naming the first likely cause when Apple refused a request.
+pub const X_PROXY_DIAGNOSIS: &str = "x-proxy-diagnosis";
+/// How much of Apple's 401/403 body the diagnosis reads.
+const DIAGNOSIS_BODY_LIMIT: usize = 64 * 1024;
+const DIAGNOSIS_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the sandbox probe may take.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Response header carrying the request id on every response.
 pub const X_REQUEST_ID: &str = "x-request-id";
@@ -154,6 +165,8 @@ pub struct Proxy {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// Inbound TLS (and mTLS), when configured.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Per key: when Apple last accepted it (UNIX seconds; 0 = not since start-up).
+    key_success: HashMap<String, AtomicI64>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -200,6 +213,11 @@ impl Proxy {
                     config.server.max_concurrent_requests,
                 )),
                 tls,
+                key_success: config
+                    .keys
+                    .iter()
+                    .map(|k| (k.name.clone(), AtomicI64::new(0)))
+                    .collect(),
                 config: Arc::new(config),
             },
             warnings,
@@ -375,41 +393,97 @@ impl Proxy {
 
         // Mint for exactly the request that is forwarded: same method, path and query.
         let query = parts.uri.query();
-        let token = self
+        let treq = token::Request {
+            key: key_name,
+            api: route.api,
+            method: parts.method.as_str(),
+            path: route.path,
+            query,
+            bundle_id: self.clients.pinned_bundle_id(&who),
+        };
+        let mut token = self
             .minter
-            .token(
-                &token::Request {
-                    key: key_name,
-                    api: route.api,
-                    method: parts.method.as_str(),
-                    path: route.path,
-                    query,
-                    bundle_id: self.clients.pinned_bundle_id(&who),
-                },
-                SystemTime::now(),
-            )
+            .token(&treq, SystemTime::now())
             .map_err(|e| internal("mint", e))?;
         tracing::debug!(key = %token.key_name, api = %route.api, env = %route.environment, "minted");
 
         // Forward. The client's Authorization was never copied; ours is the only one.
+        // A body-less idempotent request can be replayed, so it may be retried below.
+        let replayable = is_idempotent(&parts.method) && body.is_end_stream();
         let url = route.url(query);
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let body = forward::boxed(
+            forward::Metered::new(body, bytes_in.clone(), Some(max_body)).without_trailers(),
+        );
+        let upstream = Upstream {
+            method: &parts.method,
+            url: &url,
+            client_headers: &parts.headers,
+            route: &route,
+        };
+        let offset_before = self.minter.clock().offset_secs();
+        let mut response = self
+            .send(&upstream, body, &token, &bytes_in, max_body)
+            .await?;
+
+        // Apple has transient 401s (APPLE.md §3): re-mint with a fresh iat and retry once.
+        let mut retried = false;
+        if response.status() == StatusCode::UNAUTHORIZED && replayable {
+            drop(response);
+            token = self
+                .minter
+                .remint(&treq, SystemTime::now())
+                .map_err(|e| internal("mint", e))?;
+            response = self
+                .send(&upstream, forward::empty(), &token, &bytes_in, max_body)
+                .await?;
+            retried = true;
+            if !is_auth_failure(response.status()) {
+                self.key_worked(&token.key_name);
+                // If Apple's Date moved our idea of its clock, the first token was refused for
+                // its iat/exp, not by chance: say so.
+                let moved = (self.minter.clock().offset_secs() - offset_before).abs()
+                    >= token::OFFSET_TOLERANCE_SECS;
+                let note = if moved {
+                    diagnose::codes::CLOCK_SKEW
+                } else {
+                    diagnose::codes::TRANSIENT_401
+                };
+                tracing::info!(request_id, key = %token.key_name, diagnosis = note, "Apple refused once; the retry with a fresh token succeeded");
+                return Ok(stream_back(response, permit, Some(note)));
+            }
+        }
+
+        // Inspect: a 401/403 is diagnosed; everything else streams back untouched.
+        if is_auth_failure(response.status()) {
+            return Ok(self
+                .diagnosed(response, &upstream, &token, retried, request_id)
+                .await);
+        }
+        self.key_worked(&token.key_name);
+        Ok(stream_back(response, permit, None))
+    }
+
+    /// Sends one request to Apple and learns Apple's clock from the answer.
+    async fn send(
+        &self,
+        up: &Upstream<'_>,
+        body: ProxyBody,
+        token: &token::Token,
+        bytes_in: &AtomicU64,
+        max_body: u64,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.jwt()))
             .map_err(|e| internal("authorization header", e))?;
         authorization.set_sensitive(true);
-        let bytes_in = Arc::new(AtomicU64::new(0));
-        let mut upstream_req = Request::builder()
-            .method(parts.method.clone())
-            .uri(url)
-            .body(forward::boxed(
-                forward::Metered::new(body, bytes_in.clone(), Some(max_body)).without_trailers(),
-            ))
+        let mut request = Request::builder()
+            .method(up.method.clone())
+            .uri(up.url)
+            .body(body)
             .map_err(|e| internal("upstream request", e))?;
-        *upstream_req.headers_mut() = forward::upstream_headers(&parts.headers, authorization);
-
+        *request.headers_mut() = forward::upstream_headers(up.client_headers, authorization);
         let timeout = self.config.server.request_timeout;
-        let response = match tokio::time::timeout(timeout, self.upstream.request(upstream_req))
-            .await
-        {
+        let response = match tokio::time::timeout(timeout, self.upstream.request(request)).await {
             Err(_) => {
                 return Err(ProxyError::new(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -419,7 +493,7 @@ impl Proxy {
                     Fault::Upstream,
                     format!(
                         "{} did not send a response within {}",
-                        route.api,
+                        up.route.api,
                         humantime::format_duration(timeout)
                     ),
                 ))
@@ -430,7 +504,7 @@ impl Proxy {
                 return Err(too_large(max_body))
             }
             Ok(Err(e)) => {
-                tracing::warn!(api = %route.api, error = %error_chain(&e), "upstream request failed");
+                tracing::warn!(api = %up.route.api, error = %error_chain(&e), "upstream request failed");
                 return Err(ProxyError::new(
                     StatusCode::BAD_GATEWAY,
                     codes::UPSTREAM_UNAVAILABLE,
@@ -439,20 +513,13 @@ impl Proxy {
                     Fault::Upstream,
                     format!(
                         "the proxy could not get a response from {} ({})",
-                        route.api, route.environment
+                        up.route.api, up.route.environment
                     ),
                 ));
             }
             Ok(Ok(response)) => response,
         };
-
-        // Inspect: learn Apple's clock from its Date header; stream everything else untouched.
-        if let Some(date) = response
-            .headers()
-            .get(header::DATE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| httpdate::parse_http_date(v).ok())
-        {
+        if let Some(date) = apple_date(response.headers()) {
             let offset = self.minter.clock().observe(date, SystemTime::now());
             if offset.abs() > 10 {
                 tracing::warn!(
@@ -461,18 +528,185 @@ impl Proxy {
                 );
             }
         }
-        tracing::debug!(
+        Ok(response)
+    }
+
+    /// Apple said 401 or 403: gather the evidence, diagnose, and answer with Apple's errors
+    /// plus `diagnostics` (DESIGN §7).
+    async fn diagnosed(
+        &self,
+        response: Response<Incoming>,
+        up: &Upstream<'_>,
+        token: &token::Token,
+        retried: bool,
+        request_id: &str,
+    ) -> Response<ProxyBody> {
+        let proxy_now = token::unix_secs(SystemTime::now());
+        let status = response.status();
+        let (mut head, body) = response.into_parts();
+        let apple_date = apple_date(&head.headers).map(token::unix_secs);
+        // Bounded, and only when not compressed: enough for Apple's small error bodies.
+        let body_bytes = if head.headers.contains_key(header::CONTENT_ENCODING) {
+            Bytes::new()
+        } else {
+            let limited = http_body_util::Limited::new(body, DIAGNOSIS_BODY_LIMIT);
+            match tokio::time::timeout(DIAGNOSIS_READ_TIMEOUT, limited.collect()).await {
+                Ok(Ok(collected)) => collected.to_bytes(),
+                _ => Bytes::new(),
+            }
+        };
+        let apple_json: Option<serde_json::Value> = serde_json::from_slice(&body_bytes).ok();
+        let apple_errors = diagnose::apple_errors(&body_bytes);
+
+        // Production storekit GET refused: does sandbox take the same token? (APPLE.md §0)
+        let route = up.route;
+        let sandbox_probe = if status == StatusCode::UNAUTHORIZED
+            && route.api.token_family() == TokenFamily::StoreKit
+            && route.environment == Environment::Production
+            && *up.method == Method::GET
+        {
+            Some(self.probe_sandbox(up, token).await)
+        } else {
+            None
+        };
+
+        let key = self.minter.key_config(&token.key_name);
+        let (file_kind_hint, file_names_key_id) = key.map(file_evidence).unwrap_or((None, false));
+        let issuer = key.and_then(|k| k.issuer_id.as_deref());
+        let issuer_proven = issuer.is_some_and(|iss| {
+            self.config
+                .keys
+                .iter()
+                .filter(|k| k.issuer_id.as_deref() == Some(iss))
+                .any(|k| self.key_last_success(&k.name).is_some())
+        });
+        let evidence = diagnose::Evidence {
+            status: status.as_u16(),
+            api: route.api,
+            environment: route.environment,
+            method: up.method.as_str(),
+            path: route.path,
+            query: up.url.split_once('?').map(|(_, q)| q),
+            key_name: &token.key_name,
+            key_id: &token.key_id,
+            key_kind: key.map_or(KeyKind::Team, |k| k.kind),
+            file_kind_hint,
+            file_names_key_id,
+            claims: &token.claims,
+            proxy_now,
+            apple_date,
+            apple_errors: &apple_errors,
+            key_last_success: self.key_last_success(&token.key_name),
+            issuer_proven,
+            retried,
+            sandbox_probe,
+        };
+        let causes = diagnose::diagnose(&evidence);
+        let first = causes.first().map_or("UNKNOWN", |c| c.code);
+        tracing::warn!(
             request_id,
-            status = response.status().as_u16(),
-            "upstream answered"
+            status = status.as_u16(),
+            api = %route.api,
+            key = %token.key_name,
+            diagnosis = first,
+            "Apple refused the request"
         );
-        let (mut parts, body) = response.into_parts();
-        forward::clean_response_headers(&mut parts.headers);
-        let bytes_out = Arc::new(AtomicU64::new(0));
-        Ok(Response::from_parts(
-            parts,
-            forward::boxed(forward::Metered::new(body, bytes_out, None).holding(permit)),
-        ))
+
+        let errors = match apple_json.as_ref().and_then(|j| j.get("errors")) {
+            Some(errors) if errors.is_array() => errors.clone(),
+            _ => serde_json::json!([{
+                "status": status.as_str(),
+                "code": "NOT_AUTHORIZED",
+                "title": "Apple refused the request without an error body",
+                "detail": "Apple answered with no JSON error; see diagnostics for the likely causes",
+            }]),
+        };
+        let c = &token.claims;
+        let body = serde_json::json!({
+            "errors": errors,
+            "diagnostics": {
+                "request_id": request_id,
+                "api": route.api.id(),
+                "environment": route.environment.as_str(),
+                "key": {"name": token.key_name, "key_id": token.key_id, "kind": key.map(|k| k.kind.id())},
+                "token": {
+                    "iss": c.iss, "sub": c.sub, "iat": c.iat, "exp": c.exp,
+                    "lifetime_s": c.exp - c.iat, "aud": c.aud, "scope": c.scope, "bid": c.bid,
+                },
+                "clock": {
+                    "proxy": crate::rfc3339(proxy_now),
+                    "apple": apple_date.map(crate::rfc3339),
+                    "skew_s": apple_date.map(|a| a - proxy_now),
+                },
+                "retried": retried,
+                "key_last_success": evidence.key_last_success.map(crate::rfc3339),
+                "sandbox_probe": sandbox_probe.map(|p| match p {
+                    SandboxProbe::Accepted(s) => serde_json::json!({"accepted": true, "status": s}),
+                    SandboxProbe::Rejected(s) => serde_json::json!({"accepted": false, "status": s}),
+                    SandboxProbe::Failed => serde_json::json!({"accepted": null, "status": null}),
+                }),
+                "apple_request_id": head.headers.get("x-apple-request-uuid").and_then(|v| v.to_str().ok()),
+                "likely_causes": causes,
+            },
+        });
+        for name in [
+            header::CONTENT_LENGTH,
+            header::CONTENT_TYPE,
+            header::CONTENT_ENCODING,
+            header::TRANSFER_ENCODING,
+        ] {
+            head.headers.remove(name);
+        }
+        forward::clean_response_headers(&mut head.headers);
+        head.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        head.headers
+            .insert(X_PROXY_DIAGNOSIS, HeaderValue::from_static(first));
+        Response::from_parts(
+            head,
+            forward::boxed(Full::new(Bytes::from(body.to_string()))),
+        )
+    }
+
+    /// The same GET, same token, against sandbox.
+    async fn probe_sandbox(&self, up: &Upstream<'_>, token: &token::Token) -> SandboxProbe {
+        let sandbox_path = format!("{}{}", crate::apple::SANDBOX_PREFIX, up.route.path);
+        let Ok(route) = self.routes.resolve(&sandbox_path) else {
+            return SandboxProbe::Failed;
+        };
+        let url = route.url(up.url.split_once('?').map(|(_, q)| q));
+        let probe = Upstream {
+            method: up.method,
+            url: &url,
+            client_headers: up.client_headers,
+            route: &route,
+        };
+        let counter = AtomicU64::new(0);
+        match tokio::time::timeout(
+            PROBE_TIMEOUT,
+            self.send(&probe, forward::empty(), token, &counter, 0),
+        )
+        .await
+        {
+            Ok(Ok(r)) if is_auth_failure(r.status()) => SandboxProbe::Rejected(r.status().as_u16()),
+            Ok(Ok(r)) => SandboxProbe::Accepted(r.status().as_u16()),
+            _ => SandboxProbe::Failed,
+        }
+    }
+
+    fn key_worked(&self, key: &str) {
+        if let Some(t) = self.key_success.get(key) {
+            t.store(token::unix_secs(SystemTime::now()), Ordering::Relaxed);
+        }
+    }
+
+    fn key_last_success(&self, key: &str) -> Option<i64> {
+        self.key_success
+            .get(key)
+            .map(|t| t.load(Ordering::Relaxed))
+            .filter(|t| *t > 0)
     }
 
     fn authenticate(
@@ -528,6 +762,71 @@ impl Proxy {
             )
         })
     }
+}
+
+/// One request on its way to Apple, as the send/retry/probe steps share it.
+struct Upstream<'a> {
+    method: &'a Method,
+    url: &'a str,
+    client_headers: &'a http::HeaderMap,
+    route: &'a route::Route<'a>,
+}
+
+/// Apple's answer, streamed back with hop-by-hop headers removed; the concurrency permit
+/// lives as long as the body. `note` (a diagnosis code) marks a success worth knowing about.
+fn stream_back(
+    response: Response<Incoming>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    note: Option<&'static str>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    forward::clean_response_headers(&mut parts.headers);
+    if let Some(code) = note {
+        parts
+            .headers
+            .insert(X_PROXY_DIAGNOSIS, HeaderValue::from_static(code));
+    }
+    let bytes_out = Arc::new(AtomicU64::new(0));
+    Response::from_parts(
+        parts,
+        forward::boxed(forward::Metered::new(body, bytes_out, None).holding(permit)),
+    )
+}
+
+fn is_auth_failure(status: StatusCode) -> bool {
+    status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN
+}
+
+/// RFC 9110 §9.2.2.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::PUT
+    )
+}
+
+fn apple_date(headers: &http::HeaderMap) -> Option<SystemTime> {
+    headers
+        .get(header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+}
+
+/// What the key file's name says: the kind Apple gave it (`AuthKey_` = App Store Connect,
+/// `SubscriptionKey_` = In-App Purchase) and whether it carries the configured key id.
+fn file_evidence(key: &crate::config::KeyConfig) -> (Option<KeyKind>, bool) {
+    let crate::config::KeySource::File(path) = &key.source else {
+        return (None, false);
+    };
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    let hint = if stem.starts_with("AuthKey_") {
+        Some(KeyKind::Team)
+    } else if stem.starts_with("SubscriptionKey_") {
+        Some(KeyKind::InAppPurchase)
+    } else {
+        None
+    };
+    (hint, stem.ends_with(&key.key_id))
 }
 
 fn bad_request(detail: String) -> ProxyError {

@@ -41,7 +41,7 @@ pub const MAX_CACHED_SCOPE: usize = 1024;
 
 /// A newly measured Apple clock offset this far from the one a cached token was minted with
 /// retires that token.
-const OFFSET_TOLERANCE_SECS: i64 = 5;
+pub const OFFSET_TOLERANCE_SECS: i64 = 5;
 
 /// The claims the proxy puts in a token. Also what diagnoses and `check` show: it holds no
 /// secret (the signature and the compact JWT live only in [`Token::jwt`]).
@@ -307,6 +307,15 @@ impl Minter {
     /// freshly signed. The cache lock is never held while signing, so one request's
     /// signature never delays another request.
     pub fn token(&self, req: &Request<'_>, now: SystemTime) -> Result<Arc<Token>, MintError> {
+        self.mint(req, now, true)
+    }
+
+    fn mint(
+        &self,
+        req: &Request<'_>,
+        now: SystemTime,
+        use_cache: bool,
+    ) -> Result<Arc<Token>, MintError> {
         let key = self
             .keys
             .get(req.key)
@@ -334,9 +343,11 @@ impl Minter {
         };
         let apple_now = self.clock.apple_now(now);
         let offset = self.clock.offset_secs();
-        if let Some(token) = self.cache.get(&cache_key, apple_now, offset) {
-            self.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(token);
+        if use_cache {
+            if let Some(token) = self.cache.get(&cache_key, apple_now, offset) {
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(token);
+            }
         }
         let lifetime = self.lifetime(&key.config, req.api, scope.is_some());
         let iat = apple_now - self.iat_leeway;
@@ -358,6 +369,12 @@ impl Minter {
             self.cache.insert(&cache_key, token.clone(), apple_now);
         }
         Ok(token)
+    }
+
+    /// A freshly signed token for `req` (new `iat`), replacing any cached one: the retry after
+    /// one of Apple's transient 401s must not resend the token Apple just refused.
+    pub fn remint(&self, req: &Request<'_>, now: SystemTime) -> Result<Arc<Token>, MintError> {
+        self.mint(req, now, false)
     }
 
     /// `exp - iat` for this key and request: the key's lifetime (already capped at its
@@ -815,6 +832,22 @@ mod tests {
             )
             .unwrap();
         assert_ne!(e.claims.scope, f.claims.scope);
+    }
+
+    #[test]
+    fn remint_signs_anew_and_replaces_the_cached_token() {
+        let m = minter("");
+        let r = req(
+            "iap",
+            Api::AppStoreServer,
+            "GET",
+            "/inApps/v1/transactions/1",
+            None,
+        );
+        let a = m.token(&r, now()).unwrap();
+        let b = m.remint(&r, now()).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&b, &m.token(&r, now()).unwrap()));
     }
 
     #[test]
