@@ -95,8 +95,8 @@ pub struct Evidence<'a> {
     pub key_kind: KeyKind,
     /// The kind the key's file name suggests (`AuthKey_` / `SubscriptionKey_`), if any.
     pub file_kind_hint: Option<KeyKind>,
-    /// Whether the key file's name carries this key id (`AuthKey_<kid>.p8`).
-    pub file_names_key_id: bool,
+    /// The key id the key file's name carries (`AuthKey_<id>.p8`), if it carries one.
+    pub file_key_id: Option<&'a str>,
     pub claims: &'a Claims,
     /// The proxy's own clock when Apple answered (UNIX seconds).
     pub proxy_now: i64,
@@ -337,13 +337,15 @@ pub fn diagnose(e: &Evidence<'_>) -> Vec<Cause> {
                 "check App Store Connect → Users and Access → Integrations for the key's status",
             )),
         }
+        let kid_confirmed = e.file_key_id == Some(e.key_id);
+        let kid_contradicted = e.file_key_id.is_some_and(|f| f != e.key_id);
         if e.key_kind != KeyKind::Individual {
             let malformed = iss.is_none_or(|i| !apple::is_plausible_issuer_id(i));
             out.push(cause(
                 codes::WRONG_ISSUER,
                 if malformed {
                     STRONG
-                } else if worked.is_none() && !e.issuer_proven && e.file_names_key_id {
+                } else if worked.is_none() && !e.issuer_proven && kid_confirmed {
                     FAIR + 5
                 } else if worked.is_none() && !e.issuer_proven {
                     FAIR
@@ -357,9 +359,9 @@ pub fn diagnose(e: &Evidence<'_>) -> Vec<Cause> {
         let plausible_kid = apple::is_plausible_key_id(e.key_id);
         out.push(cause(
             codes::WRONG_KEY_ID,
-            if !plausible_kid {
+            if !plausible_kid || (kid_contradicted && worked.is_none()) {
                 STRONG
-            } else if worked.is_none() && !e.file_names_key_id {
+            } else if worked.is_none() && !kid_confirmed {
                 FAIR
             } else if worked.is_none() {
                 WEAK
@@ -369,7 +371,11 @@ pub fn diagnose(e: &Evidence<'_>) -> Vec<Cause> {
             format!(
                 "the token's kid is \"{}\"; it must be the Key ID of the .p8 that signed it{}",
                 e.key_id,
-                if e.file_names_key_id { " (the key file's name agrees)" } else { "" }
+                match e.file_key_id {
+                    Some(f) if f == e.key_id => " (the key file's name agrees)".to_string(),
+                    Some(f) => format!(" — but the key file's name says {f}"),
+                    None => String::new(),
+                }
             ),
             "copy the Key ID of this key from App Store Connect → Users and Access → Integrations into key_id (Apple names the download AuthKey_<KeyID>.p8 / SubscriptionKey_<KeyID>.p8)",
         ));
@@ -450,7 +456,7 @@ mod tests {
                 KeyKind::Team
             },
             file_kind_hint: None,
-            file_names_key_id: true,
+            file_key_id: Some("2X9R4HXF34"),
             claims: c,
             proxy_now: NOW,
             apple_date: Some(NOW),
@@ -534,8 +540,16 @@ mod tests {
 
         let mut e = evidence(Api::AppStoreConnect, &connect, &none);
         e.issuer_proven = true;
-        e.file_names_key_id = false;
+        e.file_key_id = None;
         assert_eq!(first(&e), codes::WRONG_KEY_ID);
+        let mut e = evidence(Api::AppStoreConnect, &connect, &none);
+        e.file_key_id = Some("7Z3K9QWE12");
+        assert_eq!(
+            first(&e),
+            codes::WRONG_KEY_ID,
+            "the file name contradicts key_id"
+        );
+        assert!(diagnose(&e)[0].detail.contains("7Z3K9QWE12"));
 
         let mut e = evidence(Api::AppStoreServer, &storekit, &none);
         e.sandbox_probe = Some(SandboxProbe::Rejected(401));

@@ -571,7 +571,7 @@ impl Proxy {
         };
 
         let key = self.minter.key_config(&token.key_name);
-        let (file_kind_hint, file_names_key_id) = key.map(file_evidence).unwrap_or((None, false));
+        let (file_kind_hint, file_key_id) = key.map(file_evidence).unwrap_or((None, None));
         let issuer = key.and_then(|k| k.issuer_id.as_deref());
         let issuer_proven = issuer.is_some_and(|iss| {
             self.config
@@ -591,7 +591,7 @@ impl Proxy {
             key_id: &token.key_id,
             key_kind: key.map_or(KeyKind::Team, |k| k.kind),
             file_kind_hint,
-            file_names_key_id,
+            file_key_id: file_key_id.as_deref(),
             claims: &token.claims,
             proxy_now,
             apple_date,
@@ -813,20 +813,19 @@ fn apple_date(headers: &http::HeaderMap) -> Option<SystemTime> {
 }
 
 /// What the key file's name says: the kind Apple gave it (`AuthKey_` = App Store Connect,
-/// `SubscriptionKey_` = In-App Purchase) and whether it carries the configured key id.
-fn file_evidence(key: &crate::config::KeyConfig) -> (Option<KeyKind>, bool) {
+/// `SubscriptionKey_` = In-App Purchase) and the key id it carries.
+fn file_evidence(key: &crate::config::KeyConfig) -> (Option<KeyKind>, Option<String>) {
     let crate::config::KeySource::File(path) = &key.source else {
-        return (None, false);
+        return (None, None);
     };
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-    let hint = if stem.starts_with("AuthKey_") {
-        Some(KeyKind::Team)
-    } else if stem.starts_with("SubscriptionKey_") {
-        Some(KeyKind::InAppPurchase)
+    if let Some(id) = stem.strip_prefix("AuthKey_") {
+        (Some(KeyKind::Team), Some(id.to_string()))
+    } else if let Some(id) = stem.strip_prefix("SubscriptionKey_") {
+        (Some(KeyKind::InAppPurchase), Some(id.to_string()))
     } else {
-        None
-    };
-    (hint, stem.ends_with(&key.key_id))
+        (None, None)
+    }
 }
 
 fn bad_request(detail: String) -> ProxyError {

@@ -381,7 +381,7 @@ fn fault_response(fault: Fault, role: Role) -> Response<ResponseBody> {
         Fault::Revoked | Fault::Transient | Fault::StrictScopeEncoding => not_authorized(role),
         // APPLE.md §0: production answers 401 with no body until the app is released.
         Fault::Unreleased => empty_response(StatusCode::UNAUTHORIZED),
-        Fault::IndividualForbidden => {
+        Fault::IndividualForbidden | Fault::RoleForbidden => {
             json_response(StatusCode::FORBIDDEN, APP_STORE_CONNECT_FORBIDDEN_BODY)
         }
         Fault::AgreementPending => json_response(StatusCode::FORBIDDEN, AGREEMENT_PENDING_BODY),

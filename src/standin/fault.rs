@@ -38,6 +38,9 @@ pub(crate) enum Fault {
     IndividualForbidden,
     /// The Account Holder has not accepted the latest agreement: 403 FORBIDDEN.
     AgreementPending,
+    /// The key's role does not allow this path (Faults::role_forbidden_paths): 403
+    /// FORBIDDEN_ERROR, the body Apple sends for any key whose role lacks the permission.
+    RoleForbidden,
     /// Not decided here: the token failed `verify`'s strict scope comparison although it
     /// would match after percent-decoding. A 401 like any bad token.
     StrictScopeEncoding,
@@ -52,6 +55,7 @@ impl Fault {
             Fault::Unreleased => "unreleased",
             Fault::IndividualForbidden => "individual_forbidden",
             Fault::AgreementPending => "agreement",
+            Fault::RoleForbidden => "role_forbidden",
             Fault::StrictScopeEncoding => "strict_scope_encoding",
         }
     }
@@ -72,6 +76,9 @@ impl Fault {
             }
             Fault::StrictScopeEncoding => {
                 "the scope matches only after percent-decoding (Faults::strict_scope_encoding)"
+            }
+            Fault::RoleForbidden => {
+                "the key's role does not allow this path (Faults::role_forbidden_paths)"
             }
         }
     }
@@ -111,6 +118,13 @@ pub(crate) fn decide(
         if request.kind == Some(&KnownKeyKind::Individual) && individual_key_forbidden(request.path)
         {
             return Some(Fault::IndividualForbidden);
+        }
+        if faults
+            .role_forbidden_paths
+            .iter()
+            .any(|p| request.path.starts_with(p.as_str()))
+        {
+            return Some(Fault::RoleForbidden);
         }
         if faults.agreement_pending {
             return Some(Fault::AgreementPending);

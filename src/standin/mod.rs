@@ -164,6 +164,9 @@ pub struct Faults {
     /// WITHOUT percent-decoding — so a scope with literal `[`/`]` does not match a request
     /// sent with `%5B`/`%5D`. Models Apple's unconfirmed strict reading (APPLE.md §2).
     pub strict_scope_encoding: bool,
+    /// App Store Connect path prefixes the keys' role does not allow: otherwise-accepted
+    /// requests under them get 403 FORBIDDEN_ERROR (a role lacking a permission).
+    pub role_forbidden_paths: Vec<String>,
 }
 
 /// One request as the stand-in received it.
