@@ -1030,6 +1030,86 @@ async fn token_command_prints_a_jwt_for_exactly_that_request() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("known prefixes"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_lists_every_rule_a_token_breaks_and_checks_it_against_the_config() {
+    let world = World::new(&Setup::default(), "127.0.0.1:0").await;
+    // A token the proxy itself made: breaks nothing; with --config its signature verifies.
+    let out = bin()
+        .args([
+            "token",
+            "--key",
+            "connect",
+            "--request",
+            "GET /v1/apps",
+            "--config",
+        ])
+        .arg(&world.config_path)
+        .output()
+        .unwrap();
+    let good = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let out = bin().args(["explain", &good]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("app-store-connect") && stdout.contains("OK"),
+        "{stdout}"
+    );
+    let out = bin()
+        .args(["explain", "--config"])
+        .arg(&world.config_path)
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("signature verifies with key `connect`"));
+
+    // A hand-rolled token with the classic mistakes, read from stdin.
+    use base64::Engine as _;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut der = vec![0x30u8, 0x44];
+    der.extend([9u8; 68]);
+    let bad = format!(
+        "{}.{}.{}",
+        b64(serde_json::json!({"alg": "ES256", "kid": TEAM_KID})),
+        b64(
+            serde_json::json!({"iss": ISSUER, "sub": "user", "iat": now + 120, "exp": now + 3600, "aud": "appstoreconnect-v1"})
+        ),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&der)
+    );
+    let mut child = bin()
+        .args(["explain", "--config"])
+        .arg(&world.config_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(bad.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    for want in [
+        "DER",
+        "future",
+        "20 min",
+        "both iss and sub",
+        "typ",
+        "does not verify",
+    ] {
+        assert!(stdout.contains(want), "names {want:?}: {stdout}");
+    }
+}
+
 #[test]
 fn client_secret_prints_a_secret_and_its_config_hash() {
     let out = bin().args(["client-secret", "ci"]).output().unwrap();

@@ -202,6 +202,7 @@ mod tests {
             agreement_pending: true,
             transient_401s: 1,
             strict_scope_encoding: false,
+            role_forbidden_paths: vec!["/v1/users".into()],
         };
         let left = AtomicU32::new(1);
         let asc = request(Role::AppStoreConnect, "/v1/devices", Some(&individual));
