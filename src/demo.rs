@@ -21,6 +21,7 @@ pub const DEMO_ISSUER: &str = "69a6de7e-0000-47e3-e053-5b8c7c11a4d1";
 pub const DEMO_BUNDLE: &str = "com.example.demo";
 pub const DEMO_CONNECT_KID: &str = "DEMOTEAM01";
 pub const DEMO_STOREKIT_KID: &str = "DEMOIAP001";
+pub const DEMO_INDIVIDUAL_KID: &str = "DEMOUSER01";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -46,6 +47,8 @@ pub struct Demo {
     pub listener: TcpListener,
     pub addr: SocketAddr,
     pub secret: String,
+    /// Secret of client `analyst`, pinned to an individual key (to show a diagnosis).
+    pub analyst_secret: String,
 }
 
 fn throwaway_key() -> Result<(String, Vec<u8>), DemoError> {
@@ -66,6 +69,7 @@ fn throwaway_key() -> Result<(String, Vec<u8>), DemoError> {
 pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
     let (connect_pem, connect_pub) = throwaway_key()?;
     let (storekit_pem, storekit_pub) = throwaway_key()?;
+    let (analyst_pem, analyst_pub) = throwaway_key()?;
     let standin = Standin::start(Options {
         keys: vec![
             KnownKey {
@@ -74,6 +78,11 @@ pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
                 kind: KnownKeyKind::Team {
                     issuer_id: DEMO_ISSUER.into(),
                 },
+            },
+            KnownKey {
+                key_id: DEMO_INDIVIDUAL_KID.into(),
+                public_key: analyst_pub,
+                kind: KnownKeyKind::Individual,
             },
             KnownKey {
                 key_id: DEMO_STOREKIT_KID.into(),
@@ -90,6 +99,7 @@ pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
     .map_err(DemoError::Standin)?;
 
     let secret = crate::client::generate_secret().map_err(|_| DemoError::KeyGen)?;
+    let analyst_secret = crate::client::generate_secret().map_err(|_| DemoError::KeyGen)?;
     let connect_url = standin.url(crate::standin::Role::AppStoreConnect);
     let text = format!(
         r#"
@@ -131,18 +141,33 @@ bundle_id = "{DEMO_BUNDLE}"
 private_key_env = "DEMO_IN_MEMORY"
 apis = ["app-store-server", "advanced-commerce", "external-purchase"]
 
+[[keys]]
+name = "analyst"
+kind = "individual"
+key_id = "{DEMO_INDIVIDUAL_KID}"
+private_key_env = "DEMO_IN_MEMORY"
+apis = ["app-store-connect"]
+
 [[clients]]
 name = "demo"
 secret_sha256 = "{hash}"
 allow = ["GET /v1/*", "* /inApps/*", "* /sandbox/inApps/*", "GET /notary/*"]
+
+[[clients]]
+name = "analyst"
+secret_sha256 = "{analyst_hash}"
+allow = ["GET /v1/*"]
+key = "analyst"
 "#,
         prod = standin.url(crate::standin::Role::StoreKitProduction),
         sandbox = standin.url(crate::standin::Role::StoreKitSandbox),
         hash = crate::hex(&crate::sha256(secret.as_bytes())),
+        analyst_hash = crate::hex(&crate::sha256(analyst_secret.as_bytes())),
     );
     let mut config = Config::parse(&text, "<demo>", Path::new("."))?;
     config.keys[0].source = KeySource::Inline(connect_pem);
     config.keys[1].source = KeySource::Inline(storekit_pem);
+    config.keys[2].source = KeySource::Inline(analyst_pem);
     let (proxy, _warnings) = Proxy::new(config, Some(standin.ca_pem())).map_err(Box::new)?;
     let listener = TcpListener::bind(listen)
         .await
@@ -160,6 +185,7 @@ allow = ["GET /v1/*", "* /inApps/*", "* /sandbox/inApps/*", "GET /notary/*"]
         listener,
         addr,
         secret,
+        analyst_secret,
     })
 }
 
@@ -184,6 +210,13 @@ impl Demo {
             (
                 "Response headers: X-Request-Id from the proxy, X-Rate-Limit from \"Apple\"",
                 format!("curl -sS -o /dev/null -D - {auth} '{base}/v1/apps'"),
+            ),
+            (
+                "The 401 doctor: client `analyst` uses an individual key, which Apple refuses sales reports (403); the proxy says why and how to fix it",
+                format!(
+                    "curl -sS -H 'Authorization: Bearer {}' '{base}/v1/salesReports?filter%5BreportType%5D=SALES'",
+                    self.analyst_secret
+                ),
             ),
             (
                 "No client secret: the proxy refuses (401 PROXY_UNAUTHENTICATED)",
