@@ -109,6 +109,19 @@ pub struct Audit {
     /// `None` = stdout (`path = "-"`).
     pub path: Option<PathBuf>,
     pub on_failure: OnAuditFailure,
+    pub fsync: Fsync,
+}
+
+/// When the audit log is forced to disk. Every record is written (flushed to the OS) at once
+/// whatever this says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    /// After every record: nothing acknowledged is lost in a power cut; slowest.
+    Always,
+    /// At most this long after a record (default 1 s).
+    Interval(Duration),
+    /// Leave it to the OS.
+    Off,
 }
 
 #[derive(Clone, Debug)]
@@ -229,6 +242,7 @@ struct RawServer {
 struct RawAudit {
     path: Option<String>,
     on_failure: Option<OnAuditFailure>,
+    fsync: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -307,6 +321,7 @@ pub const DEFAULT_MAX_CONCURRENT: usize = 1024;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_IAT_LEEWAY: Duration = Duration::from_secs(60);
@@ -494,6 +509,20 @@ impl Validator<'_> {
                 None => Some(self.path("audit.jsonl")),
             },
             on_failure: raw.audit.on_failure.unwrap_or(OnAuditFailure::Reject),
+            fsync: match raw.audit.fsync.as_deref() {
+                None => Fsync::Interval(DEFAULT_FSYNC_INTERVAL),
+                Some("always") => Fsync::Always,
+                Some("off") => Fsync::Off,
+                Some(v) => Fsync::Interval(parse_duration(v).filter(|d| !d.is_zero()).ok_or_else(
+                    || {
+                        self.invalid(
+                        "audit.fsync",
+                        format!("`{v}` is neither \"always\", \"off\" nor an interval"),
+                        "write \"always\" (every record), an interval such as \"1s\", or \"off\"",
+                    )
+                    },
+                )?),
+            },
         };
 
         let upstream = Upstream {

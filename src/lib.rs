@@ -10,6 +10,7 @@
 //! - [`config`]: `proxy.toml` → validated [`config::Config`].
 //! - [`route`]: path → API, environment and upstream; path checks.
 //! - [`token`]: `.p8` loading, claims, scope, ES256 signing with `ring`, Apple's clock, cache.
+//! - [`audit`]: the hash-chained audit log, its single writer, and `audit verify`.
 //! - [`client`]: who is calling (client secrets) and what they may call (allow rules).
 //! - [`forward`]: the pooled rustls client, header hygiene, streaming bodies.
 //! - [`diagnose`]: pure: evidence of an Apple 401/403 → ranked likely causes with fixes.
@@ -34,6 +35,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apple;
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod demo;
