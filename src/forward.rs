@@ -6,7 +6,7 @@
 //! beyond "this is the `Authorization` value to send". Imports only `config`.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -177,6 +177,8 @@ pub struct Metered<B> {
     seen: u64,
     limit: Option<u64>,
     drop_trailers: bool,
+    /// Set when the inner body reached its end.
+    ended: Option<Arc<AtomicBool>>,
     _guard: Option<Box<dyn Send>>,
 }
 
@@ -188,8 +190,16 @@ impl<B> Metered<B> {
             seen: 0,
             limit,
             drop_trailers: false,
+            ended: None,
             _guard: None,
         }
+    }
+
+    /// Sets `flag` when the body has been read to its end (so its guard can tell a complete
+    /// response from one the client abandoned).
+    pub fn on_end(mut self, flag: Arc<AtomicBool>) -> Metered<B> {
+        self.ended = Some(flag);
+        self
     }
 
     /// Drops trailer frames: a client's trailers are headers too (`authorization`, `cookie`
@@ -237,7 +247,12 @@ where
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Ready(None) => {
+                    if let Some(flag) = &this.ended {
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                    Poll::Ready(None)
+                }
                 Poll::Pending => Poll::Pending,
             };
         }

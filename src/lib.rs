@@ -12,11 +12,13 @@
 //! - [`token`]: `.p8` loading, claims, scope, ES256 signing with `ring`, Apple's clock, cache.
 //! - [`audit`]: the hash-chained audit log, its single writer, and `audit verify`.
 //! - [`client`]: who is calling (client secrets) and what they may call (allow rules).
+//! - [`metrics`]: Prometheus counters and histograms with fixed label sets.
 //! - [`forward`]: the pooled rustls client, header hygiene, streaming bodies.
 //! - [`diagnose`]: pure: evidence of an Apple 401/403 → ranked likely causes with fixes.
 //! - [`explain`]: pure: any Apple JWT → every rule it breaks (the `explain` command).
 //! - [`proxy`]: the only module that knows the order of a request's steps.
 //! - [`framing`]: watches HTTP/1 framing under hyper to refuse request smuggling.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener.
 //! - [`server`]: listeners, inbound TLS/mTLS, connection tasks, graceful shutdown.
 //! - [`standin`]: the local Apple stand-in used by `demo` and the tests; it shares no code
 //!   with the minting path (its verifier is RustCrypto's `p256`, not `ring`).
@@ -34,6 +36,7 @@
 //!   the credential Apple sees.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod apple;
 pub mod audit;
 pub mod client;
@@ -43,6 +46,7 @@ pub mod diagnose;
 pub mod explain;
 pub mod forward;
 pub mod framing;
+pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod server;
@@ -78,6 +82,17 @@ pub fn rfc3339(unix: i64) -> String {
         secs / 3600,
         secs % 3600 / 60,
         secs % 60
+    )
+}
+
+/// RFC 3339 UTC with milliseconds (`2026-11-22T15:21:46.123Z`), for audit records.
+pub fn rfc3339_millis(t: std::time::SystemTime) -> String {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = rfc3339(i64::try_from(since.as_secs()).unwrap_or(i64::MAX));
+    format!(
+        "{}.{:03}Z",
+        secs.trim_end_matches('Z'),
+        since.subsec_millis()
     )
 }
 

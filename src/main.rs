@@ -124,8 +124,13 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let listener = server::bind(&config).await.with_context(|| {
             format!(
-                "{}: cannot listen on {} (field server.listen)",
-                config.source, config.server.listen
+                "{}: cannot listen on {} or {} (fields server.listen, server.admin_listen)",
+                config.source,
+                config.server.listen,
+                config
+                    .server
+                    .admin_listen
+                    .map_or("-".to_string(), |a| a.to_string())
             )
         })?;
         server::run(config, listener, shutdown_signal()).await?;
@@ -398,9 +403,14 @@ fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
             println!("{line}");
             println!();
         }
-        println!("Press Ctrl-C to stop.");
+        println!("Press Ctrl-C to stop. Each request's audit record (one hash-chained JSON line) prints below when it ends.");
         let demo::Demo { standin, proxy, listener, .. } = d;
-        server::serve(proxy, listener, shutdown_signal()).await;
+        let writer = proxy.start_audit()?;
+        server::serve(proxy.clone(), listener, shutdown_signal()).await;
+        if let Some(audit) = proxy.audit() {
+            audit.close();
+        }
+        drop(writer);
         standin.shutdown().await;
         Ok(())
     })

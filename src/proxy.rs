@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -21,16 +21,23 @@ use hyper::body::Incoming;
 use tracing::Instrument as _;
 
 use crate::apple::{Api, Environment, KeyKind, TokenFamily};
+use crate::audit;
 use crate::client::{AuthError, CertIdentity, Clients, Identity};
 use crate::config::Config;
 use crate::diagnose::{self, SandboxProbe};
 use crate::forward::{self, ProxyBody};
+use crate::metrics;
 use crate::route::{self, RouteError};
 use crate::token::{self, AppleClock, Minter};
 
 /// Longest path + query accepted. Apple's URLs are far shorter; the bound keeps scopes (and
 /// so cached tokens) small whatever a client sends.
 pub const MAX_TARGET_BYTES: usize = 8 * 1024;
+
+/// Apple's request id response header (the audit's `apple_request_id`).
+pub const APPLE_REQUEST_ID: &str = "x-apple-request-uuid";
+/// App Store Connect's rate-limit header (`user-hour-lim:3600;user-hour-rem:3121;`).
+pub const APPLE_RATE_LIMIT: &str = "x-rate-limit";
 
 /// Response header naming the first likely cause when Apple refused a request.
 pub const X_PROXY_DIAGNOSIS: &str = "x-proxy-diagnosis";
@@ -150,6 +157,8 @@ pub enum StartError {
     #[error(transparent)]
     Key(#[from] Box<token::LoadError>),
     #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    #[error(transparent)]
     Upstream(#[from] forward::ClientError),
 }
 
@@ -167,6 +176,10 @@ pub struct Proxy {
     tls: Option<tokio_rustls::TlsAcceptor>,
     /// Per key: when Apple last accepted it (UNIX seconds; 0 = not since start-up).
     key_success: HashMap<String, AtomicI64>,
+    /// The audit log, once started (`serve`); `check` never starts it.
+    audit: std::sync::OnceLock<audit::Audit>,
+    metrics: Arc<metrics::Metrics>,
+    serving: AtomicBool,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -213,6 +226,9 @@ impl Proxy {
                     config.server.max_concurrent_requests,
                 )),
                 tls,
+                audit: std::sync::OnceLock::new(),
+                metrics: Arc::new(metrics::Metrics::new()),
+                serving: AtomicBool::new(false),
                 key_success: config
                     .keys
                     .iter()
@@ -236,7 +252,60 @@ impl Proxy {
         self.tls.as_ref()
     }
 
-    /// The outer handler: never fails, always stamps the request id, logs once.
+    /// Opens the audit log and starts its writer. Until this is called every request is
+    /// refused with 503 PROXY_AUDIT_UNAVAILABLE.
+    pub fn start_audit(&self) -> Result<audit::Writer, StartError> {
+        let (audit, writer) = audit::Audit::start(&self.config.audit)?;
+        if self.audit.set(audit).is_err() {
+            tracing::warn!("the audit log was already started");
+        }
+        Ok(writer)
+    }
+
+    pub fn audit(&self) -> Option<&audit::Audit> {
+        self.audit.get()
+    }
+
+    /// Ready to serve: keys loaded (construction), audit started and writable, listener up.
+    pub fn ready(&self) -> Result<(), &'static str> {
+        match self.audit.get() {
+            None => Err("the audit log is not open yet"),
+            Some(a) if !a.health().healthy() => Err("the audit log cannot be written"),
+            Some(_) if !self.serving.load(Ordering::Relaxed) => {
+                Err("the proxy listener is not accepting")
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// The server says whether its listener is accepting.
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::Relaxed);
+    }
+
+    /// The Prometheus exposition, with counters owned elsewhere copied in.
+    pub fn metrics_text(&self) -> String {
+        let (minted, hits) = self.minter.counts();
+        let audit = self.audit.get().map(|a| a.health());
+        let load = |c: Option<&AtomicU64>| c.map_or(0, |c| c.load(Ordering::Relaxed));
+        self.metrics.encode(metrics::Snapshot {
+            tokens_minted: minted,
+            token_cache_hits: hits,
+            apple_clock_offset_s: self.minter.clock().offset_secs(),
+            audit_written: load(audit.map(|h| &h.written)),
+            audit_write_failures: load(audit.map(|h| &h.write_failures)),
+            audit_lost: load(audit.map(|h| &h.lost)),
+            audit_refused: load(audit.map(|h| &h.refused)),
+            audit_healthy: audit.is_some_and(audit::Health::healthy),
+            in_flight: i64::try_from(
+                self.config.server.max_concurrent_requests - self.in_flight.available_permits(),
+            )
+            .unwrap_or(0),
+        })
+    }
+
+    /// The outer handler: never fails, always stamps the request id, and hands the response
+    /// to [`Proxy::finish`], which audits and counts it exactly once when its body ends.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -246,27 +315,75 @@ impl Proxy {
         let started = Instant::now();
         let id = self.ids.next();
         let span = tracing::info_span!("request", id = %id, peer = %peer);
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let (mut response, outcome) = match self
-            .process(req, cert.as_deref(), &id)
+        let head = Head::of(&req, peer);
+        let mut ex = Exchange::default();
+        let result = self
+            .process(req, cert.as_deref(), &id, &mut ex)
             .instrument(span.clone())
-            .await
-        {
+            .await;
+        self.finish(result, ex, head, id, span, started)
+    }
+
+    /// The answer to a request whose head carried both `Content-Length` and
+    /// `Transfer-Encoding` (see [`crate::framing`]): 400, and `Connection: close` so hyper
+    /// drops the connection whose framing can no longer be trusted. Audited like any other.
+    pub fn refuse_smuggling(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let id = self.ids.next();
+        let span = tracing::info_span!("request", id = %id, peer = %peer);
+        let error = ProxyError {
+            kind: "smuggling",
+            ..bad_request(
+                "the request carries both Content-Length and Transfer-Encoding".to_string(),
+            )
+        };
+        let mut response = self.finish(
+            Err(error),
+            Exchange::default(),
+            Head::of(req, peer),
+            id,
+            span,
+            started,
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    }
+
+    /// Renders the outcome, logs the one line, and attaches the guard that writes the audit
+    /// record and the metrics when the response body ends (or the client goes away).
+    fn finish(
+        &self,
+        result: Result<Response<ProxyBody>, ProxyError>,
+        ex: Exchange,
+        head: Head,
+        id: String,
+        span: tracing::Span,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let (mut response, error) = match result {
             Ok(response) => (response, None),
             Err(error) => {
-                let outcome = (error.kind, error.fault, error.detail.clone());
-                (error.into_response(&id), Some(outcome))
+                let info = (error.kind, error.fault, error.detail.clone());
+                (error.into_response(&id), Some(info))
             }
         };
         if let Ok(v) = HeaderValue::from_str(&id) {
             response.headers_mut().insert(X_REQUEST_ID, v);
         }
-        // The one log line per request (head sent; the body may still be streaming).
         let status = response.status().as_u16();
         let head_ms = started.elapsed().as_millis() as u64;
-        match outcome {
-            None => tracing::info!(parent: &span, %method, %path, status, head_ms, "forwarded"),
+        let (method, path) = (&head.method, &head.path);
+        // The one log line per request (head sent; the body may still be streaming).
+        match &error {
+            None => {
+                tracing::info!(parent: &span, %method, %path, status, head_ms, diagnosis = ex.diagnosis, "forwarded")
+            }
             Some((kind, Fault::Client, detail)) => {
                 tracing::info!(parent: &span, %method, %path, status, head_ms, kind, %detail, "refused")
             }
@@ -274,25 +391,55 @@ impl Proxy {
                 tracing::warn!(parent: &span, %method, %path, status, head_ms, kind, %detail, "failed")
             }
         }
-        response
-    }
-
-    /// The answer to a request whose head carried both `Content-Length` and
-    /// `Transfer-Encoding` (see [`crate::framing`]): 400, and `Connection: close` so hyper
-    /// drops the connection whose framing can no longer be trusted.
-    pub fn refuse_smuggling(&self, peer: SocketAddr) -> Response<ProxyBody> {
-        let id = self.ids.next();
-        tracing::info!(id = %id, %peer, kind = "smuggling", "refused: conflicting Content-Length and Transfer-Encoding");
-        let mut response = bad_request(
-            "the request carries both Content-Length and Transfer-Encoding".to_string(),
-        )
-        .into_response(&id);
-        let h = response.headers_mut();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        if let Ok(v) = HeaderValue::from_str(&id) {
-            h.insert(X_REQUEST_ID, v);
-        }
-        response
+        let decision = match error.as_ref().map(|e| e.0) {
+            None => audit::Decision::Forwarded,
+            Some(kind) => decision_for(kind),
+        };
+        let record = audit::Record {
+            time: String::new(),
+            request_id: id,
+            client: ex.client,
+            client_auth: ex.client_auth,
+            client_addr: head.peer.to_string(),
+            method: head.method,
+            path: head.path,
+            query: head.query,
+            api: ex.api.map(Api::id),
+            environment: ex.environment.map(Environment::as_str),
+            key: ex.key,
+            key_id: ex.key_id,
+            token_sha256: ex.token_sha256,
+            decision,
+            status,
+            upstream_status: ex.upstream_status,
+            diagnosis: ex.diagnosis,
+            retried: ex.retried,
+            apple_request_id: ex.apple_request_id,
+            rate_limit_remaining: ex.rate_limit_remaining,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0,
+            completed: false,
+            error: error.map(|e| e.0),
+        };
+        let bytes_out = Arc::new(AtomicU64::new(0));
+        let completed = Arc::new(AtomicBool::new(false));
+        let guard = Finisher {
+            record: Some(record),
+            audit: self.audit.get().cloned(),
+            metrics: self.metrics.clone(),
+            started,
+            upstream_elapsed: ex.upstream_elapsed,
+            bytes_in: ex.bytes_in,
+            bytes_out: bytes_out.clone(),
+            completed: completed.clone(),
+            _permit: ex.permit,
+        };
+        let (parts, body) = response.into_parts();
+        let body = forward::Metered::new(body, bytes_out, None)
+            .on_end(completed)
+            .holding(guard);
+        Response::from_parts(parts, forward::boxed(body))
     }
 
     /// The inner handler: each step in order, `?` on the first refusal.
@@ -301,29 +448,51 @@ impl Proxy {
         req: Request<Incoming>,
         cert: Option<&CertIdentity>,
         request_id: &str,
+        ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        // Shed load first, answering at once rather than queuing without bound.
-        let permit = self
-            .in_flight
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ProxyError {
+        // No unaudited request is served: while the audit log cannot be written (and
+        // on_failure = "reject"), refuse before doing anything else.
+        if !self.audit.get().is_some_and(audit::Audit::admits) {
+            if let Some(a) = self.audit.get() {
+                a.refused();
+            }
+            return Err(ProxyError {
                 retry_after: Some(1),
                 ..ProxyError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    codes::OVERLOADED,
-                    "Proxy overloaded",
-                    "overloaded",
+                    codes::AUDIT_UNAVAILABLE,
+                    "Audit log unavailable",
+                    "audit_unavailable",
                     Fault::Proxy,
-                    format!(
-                        "more than {} requests are in flight; retry shortly",
-                        self.config.server.max_concurrent_requests
-                    ),
+                    "the proxy cannot write its audit log, and serves no request it cannot audit; retry shortly",
                 )
-            })?;
+            });
+        }
+        // Shed load first, answering at once rather than queuing without bound.
+        ex.permit = Some(
+            self.in_flight
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| ProxyError {
+                    retry_after: Some(1),
+                    ..ProxyError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        codes::OVERLOADED,
+                        "Proxy overloaded",
+                        "overloaded",
+                        Fault::Proxy,
+                        format!(
+                            "more than {} requests are in flight; retry shortly",
+                            self.config.server.max_concurrent_requests
+                        ),
+                    )
+                })?,
+        );
         let (parts, body) = req.into_parts();
         // Authenticate first: an unauthenticated caller learns nothing about routes.
         let who = self.authenticate(&parts.headers, cert)?;
+        ex.client = Some(who.name.clone());
+        ex.client_auth = who.method.as_str();
 
         // Methods that could make the proxy a tunnel or an echo server are refused outright.
         if parts.method == Method::CONNECT || parts.method == Method::TRACE {
@@ -346,6 +515,8 @@ impl Proxy {
         }
         route::check_path(path).map_err(|e| bad_request(e.to_string()))?;
         let route = self.routes.resolve(path).map_err(|e| no_route(&e))?;
+        ex.api = Some(route.api);
+        ex.environment = Some(route.environment);
 
         // Policy before minting: a denied request costs no signature and reaches nothing.
         if !self.clients.allows(&who, parts.method.as_str(), path) {
@@ -406,14 +577,16 @@ impl Proxy {
             .token(&treq, SystemTime::now())
             .map_err(|e| internal("mint", e))?;
         tracing::debug!(key = %token.key_name, api = %route.api, env = %route.environment, "minted");
+        ex.key = Some(token.key_name.clone());
+        ex.key_id = Some(token.key_id.clone());
+        ex.token_sha256 = Some(token.fingerprint().to_string());
 
         // Forward. The client's Authorization was never copied; ours is the only one.
         // A body-less idempotent request can be replayed, so it may be retried below.
         let replayable = is_idempotent(&parts.method) && body.is_end_stream();
         let url = route.url(query);
-        let bytes_in = Arc::new(AtomicU64::new(0));
         let body = forward::boxed(
-            forward::Metered::new(body, bytes_in.clone(), Some(max_body)).without_trailers(),
+            forward::Metered::new(body, ex.bytes_in.clone(), Some(max_body)).without_trailers(),
         );
         let upstream = Upstream {
             method: &parts.method,
@@ -422,22 +595,26 @@ impl Proxy {
             route: &route,
         };
         let offset_before = self.minter.clock().offset_secs();
+        let sent = Instant::now();
         let mut response = self
-            .send(&upstream, body, &token, &bytes_in, max_body)
+            .send(&upstream, body, &token, &ex.bytes_in, max_body)
             .await?;
+        self.note_upstream(ex, &response, &token, sent);
 
         // Apple has transient 401s (APPLE.md §3): re-mint with a fresh iat and retry once.
-        let mut retried = false;
         if response.status() == StatusCode::UNAUTHORIZED && replayable {
             drop(response);
             token = self
                 .minter
                 .remint(&treq, SystemTime::now())
                 .map_err(|e| internal("mint", e))?;
+            ex.token_sha256 = Some(token.fingerprint().to_string());
+            ex.retried = true;
+            let sent = Instant::now();
             response = self
-                .send(&upstream, forward::empty(), &token, &bytes_in, max_body)
+                .send(&upstream, forward::empty(), &token, &ex.bytes_in, max_body)
                 .await?;
-            retried = true;
+            self.note_upstream(ex, &response, &token, sent);
             if !is_auth_failure(response.status()) {
                 self.key_worked(&token.key_name);
                 // If Apple's Date moved our idea of its clock, the first token was refused for
@@ -449,19 +626,48 @@ impl Proxy {
                 } else {
                     diagnose::codes::TRANSIENT_401
                 };
+                ex.diagnosis = Some(note);
                 tracing::info!(request_id, key = %token.key_name, diagnosis = note, "Apple refused once; the retry with a fresh token succeeded");
-                return Ok(stream_back(response, permit, Some(note)));
+                return Ok(stream_back(response, Some(note)));
             }
         }
 
         // Inspect: a 401/403 is diagnosed; everything else streams back untouched.
         if is_auth_failure(response.status()) {
-            return Ok(self
-                .diagnosed(response, &upstream, &token, retried, request_id)
-                .await);
+            let (response, cause) = self
+                .diagnosed(response, &upstream, &token, ex.retried, request_id)
+                .await;
+            ex.diagnosis = Some(cause);
+            return Ok(response);
         }
         self.key_worked(&token.key_name);
-        Ok(stream_back(response, permit, None))
+        Ok(stream_back(response, None))
+    }
+
+    /// Records what Apple's answer says about this exchange.
+    fn note_upstream(
+        &self,
+        ex: &mut Exchange,
+        response: &Response<Incoming>,
+        token: &token::Token,
+        sent: Instant,
+    ) {
+        ex.upstream_status = Some(response.status().as_u16());
+        ex.upstream_elapsed = Some(sent.elapsed());
+        let h = response.headers();
+        ex.apple_request_id = h
+            .get(APPLE_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if let Some(remaining) = h
+            .get(APPLE_RATE_LIMIT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(metrics::parse_rate_limit_remaining)
+        {
+            ex.rate_limit_remaining = Some(remaining);
+            self.metrics
+                .rate_limit_remaining(&token.key_name, remaining);
+        }
     }
 
     /// Sends one request to Apple and learns Apple's clock from the answer.
@@ -540,7 +746,7 @@ impl Proxy {
         token: &token::Token,
         retried: bool,
         request_id: &str,
-    ) -> Response<ProxyBody> {
+    ) -> (Response<ProxyBody>, &'static str) {
         let proxy_now = token::unix_secs(SystemTime::now());
         let status = response.status();
         let (mut head, body) = response.into_parts();
@@ -645,7 +851,7 @@ impl Proxy {
                     SandboxProbe::Rejected(s) => serde_json::json!({"accepted": false, "status": s}),
                     SandboxProbe::Failed => serde_json::json!({"accepted": null, "status": null}),
                 }),
-                "apple_request_id": head.headers.get("x-apple-request-uuid").and_then(|v| v.to_str().ok()),
+                "apple_request_id": head.headers.get(APPLE_REQUEST_ID).and_then(|v| v.to_str().ok()),
                 "likely_causes": causes,
             },
         });
@@ -664,10 +870,11 @@ impl Proxy {
         );
         head.headers
             .insert(X_PROXY_DIAGNOSIS, HeaderValue::from_static(first));
-        Response::from_parts(
+        let response = Response::from_parts(
             head,
             forward::boxed(Full::new(Bytes::from(body.to_string()))),
-        )
+        );
+        (response, first)
     }
 
     /// The same GET, same token, against sandbox.
@@ -772,13 +979,9 @@ struct Upstream<'a> {
     route: &'a route::Route<'a>,
 }
 
-/// Apple's answer, streamed back with hop-by-hop headers removed; the concurrency permit
-/// lives as long as the body. `note` (a diagnosis code) marks a success worth knowing about.
-fn stream_back(
-    response: Response<Incoming>,
-    permit: tokio::sync::OwnedSemaphorePermit,
-    note: Option<&'static str>,
-) -> Response<ProxyBody> {
+/// Apple's answer, streamed back with hop-by-hop headers removed. `note` (a diagnosis
+/// code) marks a success worth knowing about.
+fn stream_back(response: Response<Incoming>, note: Option<&'static str>) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     forward::clean_response_headers(&mut parts.headers);
     if let Some(code) = note {
@@ -786,11 +989,119 @@ fn stream_back(
             .headers
             .insert(X_PROXY_DIAGNOSIS, HeaderValue::from_static(code));
     }
-    let bytes_out = Arc::new(AtomicU64::new(0));
-    Response::from_parts(
-        parts,
-        forward::boxed(forward::Metered::new(body, bytes_out, None).holding(permit)),
-    )
+    Response::from_parts(parts, forward::boxed(body))
+}
+
+/// What one request learned on its way, for its audit record, metrics and log line.
+struct Exchange {
+    client: Option<String>,
+    client_auth: &'static str,
+    api: Option<Api>,
+    environment: Option<Environment>,
+    key: Option<String>,
+    key_id: Option<String>,
+    token_sha256: Option<String>,
+    upstream_status: Option<u16>,
+    upstream_elapsed: Option<std::time::Duration>,
+    diagnosis: Option<&'static str>,
+    retried: bool,
+    apple_request_id: Option<String>,
+    rate_limit_remaining: Option<u64>,
+    bytes_in: Arc<AtomicU64>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Default for Exchange {
+    fn default() -> Exchange {
+        Exchange {
+            client: None,
+            client_auth: "none",
+            api: None,
+            environment: None,
+            key: None,
+            key_id: None,
+            token_sha256: None,
+            upstream_status: None,
+            upstream_elapsed: None,
+            diagnosis: None,
+            retried: false,
+            apple_request_id: None,
+            rate_limit_remaining: None,
+            bytes_in: Arc::new(AtomicU64::new(0)),
+            permit: None,
+        }
+    }
+}
+
+/// The request line as recorded: path and query with secret-looking values redacted.
+struct Head {
+    method: String,
+    path: String,
+    query: Option<String>,
+    peer: SocketAddr,
+}
+
+impl Head {
+    fn of<B>(req: &Request<B>, peer: SocketAddr) -> Head {
+        Head {
+            method: req.method().to_string(),
+            path: audit::redact_path(req.uri().path()),
+            query: req.uri().query().map(audit::redact_query),
+            peer,
+        }
+    }
+}
+
+/// Rides on the response body; when the body is dropped — fully sent or abandoned by the
+/// client — it completes the audit record and the metrics, exactly once, and releases the
+/// concurrency permit.
+struct Finisher {
+    record: Option<audit::Record>,
+    audit: Option<audit::Audit>,
+    metrics: Arc<metrics::Metrics>,
+    started: Instant,
+    upstream_elapsed: Option<std::time::Duration>,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: Arc<AtomicU64>,
+    completed: Arc<AtomicBool>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        let Some(mut record) = self.record.take() else {
+            return;
+        };
+        let elapsed = self.started.elapsed();
+        record.time = crate::rfc3339_millis(SystemTime::now());
+        record.duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        record.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        record.bytes_out = self.bytes_out.load(Ordering::Relaxed);
+        record.completed = self.completed.load(Ordering::Relaxed);
+        self.metrics.observe(&metrics::Summary {
+            api: record.api.unwrap_or("none"),
+            client: record.client.as_deref().unwrap_or("unauthenticated"),
+            status: record.status,
+            duration: elapsed,
+            upstream: self.upstream_elapsed,
+            diagnosis: record.diagnosis,
+            upstream_status: record.upstream_status,
+            retried: record.retried,
+        });
+        if let Some(audit) = &self.audit {
+            audit.record(record);
+        }
+    }
+}
+
+/// The audit decision for an error kind the proxy answered itself.
+fn decision_for(kind: &str) -> audit::Decision {
+    match kind {
+        "unauthenticated" => audit::Decision::Unauthenticated,
+        "no_route" | "no_key" => audit::Decision::NoRoute,
+        "upstream_unavailable" | "upstream_timeout" | "internal" => audit::Decision::Error,
+        _ => audit::Decision::Denied,
+    }
 }
 
 fn is_auth_failure(status: StatusCode) -> bool {

@@ -20,6 +20,7 @@ use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
+use crate::admin;
 use crate::client::CertIdentity;
 use crate::config::Config;
 use crate::framing::{Guard, Verdict};
@@ -34,19 +35,72 @@ pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 pub const H2_MAX_PENDING_RESETS: usize = 20;
 
-/// Builds the proxy from `config` and serves it on `listener` until `shutdown` resolves.
-/// The library entry point: tests bind port 0 and pass the listener in.
+/// The listeners the proxy serves: bound by the caller, so tests bind port 0.
+#[derive(Debug)]
+pub struct Listeners {
+    pub proxy: TcpListener,
+    /// `/healthz`, `/readyz`, `/metrics`; `None` to serve no admin endpoints.
+    pub admin: Option<TcpListener>,
+}
+
+/// Builds the proxy from `config`, opens its audit log, and serves until `shutdown`
+/// resolves; then drains in-flight requests and flushes the audit log. The library entry
+/// point. SIGHUP re-opens the audit log (logrotate).
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
+    let admin_state = Arc::new(admin::State::default());
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(listener) = listeners.admin {
+        let state = admin_state.clone();
+        tokio::spawn(admin::serve(listener, state, async {
+            let _ = admin_stopped.await;
+        }));
+    }
     let (proxy, warnings) = Proxy::new(config, None)?;
     for w in warnings {
         tracing::warn!("{w}");
     }
-    serve(Arc::new(proxy), listener, shutdown).await;
+    let proxy = Arc::new(proxy);
+    let writer = proxy.start_audit()?;
+    admin_state.set_proxy(proxy.clone());
+    let reopen = tokio::spawn(reopen_audit_on_sighup(proxy.clone()));
+    serve(proxy.clone(), listeners.proxy, shutdown).await;
+    reopen.abort();
+    if let Some(audit) = proxy.audit() {
+        audit.close();
+    }
+    let _ = stop_admin.send(());
+    drop(proxy);
+    // The writer thread ends once the last handle is gone; connection tasks that outlived
+    // the grace period may still hold one, so do not wait on it here.
+    drop(writer);
     Ok(())
+}
+
+/// SIGHUP → re-open the audit log (after logrotate moved it away).
+async fn reopen_audit_on_sighup(proxy: Arc<Proxy>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot watch SIGHUP: the audit log will not be re-opened on rotation");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: re-opening the audit log");
+            if let Some(audit) = proxy.audit() {
+                audit.reopen();
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = proxy;
+        std::future::pending::<()>().await;
+    }
 }
 
 /// The connection builder with the proxy's limits.
@@ -76,6 +130,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "proxy listening");
     }
+    proxy.set_serving(true);
     let builder = builder(proxy.config());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -109,7 +164,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
                         let smuggled = verdict.next_request_is_smuggled();
                         async move {
                             Ok::<_, std::convert::Infallible>(if smuggled {
-                                proxy.refuse_smuggling(peer)
+                                proxy.refuse_smuggling(&req, peer)
                             } else {
                                 proxy.handle(req, peer, cert).await
                             })
@@ -156,6 +211,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
         });
     }
     drop(listener);
+    proxy.set_serving(false);
     tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining in-flight requests");
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
@@ -266,7 +322,13 @@ pub fn tls_acceptor(config: &Config) -> Result<Option<TlsAcceptor>, StartError> 
     Ok(Some(TlsAcceptor::from(Arc::new(tls))))
 }
 
-/// Binds `config.server.listen`.
-pub async fn bind(config: &Config) -> std::io::Result<TcpListener> {
-    TcpListener::bind(config.server.listen).await
+/// Binds `config.server.listen` and, unless it is off, `config.server.admin_listen`.
+pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+    Ok(Listeners {
+        proxy: TcpListener::bind(config.server.listen).await?,
+        admin: match config.server.admin_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        },
+    })
 }

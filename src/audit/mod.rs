@@ -145,6 +145,8 @@ enum Message {
     Record(Box<Record>),
     Reopen,
     Flush(mpsc::SyncSender<()>),
+    /// Shutdown: write everything, fsync, and save the chain state.
+    Close(mpsc::SyncSender<()>),
 }
 
 /// The proxy's handle on the audit log. Cheap to clone.
@@ -249,6 +251,15 @@ impl Audit {
     /// Re-opens the file (after logrotate moved it away); the chain continues.
     pub fn reopen(&self) {
         let _ = self.tx.try_send(Message::Reopen);
+    }
+
+    /// At shutdown: writes everything handed over so far, forces it to disk and saves the
+    /// chain state; waits (bounded) for that to finish.
+    pub fn close(&self) {
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        if self.tx.send(Message::Close(done_tx)).is_ok() {
+            let _ = done_rx.recv_timeout(Duration::from_secs(10));
+        }
     }
 
     /// Waits until everything handed over so far is written (tests, shutdown).
@@ -419,7 +430,7 @@ struct WriterTask {
     sink: Sink,
     chain: Chain,
     /// Records not yet written because the sink failed, oldest first.
-    backlog: Vec<Box<Record>>,
+    backlog: Vec<Record>,
     health: Arc<Health>,
     fsync: Fsync,
     last_sync: Instant,
@@ -439,7 +450,7 @@ impl WriterTask {
                     if self.backlog.len() >= BACKLOG_CAPACITY {
                         self.health.lost.fetch_add(1, Ordering::Relaxed);
                     } else {
-                        self.backlog.push(r);
+                        self.backlog.push(*r);
                     }
                     self.drain();
                 }
@@ -454,6 +465,13 @@ impl WriterTask {
                 Ok(Message::Flush(done)) => {
                     self.drain();
                     self.sync();
+                    let _ = done.send(());
+                }
+                Ok(Message::Close(done)) => {
+                    self.drain();
+                    self.dirty = true;
+                    self.sync();
+                    self.save_state();
                     let _ = done.send(());
                 }
                 Err(RecvTimeoutError::Timeout) => {

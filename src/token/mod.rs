@@ -63,6 +63,7 @@ pub struct Claims {
 /// A signed token. `Debug` shows the claims and a fingerprint, never the JWT.
 pub struct Token {
     jwt: String,
+    fingerprint: String,
     pub key_name: String,
     pub key_id: String,
     pub claims: Claims,
@@ -77,9 +78,9 @@ impl Token {
         &self.jwt
     }
 
-    /// Hex SHA-256 of the compact JWT: the audit fingerprint (DESIGN §13).
-    pub fn fingerprint(&self) -> String {
-        crate::hex(&crate::sha256(self.jwt.as_bytes()))
+    /// Hex SHA-256 of the compact JWT: the audit fingerprint (DESIGN §13), computed once.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 }
 
@@ -401,6 +402,7 @@ impl Minter {
         jwt.push('.');
         URL_SAFE_NO_PAD.encode_string(signature, &mut jwt);
         Ok(Token {
+            fingerprint: crate::hex(&crate::sha256(jwt.as_bytes())),
             jwt,
             key_name: key.config.name.clone(),
             key_id: key.config.key_id.clone(),

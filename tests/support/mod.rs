@@ -139,7 +139,8 @@ request_timeout = "20s"
 {server_toml}
 
 [audit]
-path = "-"
+path = "audit.jsonl"
+fsync = "off"
 
 [upstream]
 ca_file = "standin-ca.pem"
@@ -234,6 +235,8 @@ pub fn write_private(path: &Path, text: &str) {
 pub struct Harness {
     pub world: World,
     pub addr: SocketAddr,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`).
+    pub admin_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -252,9 +255,16 @@ impl Harness {
         let config = world.config();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let admin = Some(admin);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            apple_api_proxy::run(config, listener, async {
+            let listeners = apple_api_proxy::server::Listeners {
+                proxy: listener,
+                admin,
+            };
+            apple_api_proxy::run(config, listeners, async {
                 let _ = stopped.await;
             })
             .await
@@ -263,6 +273,7 @@ impl Harness {
         Harness {
             world,
             addr,
+            admin_addr,
             stop: Some(stop),
             task: Some(task),
         }

@@ -1,0 +1,372 @@
+//! Prometheus metrics, with fixed label sets only: API ids, configured client names, status
+//! classes, configured key names, cause codes — never a path or anything a client chooses.
+//!
+//! Owns the registry and its text exposition. `proxy` hands it small summary values at the
+//! end of each request; counters kept elsewhere (the minter's, the audit writer's) are copied
+//! in at scrape time via [`Snapshot`]. Imports nothing from the crate.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Content type of the exposition (OpenMetrics text, which Prometheus scrapes).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    api: String,
+    client: String,
+    status_class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiLabels {
+    api: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    api: String,
+    status: String,
+    cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    api: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    key: String,
+}
+
+/// One finished request, as metrics see it.
+#[derive(Clone, Copy, Debug)]
+pub struct Summary<'a> {
+    /// API id, or `"none"` when the request was not routed.
+    pub api: &'a str,
+    /// Configured client name, `"anonymous"`, or `"unauthenticated"`.
+    pub client: &'a str,
+    pub status: u16,
+    pub duration: Duration,
+    /// Time until Apple's response head, when Apple was asked.
+    pub upstream: Option<Duration>,
+    /// The diagnosis of an Apple 401/403 (or of a retried success).
+    pub diagnosis: Option<&'a str>,
+    /// Apple's status when Apple answered.
+    pub upstream_status: Option<u16>,
+    pub retried: bool,
+}
+
+/// Counters owned by other parts, copied in at scrape time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Snapshot {
+    pub tokens_minted: u64,
+    pub token_cache_hits: u64,
+    pub apple_clock_offset_s: i64,
+    pub audit_written: u64,
+    pub audit_write_failures: u64,
+    pub audit_lost: u64,
+    pub audit_refused: u64,
+    pub audit_healthy: bool,
+    pub in_flight: i64,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<ApiLabels, Histogram>,
+    upstream_duration: Family<ApiLabels, Histogram>,
+    apple_auth_failures: Family<CauseLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
+    rate_limit_remaining: Family<KeyLabels, Gauge>,
+    tokens_minted: Counter,
+    token_cache_hits: Counter,
+    clock_offset: Gauge,
+    audit_written: Counter,
+    audit_write_failures: Counter,
+    audit_lost: Counter,
+    audit_refused: Counter,
+    audit_healthy: Gauge,
+    in_flight: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms … ~16 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("aap");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by API, client and status class",
+            requests.clone(),
+        );
+        let duration = Family::<ApiLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to the end of the response body",
+            duration.clone(),
+        );
+        let upstream_duration = Family::<ApiLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time until Apple's response head",
+            upstream_duration.clone(),
+        );
+        let apple_auth_failures = Family::<CauseLabels, Counter>::default();
+        registry.register(
+            "apple_auth_failures",
+            "Apple 401/403 answers, by first diagnosed cause",
+            apple_auth_failures.clone(),
+        );
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Re-mint-and-retry after an Apple 401, by outcome",
+            retries.clone(),
+        );
+        let rate_limit_remaining = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "apple_rate_limit_remaining",
+            "Apple's X-Rate-Limit user-hour-rem, per key",
+            rate_limit_remaining.clone(),
+        );
+        let tokens_minted = Counter::default();
+        registry.register(
+            "tokens_minted",
+            "ES256 tokens signed",
+            tokens_minted.clone(),
+        );
+        let token_cache_hits = Counter::default();
+        registry.register(
+            "token_cache_hits",
+            "Requests served a cached token",
+            token_cache_hits.clone(),
+        );
+        let clock_offset = Gauge::default();
+        registry.register(
+            "apple_clock_offset_seconds",
+            "Apple's clock minus this host's, from Apple's Date header",
+            clock_offset.clone(),
+        );
+        let audit_written = Counter::default();
+        registry.register(
+            "audit_records_written",
+            "Audit records written",
+            audit_written.clone(),
+        );
+        let audit_write_failures = Counter::default();
+        registry.register(
+            "audit_write_failures",
+            "Failed audit writes (each retried)",
+            audit_write_failures.clone(),
+        );
+        let audit_lost = Counter::default();
+        registry.register(
+            "audit_records_lost",
+            "Audit records that could not be written at all",
+            audit_lost.clone(),
+        );
+        let audit_refused = Counter::default();
+        registry.register(
+            "audit_refused_requests",
+            "Requests refused because the audit log was failing",
+            audit_refused.clone(),
+        );
+        let audit_healthy = Gauge::default();
+        registry.register(
+            "audit_healthy",
+            "1 while the audit log is writable",
+            audit_healthy.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Requests being served",
+            in_flight.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            upstream_duration,
+            apple_auth_failures,
+            retries,
+            rate_limit_remaining,
+            tokens_minted,
+            token_cache_hits,
+            clock_offset,
+            audit_written,
+            audit_write_failures,
+            audit_lost,
+            audit_refused,
+            audit_healthy,
+            in_flight,
+        }
+    }
+
+    /// Counts one finished request.
+    pub fn observe(&self, s: &Summary<'_>) {
+        let api = ApiLabels {
+            api: s.api.to_string(),
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                api: s.api.to_string(),
+                client: s.client.to_string(),
+                status_class: format!("{}xx", s.status / 100),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&api)
+            .observe(s.duration.as_secs_f64());
+        if let Some(up) = s.upstream {
+            self.upstream_duration
+                .get_or_create(&api)
+                .observe(up.as_secs_f64());
+        }
+        if let (Some(cause), Some(status @ (401 | 403))) = (s.diagnosis, s.upstream_status) {
+            self.apple_auth_failures
+                .get_or_create(&CauseLabels {
+                    api: s.api.to_string(),
+                    status: status.to_string(),
+                    cause: cause.to_string(),
+                })
+                .inc();
+        }
+        if s.retried {
+            let ok = s.upstream_status.is_some_and(|st| st != 401 && st != 403);
+            self.retries
+                .get_or_create(&RetryLabels {
+                    api: s.api.to_string(),
+                    outcome: if ok { "succeeded" } else { "refused_again" }.to_string(),
+                })
+                .inc();
+        }
+    }
+
+    /// Apple's remaining hourly budget for `key` (from `X-Rate-Limit`).
+    pub fn rate_limit_remaining(&self, key: &str, remaining: u64) {
+        self.rate_limit_remaining
+            .get_or_create(&KeyLabels {
+                key: key.to_string(),
+            })
+            .set(i64::try_from(remaining).unwrap_or(i64::MAX));
+    }
+
+    /// The exposition text, with `snapshot` copied in first.
+    pub fn encode(&self, snapshot: Snapshot) -> String {
+        sync(&self.tokens_minted, snapshot.tokens_minted);
+        sync(&self.token_cache_hits, snapshot.token_cache_hits);
+        sync(&self.audit_written, snapshot.audit_written);
+        sync(&self.audit_write_failures, snapshot.audit_write_failures);
+        sync(&self.audit_lost, snapshot.audit_lost);
+        sync(&self.audit_refused, snapshot.audit_refused);
+        self.clock_offset.set(snapshot.apple_clock_offset_s);
+        self.audit_healthy.set(i64::from(snapshot.audit_healthy));
+        self.in_flight.set(snapshot.in_flight);
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Brings a counter up to a monotonic total kept elsewhere.
+fn sync(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
+/// `user-hour-rem` from Apple's `X-Rate-Limit: user-hour-lim:3600;user-hour-rem:3121;`.
+pub fn parse_rate_limit_remaining(header: &str) -> Option<u64> {
+    header
+        .split(';')
+        .filter_map(|part| part.trim().split_once(':'))
+        .find(|(k, _)| k.trim() == "user-hour-rem")
+        .and_then(|(_, v)| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_show_in_the_exposition_with_fixed_labels() {
+        let m = Metrics::new();
+        m.observe(&Summary {
+            api: "app-store-connect",
+            client: "ci",
+            status: 401,
+            duration: Duration::from_millis(12),
+            upstream: Some(Duration::from_millis(10)),
+            diagnosis: Some("CLOCK_SKEW"),
+            upstream_status: Some(401),
+            retried: true,
+        });
+        m.rate_limit_remaining("connect", 3121);
+        let text = m.encode(Snapshot {
+            tokens_minted: 3,
+            audit_healthy: true,
+            ..Snapshot::default()
+        });
+        for want in [
+            r#"aap_requests_total{api="app-store-connect",client="ci",status_class="4xx"} 1"#,
+            r#"aap_apple_auth_failures_total{api="app-store-connect",status="401",cause="CLOCK_SKEW"} 1"#,
+            r#"aap_upstream_retries_total{api="app-store-connect",outcome="refused_again"} 1"#,
+            r#"aap_apple_rate_limit_remaining{key="connect"} 3121"#,
+            "aap_tokens_minted_total 3",
+            "aap_audit_healthy 1",
+            "aap_request_duration_seconds_bucket",
+        ] {
+            assert!(text.contains(want), "{want}\n{text}");
+        }
+        // Monotonic copies never go backwards.
+        assert!(m
+            .encode(Snapshot {
+                tokens_minted: 1,
+                ..Snapshot::default()
+            })
+            .contains("aap_tokens_minted_total 3"));
+    }
+
+    #[test]
+    fn apples_rate_limit_header_parses() {
+        assert_eq!(
+            parse_rate_limit_remaining("user-hour-lim:3500;user-hour-rem:500;"),
+            Some(500)
+        );
+        assert_eq!(parse_rate_limit_remaining("user-hour-rem: 7"), Some(7));
+        assert_eq!(parse_rate_limit_remaining("garbage"), None);
+    }
+}
