@@ -86,6 +86,16 @@ pub struct Config {
     pub apis: BTreeMap<Api, ApiSettings>,
     pub keys: Vec<KeyConfig>,
     pub clients: Vec<ClientConfig>,
+    pub log: Log,
+}
+
+/// Operational logs (`tracing`). The `--log-format` flag and `RUST_LOG` override these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Log {
+    /// `"text"` or `"json"`.
+    pub format: String,
+    /// A `RUST_LOG`-style filter, e.g. `"info"` or `"info,apple_api_proxy=debug"`.
+    pub filter: String,
 }
 
 #[derive(Clone, Debug)]
@@ -219,6 +229,15 @@ pub struct RawConfig {
     keys: Vec<RawKey>,
     #[serde(default)]
     clients: Vec<RawClient>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    filter: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -654,7 +673,22 @@ impl Validator<'_> {
                 "set allow_anonymous = false when clients are configured (anonymous is for local use without clients)",
             ));
         }
+        let log = Log {
+            format: match raw.log.format.as_deref() {
+                None | Some("text") => "text".to_string(),
+                Some("json") => "json".to_string(),
+                Some(other) => {
+                    return Err(self.invalid(
+                        "log.format",
+                        format!("unknown format `{other}`"),
+                        "use \"text\" or \"json\"",
+                    ))
+                }
+            },
+            filter: raw.log.filter.unwrap_or_else(|| "info".to_string()),
+        };
         Ok(Config {
+            log,
             source: self.file.to_string(),
             server,
             audit,

@@ -26,9 +26,10 @@ struct Cli {
     /// The configuration file (default proxy.toml; `explain` uses it only when given).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// Log format for operational logs (`RUST_LOG` sets the filter).
-    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+    /// Log format for operational logs: text or json (default: [log] format, else text).
+    /// `RUST_LOG` sets the filter (default: [log] filter, else info).
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -69,14 +70,31 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let demo = matches!(cli.command, Some(Command::Demo { .. }));
-    init_tracing(
-        &cli.log_format,
+    // `serve` takes its log settings from the config file when it has one.
+    let from_config = match cli.command {
+        None | Some(Command::Serve) => Config::load(
+            cli.config
+                .as_deref()
+                .unwrap_or(std::path::Path::new("proxy.toml")),
+        )
+        .ok()
+        .map(|c| c.log),
+        _ => None,
+    };
+    let format = cli
+        .log_format
+        .clone()
+        .or_else(|| from_config.as_ref().map(|l| l.format.clone()))
+        .unwrap_or_else(|| "text".to_string());
+    let filter = from_config.map(|l| l.filter).unwrap_or_else(|| {
         if demo {
             "info,apple_api_proxy::standin=debug"
         } else {
             "info"
-        },
-    );
+        }
+        .to_string()
+    });
+    init_tracing(&format, &filter);
     let command = cli.command.unwrap_or(Command::Serve);
     match run(command, cli.config.as_deref()) {
         Ok(()) => ExitCode::SUCCESS,
