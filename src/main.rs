@@ -35,6 +35,16 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of one log or a rotated series (oldest first); exit 1 naming
+    /// the first bad line.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the default).
     Serve,
@@ -54,6 +64,11 @@ enum Command {
     Explain {
         /// The token (with or without "Bearer "); read from stdin when absent.
         token: Option<String>,
+    },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Print a new client secret and the config lines holding its hash.
     ClientSecret {
@@ -133,6 +148,9 @@ fn run(command: Command, given: Option<&std::path::Path>) -> anyhow::Result<()> 
         Command::Token { key, request } => print_token(config, key.as_deref(), &request),
         Command::ClientSecret { name } => client_secret(&name),
         Command::Explain { token } => explain(token, given),
+        Command::Audit {
+            command: AuditCommand::Verify { files },
+        } => audit_verify(&files),
         Command::Demo { listen } => run_demo(listen),
     }
 }
@@ -387,6 +405,29 @@ fn explain(token: Option<String>, config: Option<&std::path::Path>) -> anyhow::R
             println!("  - {p}");
         }
         std::process::exit(1);
+    }
+}
+
+fn audit_verify(files: &[PathBuf]) -> anyhow::Result<()> {
+    match apple_api_proxy::audit::verify::verify_files(files) {
+        Ok(summary) => {
+            for note in &summary.notes {
+                println!("note: {note}");
+            }
+            println!(
+                "OK: {} record(s) in {} file(s), seq {}..{}; last line's sha256 {}",
+                summary.lines,
+                summary.files,
+                summary.first_seq.map_or("-".to_string(), |s| s.to_string()),
+                summary.last_seq.map_or("-".to_string(), |s| s.to_string()),
+                summary.last_sha256.as_deref().unwrap_or("-")
+            );
+            Ok(())
+        }
+        Err(failure) => {
+            println!("{failure}");
+            std::process::exit(1);
+        }
     }
 }
 
