@@ -1110,6 +1110,145 @@ async fn explain_lists_every_rule_a_token_breaks_and_checks_it_against_the_confi
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_survives_sighup_rotation_and_verify_names_each_tampered_line() {
+    let port = free_port();
+    let world = World::new(&Setup::default(), &format!("127.0.0.1:{port}")).await;
+    let mut child = spawn_serve(&world.config_path);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr, &mut child).await;
+    let dir = world.dir.path().to_path_buf();
+    let log = dir.join("audit.jsonl");
+    let get = |path: &'static str| {
+        send(
+            http::Request::get(format!("http://{addr}{path}"))
+                .header("authorization", format!("Bearer {}", world.secret))
+                .body(empty())
+                .unwrap(),
+        )
+    };
+    let lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let wait_lines = |p: std::path::PathBuf, n: usize| async move {
+        for _ in 0..200 {
+            if lines(&p) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("{} never reached {n} lines", p.display());
+    };
+    for path in ["/v1/apps", "/inApps/v1/transactions/1", "/nope"] {
+        get(path).await;
+    }
+    wait_lines(log.clone(), 3).await;
+    // logrotate: move the file, then SIGHUP.
+    std::fs::rename(&log, dir.join("audit.jsonl.1")).unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for path in ["/v1/apps", "/sandbox/inApps/v1/transactions/1"] {
+        get(path).await;
+    }
+    wait_lines(log.clone(), 2).await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+
+    let verify = |files: &[std::path::PathBuf]| {
+        let out = bin()
+            .arg("audit")
+            .arg("verify")
+            .args(files)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let series = [dir.join("audit.jsonl.1"), log.clone()];
+    let (code, out) = verify(&series);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("5 record(s) in 2 file(s)"), "{out}");
+    let second_file: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let first_seq =
+        serde_json::from_str::<serde_json::Value>(&second_file[0]).unwrap()["seq"].as_u64();
+    assert_eq!(first_seq, Some(4), "the chain continued into the new file");
+
+    // Tampering, each on a copy of the first file: the right line is named.
+    let original: Vec<String> = std::fs::read_to_string(&series[0])
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "edited",
+            {
+                let mut l = original.clone();
+                l[1] = l[1].replace("\"status\":200", "\"status\":201");
+                l
+            },
+            "line 2",
+        ),
+        (
+            "deleted",
+            {
+                let mut l = original.clone();
+                l.remove(1);
+                l
+            },
+            "line 2",
+        ),
+        (
+            "reordered",
+            {
+                let mut l = original.clone();
+                l.swap(1, 2);
+                l
+            },
+            "line 2",
+        ),
+        (
+            "inserted",
+            {
+                let mut l = original.clone();
+                l.insert(1, original[0].clone());
+                l
+            },
+            "line 2",
+        ),
+    ];
+    for (what, tampered, want) in cases {
+        let copy = dir.join(format!("tampered-{what}.jsonl"));
+        std::fs::write(&copy, tampered.join("\n") + "\n").unwrap();
+        let (code, out) = verify(&[copy]);
+        assert_eq!(code, Some(1), "{what}: {out}");
+        assert!(out.contains(want), "{what}: wants {want}: {out}");
+    }
+    let truncated = dir.join("tampered-truncated.jsonl");
+    let text = std::fs::read_to_string(&series[0]).unwrap();
+    std::fs::write(&truncated, &text[..text.len() - 10]).unwrap();
+    let (code, out) = verify(&[truncated]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("line 3") && out.contains("truncated"), "{out}");
+    // A later file given alone, or the series out of order, is not a silent pass.
+    let (code, out) = verify(&[series[1].clone(), series[0].clone()]);
+    assert_eq!(code, Some(1), "{out}");
+}
+
 #[test]
 fn client_secret_prints_a_secret_and_its_config_hash() {
     let out = bin().args(["client-secret", "ci"]).output().unwrap();
