@@ -406,13 +406,23 @@ impl Validator<'_> {
         }
     }
 
-    fn path(&self, p: &str) -> PathBuf {
-        let p = Path::new(p);
-        if p.is_absolute() {
+    /// A path from the file: `${VAR}` expanded from the environment (e.g.
+    /// `${CREDENTIALS_DIRECTORY}/AuthKey_X.p8` under systemd's `LoadCredential=`), then
+    /// resolved against the config file's directory when relative.
+    fn path(&self, field: &str, p: &str) -> Result<PathBuf, ConfigError> {
+        let expanded = expand_env(p).map_err(|var| {
+            self.invalid(
+                field,
+                format!("`{p}` uses ${{{var}}}, which is not set"),
+                format!("set {var} in the proxy's environment (systemd sets CREDENTIALS_DIRECTORY for LoadCredential=), or write the path out"),
+            )
+        })?;
+        let p = Path::new(&expanded);
+        Ok(if p.is_absolute() {
             p.to_path_buf()
         } else {
             self.base_dir.join(p)
-        }
+        })
     }
 
     fn addr(&self, field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -477,9 +487,9 @@ impl Validator<'_> {
                 other => Some(self.addr("server.admin_listen", other.unwrap_or(DEFAULT_ADMIN_LISTEN))?),
             },
             allow_anonymous: s.allow_anonymous.unwrap_or(false),
-            tls_cert_file: s.tls_cert_file.as_deref().map(|p| self.path(p)),
-            tls_key_file: s.tls_key_file.as_deref().map(|p| self.path(p)),
-            client_ca_file: s.client_ca_file.as_deref().map(|p| self.path(p)),
+            tls_cert_file: s.tls_cert_file.as_deref().map(|p| self.path("server.tls_cert_file", p)).transpose()?,
+            tls_key_file: s.tls_key_file.as_deref().map(|p| self.path("server.tls_key_file", p)).transpose()?,
+            client_ca_file: s.client_ca_file.as_deref().map(|p| self.path("server.client_ca_file", p)).transpose()?,
             max_request_body: match s.max_request_body.as_deref() {
                 None => DEFAULT_MAX_REQUEST_BODY,
                 Some(v) => parse_size(v).ok_or_else(|| {
@@ -524,8 +534,8 @@ impl Validator<'_> {
         let audit = Audit {
             path: match raw.audit.path.as_deref() {
                 Some("-") => None,
-                Some(p) => Some(self.path(p)),
-                None => Some(self.path("audit.jsonl")),
+                Some(p) => Some(self.path("audit.path", p)?),
+                None => Some(self.path("audit.path", "audit.jsonl")?),
             },
             on_failure: raw.audit.on_failure.unwrap_or(OnAuditFailure::Reject),
             fsync: match raw.audit.fsync.as_deref() {
@@ -545,7 +555,12 @@ impl Validator<'_> {
         };
 
         let upstream = Upstream {
-            ca_file: raw.upstream.ca_file.as_deref().map(|p| self.path(p)),
+            ca_file: raw
+                .upstream
+                .ca_file
+                .as_deref()
+                .map(|p| self.path("upstream.ca_file", p))
+                .transpose()?,
             connect_timeout: self.duration(
                 "upstream.connect_timeout",
                 raw.upstream.connect_timeout.as_deref(),
@@ -745,7 +760,7 @@ impl Validator<'_> {
             _ => {}
         }
         let source = match (&k.private_key_file, &k.private_key_env) {
-            (Some(p), None) => KeySource::File(self.path(p)),
+            (Some(p), None) => KeySource::File(self.path(&field("private_key_file"), p)?),
             (None, Some(v)) if !v.is_empty() => KeySource::Env(v.clone()),
             (Some(_), Some(_)) => {
                 return Err(self.invalid(
@@ -939,6 +954,25 @@ pub fn kind_max_lifetime(kind: KeyKind) -> Duration {
     }
 }
 
+/// Expands `${NAME}` from the environment; `Err(NAME)` when one is unset.
+fn expand_env(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let name = &after[..end];
+        out.push_str(&std::env::var(name).map_err(|_| name.to_string())?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// `"30s"`, `"5m"`, `"1h 30m"`, `"250ms"`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     humantime::parse_duration(s.trim()).ok()
@@ -1022,6 +1056,32 @@ mod tests {
         assert_eq!(
             c.keys[0].source,
             KeySource::File(PathBuf::from("/etc/aap/keys/AuthKey_2X9R4HXF34.p8"))
+        );
+    }
+
+    #[test]
+    fn paths_expand_environment_variables_such_as_systemds_credentials_directory() {
+        std::env::set_var(
+            "AAP_TEST_CREDS_DIR",
+            "/run/credentials/apple-api-proxy.service",
+        );
+        let text = key_block("").replace(
+            "keys/AuthKey_2X9R4HXF34.p8",
+            "${AAP_TEST_CREDS_DIR}/AuthKey_2X9R4HXF34.p8",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(
+            c.keys[0].source,
+            KeySource::File(PathBuf::from(
+                "/run/credentials/apple-api-proxy.service/AuthKey_2X9R4HXF34.p8"
+            ))
+        );
+        let err = parse(&key_block("").replace("keys/", "${AAP_TEST_SURELY_UNSET}/"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("keys[0].private_key_file") && err.contains("AAP_TEST_SURELY_UNSET"),
+            "{err}"
         );
     }
 

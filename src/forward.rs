@@ -209,6 +209,12 @@ impl<B> Metered<B> {
         self
     }
 
+    fn mark_ended(&self) {
+        if let Some(flag) = &self.ended {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Keeps `guard` alive as long as the body.
     pub fn holding(mut self, guard: impl Send + 'static) -> Metered<B> {
         self._guard = Some(Box::new(guard));
@@ -244,13 +250,16 @@ where
                     } else if this.drop_trailers && frame.is_trailers() {
                         continue;
                     }
+                    // hyper stops polling once a body's length is satisfied, so the end is
+                    // noticed here, not only on a final `None`.
+                    if this.inner.is_end_stream() {
+                        this.mark_ended();
+                    }
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(None) => {
-                    if let Some(flag) = &this.ended {
-                        flag.store(true, Ordering::Relaxed);
-                    }
+                    this.mark_ended();
                     Poll::Ready(None)
                 }
                 Poll::Pending => Poll::Pending,
@@ -259,7 +268,11 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        let end = self.inner.is_end_stream();
+        if end {
+            self.mark_ended();
+        }
+        end
     }
 
     fn size_hint(&self) -> SizeHint {

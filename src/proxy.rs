@@ -450,24 +450,6 @@ impl Proxy {
         request_id: &str,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        // No unaudited request is served: while the audit log cannot be written (and
-        // on_failure = "reject"), refuse before doing anything else.
-        if !self.audit.get().is_some_and(audit::Audit::admits) {
-            if let Some(a) = self.audit.get() {
-                a.refused();
-            }
-            return Err(ProxyError {
-                retry_after: Some(1),
-                ..ProxyError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    codes::AUDIT_UNAVAILABLE,
-                    "Audit log unavailable",
-                    "audit_unavailable",
-                    Fault::Proxy,
-                    "the proxy cannot write its audit log, and serves no request it cannot audit; retry shortly",
-                )
-            });
-        }
         // Shed load first, answering at once rather than queuing without bound.
         ex.permit = Some(
             self.in_flight
@@ -493,6 +475,25 @@ impl Proxy {
         let who = self.authenticate(&parts.headers, cert)?;
         ex.client = Some(who.name.clone());
         ex.client_auth = who.method.as_str();
+        // No unaudited request is served: while the audit log cannot be written (and
+        // on_failure = "reject"), refuse right after learning who asks (so the refusal's
+        // record names them) and before anything reaches Apple.
+        if !self.audit.get().is_some_and(audit::Audit::admits) {
+            if let Some(a) = self.audit.get() {
+                a.refused();
+            }
+            return Err(ProxyError {
+                retry_after: Some(1),
+                ..ProxyError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    codes::AUDIT_UNAVAILABLE,
+                    "Audit log unavailable",
+                    "audit_unavailable",
+                    Fault::Proxy,
+                    "the proxy cannot write its audit log, and serves no request it cannot audit; retry shortly",
+                )
+            });
+        }
 
         // Methods that could make the proxy a tunnel or an echo server are refused outright.
         if parts.method == Method::CONNECT || parts.method == Method::TRACE {
@@ -1099,7 +1100,9 @@ fn decision_for(kind: &str) -> audit::Decision {
     match kind {
         "unauthenticated" => audit::Decision::Unauthenticated,
         "no_route" | "no_key" => audit::Decision::NoRoute,
-        "upstream_unavailable" | "upstream_timeout" | "internal" => audit::Decision::Error,
+        "upstream_unavailable" | "upstream_timeout" | "internal" | "audit_unavailable" => {
+            audit::Decision::Error
+        }
         _ => audit::Decision::Denied,
     }
 }

@@ -2,6 +2,7 @@
 //! the Apple stand-in over real TLS. What reached "Apple" is asserted from the stand-in's
 //! record; tokens are verified with RustCrypto's p256, never with ring (which signs them).
 
+mod audit;
 mod doctor;
 mod hardening;
 mod support;
