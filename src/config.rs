@@ -112,6 +112,8 @@ pub struct Server {
     pub shutdown_grace: Duration,
     /// How long a client may take to send a request's header block (slowloris guard).
     pub header_read_timeout: Duration,
+    /// How long a body may go without data, in either direction, before it is cut off.
+    pub body_idle_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -254,6 +256,7 @@ struct RawServer {
     request_timeout: Option<String>,
     shutdown_grace: Option<String>,
     header_read_timeout: Option<String>,
+    body_idle_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -341,6 +344,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_IAT_LEEWAY: Duration = Duration::from_secs(60);
@@ -507,6 +511,11 @@ impl Validator<'_> {
                 "server.header_read_timeout",
                 s.header_read_timeout.as_deref(),
                 DEFAULT_HEADER_READ_TIMEOUT,
+            )?,
+            body_idle_timeout: self.duration(
+                "server.body_idle_timeout",
+                s.body_idle_timeout.as_deref(),
+                DEFAULT_BODY_IDLE_TIMEOUT,
             )?,
         };
         if server.tls_cert_file.is_some() != server.tls_key_file.is_some() {

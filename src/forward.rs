@@ -5,6 +5,7 @@
 //! Owns everything about the upstream connection; knows nothing about tokens or clients
 //! beyond "this is the `Authorization` value to send". Imports only `config`.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,7 +27,9 @@ use crate::config::Config;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type flowing in both directions.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
-pub type Client = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, ProxyBody>;
+/// TCP (direct, or tunnelled through an egress proxy) → TLS, all within the connect timeout.
+pub type Connector = Timeout<HttpsConnector<Egress>>;
+pub type Client = hyper_util::client::legacy::Client<Connector, ProxyBody>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -36,6 +39,8 @@ pub enum ClientError {
     CaEmpty { file: String },
     #[error("TLS setup failed")]
     Tls(#[from] rustls::Error),
+    #[error("[upstream] egress_proxy `{0}` is not an http:// URL with a host (fix: write it as \"http://proxy.internal:3128\")")]
+    EgressProxy(String),
 }
 
 /// Builds the upstream client: host roots (Mozilla's as the fallback when the host has
@@ -71,17 +76,142 @@ pub fn client(config: &Config, extra_ca_pem: Option<&str>) -> Result<Client, Cli
     http.enforce_http(false);
     http.set_connect_timeout(Some(config.upstream.connect_timeout));
     http.set_nodelay(true);
+    let egress = Egress::new(http, config.upstream.egress_proxy.as_deref())?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(egress);
+    let connector = Timeout {
+        inner: https,
+        limit: config.upstream.connect_timeout,
+    };
     Ok(
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .build(https),
+            .build(connector),
     )
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = Result<T, BoxError>> + Send>>;
+
+/// Chooses, per destination, a direct TCP connection or an HTTP CONNECT tunnel through the
+/// egress proxy: `[upstream] egress_proxy` when set, else `HTTPS_PROXY`/`ALL_PROXY` from
+/// the environment, with `NO_PROXY` exempting hosts (curl's rules).
+#[derive(Clone)]
+pub struct Egress {
+    direct: HttpConnector,
+    matcher: Arc<hyper_util::client::proxy::matcher::Matcher>,
+}
+
+impl Egress {
+    fn new(direct: HttpConnector, configured: Option<&str>) -> Result<Egress, ClientError> {
+        use hyper_util::client::proxy::matcher::Matcher;
+        let matcher = match configured {
+            Some(url) => {
+                let uri: http::Uri = url
+                    .parse()
+                    .map_err(|_| ClientError::EgressProxy(url.to_string()))?;
+                if uri.scheme_str() != Some("http") || uri.host().is_none() {
+                    return Err(ClientError::EgressProxy(url.to_string()));
+                }
+                let no_proxy = std::env::var("NO_PROXY")
+                    .or_else(|_| std::env::var("no_proxy"))
+                    .unwrap_or_default();
+                Matcher::builder()
+                    .https(url.to_string())
+                    .no(no_proxy)
+                    .build()
+            }
+            None => Matcher::from_env(),
+        };
+        Ok(Egress {
+            direct,
+            matcher: Arc::new(matcher),
+        })
+    }
+}
+
+impl tower_service::Service<http::Uri> for Egress {
+    type Response = <HttpConnector as tower_service::Service<http::Uri>>::Response;
+    type Error = BoxError;
+    type Future = BoxFuture<Self::Response>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: http::Uri) -> Self::Future {
+        let mut direct = self.direct.clone();
+        match self.matcher.intercept(&dst) {
+            None => Box::pin(async move { direct.call(dst).await.map_err(Into::into) }),
+            Some(via) => {
+                let mut tunnel = hyper_util::client::legacy::connect::proxy::Tunnel::new(
+                    via.uri().clone(),
+                    direct,
+                );
+                if let Some(auth) = via.basic_auth() {
+                    tunnel = tunnel.with_auth(auth.clone());
+                }
+                Box::pin(async move { tunnel.call(dst).await.map_err(Into::into) })
+            }
+        }
+    }
+}
+
+/// The connect timeout applied to the whole connection set-up — TCP, the egress tunnel and
+/// the TLS handshake — so a stalled handshake fails fast rather than at `request_timeout`.
+#[derive(Clone)]
+pub struct Timeout<C> {
+    inner: C,
+    limit: std::time::Duration,
+}
+
+/// The upstream connection could not be set up within the connect timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to Apple (TCP, proxy tunnel and TLS) took longer than {0:?}")]
+pub struct ConnectTimedOut(pub std::time::Duration);
+
+impl<C> tower_service::Service<http::Uri> for Timeout<C>
+where
+    C: tower_service::Service<http::Uri> + Clone + Send + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = BoxFuture<C::Response>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: http::Uri) -> Self::Future {
+        let limit = self.limit;
+        let connecting = self.inner.call(dst);
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_) => Err(Box::new(ConnectTimedOut(limit)) as BoxError),
+            }
+        })
+    }
+}
+
+/// Whether `err` is (caused by) a timeout: the connect timeout, or an I/O timeout.
+pub fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.is::<ConnectTimedOut>()
+            || e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 fn pem_certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
@@ -160,6 +290,11 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// No body frame arrived within the idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no body data for {0:?}")]
+pub struct BodyIdle(pub std::time::Duration);
+
 /// The request body grew past `max_request_body` while streaming.
 #[derive(Debug, thiserror::Error)]
 #[error("request body exceeds {limit} bytes")]
@@ -179,6 +314,8 @@ pub struct Metered<B> {
     drop_trailers: bool,
     /// Set when the inner body reached its end.
     ended: Option<Arc<AtomicBool>>,
+    /// Fails the body when no frame arrives for this long.
+    idle: Option<(std::time::Duration, Option<Pin<Box<tokio::time::Sleep>>>)>,
     _guard: Option<Box<dyn Send>>,
 }
 
@@ -191,8 +328,16 @@ impl<B> Metered<B> {
             limit,
             drop_trailers: false,
             ended: None,
+            idle: None,
             _guard: None,
         }
+    }
+
+    /// Fails the body with [`BodyIdle`] when no frame arrives for `limit` (a stalled
+    /// client upload, or Apple stalling mid-response).
+    pub fn idle_timeout(mut self, limit: std::time::Duration) -> Metered<B> {
+        self.idle = Some((limit, None));
+        self
     }
 
     /// Sets `flag` when the body has been read to its end (so its guard can tell a complete
@@ -236,7 +381,18 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         loop {
-            return match Pin::new(&mut this.inner).poll_frame(cx) {
+            let polled = Pin::new(&mut this.inner).poll_frame(cx);
+            if let Some((limit, timer)) = &mut this.idle {
+                if polled.is_pending() {
+                    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(*limit)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(Box::new(BodyIdle(*limit)))));
+                    }
+                } else if let Some(timer) = timer {
+                    timer.as_mut().reset(tokio::time::Instant::now() + *limit);
+                }
+            }
+            return match polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         let n = data.len() as u64;

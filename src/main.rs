@@ -465,7 +465,7 @@ fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
         println!("Press Ctrl-C to stop. Each request's audit record (one hash-chained JSON line) prints below when it ends.");
         let demo::Demo { standin, proxy, listener, .. } = d;
         let writer = proxy.start_audit()?;
-        server::serve(proxy.clone(), listener, shutdown_signal()).await;
+        server::serve(server::Live::new(proxy.clone()), listener, shutdown_signal()).await;
         if let Some(audit) = proxy.audit() {
             audit.close();
         }

@@ -43,6 +43,11 @@ struct RetryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KeyLabels {
     key: String,
 }
@@ -96,6 +101,7 @@ pub struct Metrics {
     audit_refused: Counter,
     audit_healthy: Gauge,
     in_flight: Gauge,
+    config_reloads: Family<ReloadLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -206,6 +212,12 @@ impl Metrics {
             "1 while the audit log is writable",
             audit_healthy.clone(),
         );
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, applied or rejected",
+            config_reloads.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register(
             "in_flight_requests",
@@ -229,6 +241,7 @@ impl Metrics {
             audit_refused,
             audit_healthy,
             in_flight,
+            config_reloads,
         }
     }
 
@@ -270,6 +283,15 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// Counts a configuration reload.
+    pub fn config_reload(&self, applied: bool) {
+        self.config_reloads
+            .get_or_create(&ReloadLabels {
+                result: if applied { "applied" } else { "rejected" }.to_string(),
+            })
+            .inc();
     }
 
     /// Apple's remaining hourly budget for `key` (from `X-Rate-Limit`).

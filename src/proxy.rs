@@ -41,6 +41,10 @@ pub const APPLE_RATE_LIMIT: &str = "x-rate-limit";
 
 /// Response header naming the first likely cause when Apple refused a request.
 pub const X_PROXY_DIAGNOSIS: &str = "x-proxy-diagnosis";
+/// Retries of a body-less idempotent request whose connection failed before anything was
+/// sent, and the backoff step between them.
+const MAX_CONNECT_RETRIES: u32 = 2;
+const CONNECT_RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 /// How much of Apple's 401/403 body the diagnosis reads.
 const DIAGNOSIS_BODY_LIMIT: usize = 64 * 1024;
 const DIAGNOSIS_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -169,16 +173,26 @@ pub struct Proxy {
     clients: Clients,
     minter: Minter,
     upstream: forward::Client,
+    /// Inbound TLS (and mTLS), when configured.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Per key: when Apple last accepted it (UNIX seconds; 0 = not since start-up), shared
+    /// with the runtimes before and after a reload for keys of the same name.
+    key_success: HashMap<String, Arc<AtomicI64>>,
+    /// The in-memory trust anchors it was built with (the demo's stand-in CA), for reloads.
+    extra_ca_pem: Option<String>,
+    shared: Arc<Shared>,
+}
+
+/// What outlives a config reload: one audit writer, one set of metrics, one idea of Apple's
+/// clock, one sequence of request ids, one concurrency limit.
+struct Shared {
+    audit: std::sync::OnceLock<audit::Audit>,
+    metrics: Arc<metrics::Metrics>,
+    clock: Arc<AppleClock>,
     ids: RequestIds,
     /// `max_concurrent_requests` permits; a permit lives until the response body is done.
     in_flight: Arc<tokio::sync::Semaphore>,
-    /// Inbound TLS (and mTLS), when configured.
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Per key: when Apple last accepted it (UNIX seconds; 0 = not since start-up).
-    key_success: HashMap<String, AtomicI64>,
-    /// The audit log, once started (`serve`); `check` never starts it.
-    audit: std::sync::OnceLock<audit::Audit>,
-    metrics: Arc<metrics::Metrics>,
+    max_in_flight: usize,
     serving: AtomicBool,
 }
 
@@ -197,14 +211,56 @@ impl Proxy {
         config: Config,
         extra_ca_pem: Option<&str>,
     ) -> Result<(Proxy, Vec<String>), StartError> {
+        Proxy::validate(&config)?;
+        let max_in_flight = config.server.max_concurrent_requests;
+        let shared = Arc::new(Shared {
+            audit: std::sync::OnceLock::new(),
+            metrics: Arc::new(metrics::Metrics::new()),
+            clock: Arc::new(AppleClock::default()),
+            ids: RequestIds::new(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
+            max_in_flight,
+            serving: AtomicBool::new(false),
+        });
+        Proxy::build(
+            config,
+            extra_ca_pem.map(str::to_string),
+            shared,
+            &HashMap::new(),
+        )
+    }
+
+    /// A new runtime from `config` for a reload: keys, clients, routes and the upstream
+    /// client are built afresh (and checked as at start-up); the audit writer, metrics,
+    /// Apple's clock and each same-named key's history carry over. Settings that need a
+    /// restart (listeners, audit, max_concurrent_requests) are kept and warned about.
+    pub fn reload(&self, config: Config) -> Result<(Proxy, Vec<String>), StartError> {
+        Proxy::validate(&config)?;
+        let (proxy, mut warnings) = Proxy::build(
+            config,
+            self.extra_ca_pem.clone(),
+            self.shared.clone(),
+            &self.key_success,
+        )?;
+        let (old, new) = (&self.config.server, &proxy.config.server);
+        if old.listen != new.listen || old.admin_listen != new.admin_listen {
+            warnings.push("listen/admin_listen changed: takes effect after a restart".into());
+        }
+        if new.max_concurrent_requests != self.shared.max_in_flight {
+            warnings.push("max_concurrent_requests changed: takes effect after a restart".into());
+        }
+        if self.config.audit.path != proxy.config.audit.path
+            || self.config.audit.on_failure != proxy.config.audit.on_failure
+        {
+            warnings.push("[audit] changed: takes effect after a restart".into());
+        }
+        Ok((proxy, warnings))
+    }
+
+    /// The deployment-level rules `new` and `reload` both enforce.
+    fn validate(config: &Config) -> Result<(), StartError> {
         if config.clients.is_empty() && !config.server.allow_anonymous {
             return Err(StartError::NoClients(config.source.clone()));
-        }
-        if config.upstream.egress_proxy.is_some() {
-            return Err(StartError::NotImplemented {
-                file: config.source.clone(),
-                field: "upstream.egress_proxy",
-            });
         }
         if config.apis.values().any(|a| a.sandbox_fallback) {
             return Err(StartError::NotImplemented {
@@ -212,28 +268,39 @@ impl Proxy {
                 field: "apis.<id>.sandbox_fallback",
             });
         }
+        Ok(())
+    }
+
+    fn build(
+        config: Config,
+        extra_ca_pem: Option<String>,
+        shared: Arc<Shared>,
+        history: &HashMap<String, Arc<AtomicI64>>,
+    ) -> Result<(Proxy, Vec<String>), StartError> {
         let tls = crate::server::tls_acceptor(&config)?;
-        let (minter, warnings) = Minter::new(&config, Arc::new(AppleClock::default()))?;
-        let upstream = forward::client(&config, extra_ca_pem)?;
+        let (minter, warnings) = Minter::new(&config, shared.clock.clone())?;
+        let upstream = forward::client(&config, extra_ca_pem.as_deref())?;
+        let key_success = config
+            .keys
+            .iter()
+            .map(|k| {
+                let t = history
+                    .get(&k.name)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(AtomicI64::new(0)));
+                (k.name.clone(), t)
+            })
+            .collect();
         Ok((
             Proxy {
                 routes: route::Table::new(&config),
                 clients: Clients::new(&config),
                 minter,
                 upstream,
-                ids: RequestIds::new(),
-                in_flight: Arc::new(tokio::sync::Semaphore::new(
-                    config.server.max_concurrent_requests,
-                )),
                 tls,
-                audit: std::sync::OnceLock::new(),
-                metrics: Arc::new(metrics::Metrics::new()),
-                serving: AtomicBool::new(false),
-                key_success: config
-                    .keys
-                    .iter()
-                    .map(|k| (k.name.clone(), AtomicI64::new(0)))
-                    .collect(),
+                key_success,
+                extra_ca_pem,
+                shared,
                 config: Arc::new(config),
             },
             warnings,
@@ -256,39 +323,44 @@ impl Proxy {
     /// refused with 503 PROXY_AUDIT_UNAVAILABLE.
     pub fn start_audit(&self) -> Result<audit::Writer, StartError> {
         let (audit, writer) = audit::Audit::start(&self.config.audit)?;
-        if self.audit.set(audit).is_err() {
+        if self.shared.audit.set(audit).is_err() {
             tracing::warn!("the audit log was already started");
         }
         Ok(writer)
     }
 
     pub fn audit(&self) -> Option<&audit::Audit> {
-        self.audit.get()
+        self.shared.audit.get()
     }
 
     /// Ready to serve: keys loaded (construction), audit started and writable, listener up.
     pub fn ready(&self) -> Result<(), &'static str> {
-        match self.audit.get() {
+        match self.shared.audit.get() {
             None => Err("the audit log is not open yet"),
             Some(a) if !a.health().healthy() => Err("the audit log cannot be written"),
-            Some(_) if !self.serving.load(Ordering::Relaxed) => {
+            Some(_) if !self.shared.serving.load(Ordering::Relaxed) => {
                 Err("the proxy listener is not accepting")
             }
             Some(_) => Ok(()),
         }
     }
 
+    /// Counts a configuration reload (applied or rejected).
+    pub fn note_reload(&self, applied: bool) {
+        self.shared.metrics.config_reload(applied);
+    }
+
     /// The server says whether its listener is accepting.
     pub fn set_serving(&self, serving: bool) {
-        self.serving.store(serving, Ordering::Relaxed);
+        self.shared.serving.store(serving, Ordering::Relaxed);
     }
 
     /// The Prometheus exposition, with counters owned elsewhere copied in.
     pub fn metrics_text(&self) -> String {
         let (minted, hits) = self.minter.counts();
-        let audit = self.audit.get().map(|a| a.health());
+        let audit = self.shared.audit.get().map(|a| a.health());
         let load = |c: Option<&AtomicU64>| c.map_or(0, |c| c.load(Ordering::Relaxed));
-        self.metrics.encode(metrics::Snapshot {
+        self.shared.metrics.encode(metrics::Snapshot {
             tokens_minted: minted,
             token_cache_hits: hits,
             apple_clock_offset_s: self.minter.clock().offset_secs(),
@@ -298,7 +370,7 @@ impl Proxy {
             audit_refused: load(audit.map(|h| &h.refused)),
             audit_healthy: audit.is_some_and(audit::Health::healthy),
             in_flight: i64::try_from(
-                self.config.server.max_concurrent_requests - self.in_flight.available_permits(),
+                self.shared.max_in_flight - self.shared.in_flight.available_permits(),
             )
             .unwrap_or(0),
         })
@@ -313,7 +385,7 @@ impl Proxy {
         cert: Option<Arc<CertIdentity>>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let id = self.ids.next();
+        let id = self.shared.ids.next();
         let span = tracing::info_span!("request", id = %id, peer = %peer);
         let head = Head::of(&req, peer);
         let mut ex = Exchange::default();
@@ -333,7 +405,7 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let id = self.ids.next();
+        let id = self.shared.ids.next();
         let span = tracing::info_span!("request", id = %id, peer = %peer);
         let error = ProxyError {
             kind: "smuggling",
@@ -414,6 +486,7 @@ impl Proxy {
             upstream_status: ex.upstream_status,
             diagnosis: ex.diagnosis,
             retried: ex.retried,
+            connect_retries: ex.connect_retries,
             apple_request_id: ex.apple_request_id,
             rate_limit_remaining: ex.rate_limit_remaining,
             bytes_in: 0,
@@ -426,8 +499,8 @@ impl Proxy {
         let completed = Arc::new(AtomicBool::new(false));
         let guard = Finisher {
             record: Some(record),
-            audit: self.audit.get().cloned(),
-            metrics: self.metrics.clone(),
+            audit: self.shared.audit.get().cloned(),
+            metrics: self.shared.metrics.clone(),
             started,
             upstream_elapsed: ex.upstream_elapsed,
             bytes_in: ex.bytes_in,
@@ -437,6 +510,7 @@ impl Proxy {
         };
         let (parts, body) = response.into_parts();
         let body = forward::Metered::new(body, bytes_out, None)
+            .idle_timeout(self.config.server.body_idle_timeout)
             .on_end(completed)
             .holding(guard);
         Response::from_parts(parts, forward::boxed(body))
@@ -452,7 +526,8 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // Shed load first, answering at once rather than queuing without bound.
         ex.permit = Some(
-            self.in_flight
+            self.shared
+                .in_flight
                 .clone()
                 .try_acquire_owned()
                 .map_err(|_| ProxyError {
@@ -478,8 +553,8 @@ impl Proxy {
         // No unaudited request is served: while the audit log cannot be written (and
         // on_failure = "reject"), refuse right after learning who asks (so the refusal's
         // record names them) and before anything reaches Apple.
-        if !self.audit.get().is_some_and(audit::Audit::admits) {
-            if let Some(a) = self.audit.get() {
+        if !self.shared.audit.get().is_some_and(audit::Audit::admits) {
+            if let Some(a) = self.shared.audit.get() {
                 a.refused();
             }
             return Err(ProxyError {
@@ -586,9 +661,13 @@ impl Proxy {
         // A body-less idempotent request can be replayed, so it may be retried below.
         let replayable = is_idempotent(&parts.method) && body.is_end_stream();
         let url = route.url(query);
-        let body = forward::boxed(
-            forward::Metered::new(body, ex.bytes_in.clone(), Some(max_body)).without_trailers(),
-        );
+        let body = (!replayable).then(|| {
+            forward::boxed(
+                forward::Metered::new(body, ex.bytes_in.clone(), Some(max_body))
+                    .without_trailers()
+                    .idle_timeout(self.config.server.body_idle_timeout),
+            )
+        });
         let upstream = Upstream {
             method: &parts.method,
             url: &url,
@@ -598,7 +677,14 @@ impl Proxy {
         let offset_before = self.minter.clock().offset_secs();
         let sent = Instant::now();
         let mut response = self
-            .send(&upstream, body, &token, &ex.bytes_in, max_body)
+            .send(
+                &upstream,
+                body,
+                &token,
+                &ex.bytes_in,
+                max_body,
+                &mut ex.connect_retries,
+            )
             .await?;
         self.note_upstream(ex, &response, &token, sent);
 
@@ -613,7 +699,14 @@ impl Proxy {
             ex.retried = true;
             let sent = Instant::now();
             response = self
-                .send(&upstream, forward::empty(), &token, &ex.bytes_in, max_body)
+                .send(
+                    &upstream,
+                    None,
+                    &token,
+                    &ex.bytes_in,
+                    max_body,
+                    &mut ex.connect_retries,
+                )
                 .await?;
             self.note_upstream(ex, &response, &token, sent);
             if !is_auth_failure(response.status()) {
@@ -666,7 +759,8 @@ impl Proxy {
             .and_then(metrics::parse_rate_limit_remaining)
         {
             ex.rate_limit_remaining = Some(remaining);
-            self.metrics
+            self.shared
+                .metrics
                 .rate_limit_remaining(&token.key_name, remaining);
         }
     }
@@ -675,23 +769,53 @@ impl Proxy {
     async fn send(
         &self,
         up: &Upstream<'_>,
-        body: ProxyBody,
+        body: Option<ProxyBody>,
         token: &token::Token,
         bytes_in: &AtomicU64,
         max_body: u64,
+        connect_retries: &mut u32,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.jwt()))
             .map_err(|e| internal("authorization header", e))?;
         authorization.set_sensitive(true);
-        let mut request = Request::builder()
-            .method(up.method.clone())
-            .uri(up.url)
-            .body(body)
-            .map_err(|e| internal("upstream request", e))?;
-        *request.headers_mut() = forward::upstream_headers(up.client_headers, authorization);
+        let headers = forward::upstream_headers(up.client_headers, authorization);
+        // `None` is a body-less request: it can be sent again if the connection fails
+        // before a byte went out. A request with a body never is.
+        let replayable = body.is_none();
+        let mut body = Some(body.unwrap_or_else(forward::empty));
         let timeout = self.config.server.request_timeout;
-        let response = match tokio::time::timeout(timeout, self.upstream.request(request)).await {
-            Err(_) => {
+        let response = loop {
+            let mut request = Request::builder()
+                .method(up.method.clone())
+                .uri(up.url)
+                .body(body.take().unwrap_or_else(forward::empty))
+                .map_err(|e| internal("upstream request", e))?;
+            *request.headers_mut() = headers.clone();
+            let error = match tokio::time::timeout(timeout, self.upstream.request(request)).await {
+                Ok(Ok(response)) => break response,
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    return Err(ProxyError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        codes::UPSTREAM_TIMEOUT,
+                        "Apple did not answer in time",
+                        "upstream_timeout",
+                        Fault::Upstream,
+                        format!(
+                            "{} did not send a response within {}",
+                            up.route.api,
+                            humantime::format_duration(timeout)
+                        ),
+                    ))
+                }
+            };
+            // The metered body counts before it fails, so this holds however the transport
+            // (HTTP/1 write error, HTTP/2 stream reset) reports the abort.
+            if bytes_in.load(Ordering::Relaxed) > max_body {
+                return Err(too_large(max_body));
+            }
+            if forward::is_timeout(&error) {
+                tracing::warn!(api = %up.route.api, error = %error_chain(&error), "upstream connect timed out");
                 return Err(ProxyError::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     codes::UPSTREAM_TIMEOUT,
@@ -699,32 +823,31 @@ impl Proxy {
                     "upstream_timeout",
                     Fault::Upstream,
                     format!(
-                        "{} did not send a response within {}",
+                        "connecting to {} took longer than {}",
                         up.route.api,
-                        humantime::format_duration(timeout)
-                    ),
-                ))
-            }
-            // The metered body counts before it fails, so this holds however the transport
-            // (HTTP/1 write error, HTTP/2 stream reset) reports the abort.
-            Ok(Err(_)) if bytes_in.load(Ordering::Relaxed) > max_body => {
-                return Err(too_large(max_body))
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(api = %up.route.api, error = %error_chain(&e), "upstream request failed");
-                return Err(ProxyError::new(
-                    StatusCode::BAD_GATEWAY,
-                    codes::UPSTREAM_UNAVAILABLE,
-                    "Apple could not be reached",
-                    "upstream_unavailable",
-                    Fault::Upstream,
-                    format!(
-                        "the proxy could not get a response from {} ({})",
-                        up.route.api, up.route.environment
+                        humantime::format_duration(self.config.upstream.connect_timeout)
                     ),
                 ));
             }
-            Ok(Ok(response)) => response,
+            if replayable && error.is_connect() && *connect_retries < MAX_CONNECT_RETRIES {
+                // Nothing was sent: the connection itself failed. Try again, bounded.
+                *connect_retries += 1;
+                tracing::info!(api = %up.route.api, attempt = *connect_retries, error = %error_chain(&error), "upstream connection failed; retrying");
+                tokio::time::sleep(CONNECT_RETRY_BACKOFF * *connect_retries).await;
+                continue;
+            }
+            tracing::warn!(api = %up.route.api, error = %error_chain(&error), "upstream request failed");
+            return Err(ProxyError::new(
+                StatusCode::BAD_GATEWAY,
+                codes::UPSTREAM_UNAVAILABLE,
+                "Apple could not be reached",
+                "upstream_unavailable",
+                Fault::Upstream,
+                format!(
+                    "the proxy could not get a response from {} ({})",
+                    up.route.api, up.route.environment
+                ),
+            ));
         };
         if let Some(date) = apple_date(response.headers()) {
             let offset = self.minter.clock().observe(date, SystemTime::now());
@@ -894,7 +1017,7 @@ impl Proxy {
         let counter = AtomicU64::new(0);
         match tokio::time::timeout(
             PROBE_TIMEOUT,
-            self.send(&probe, forward::empty(), token, &counter, 0),
+            self.send(&probe, None, token, &counter, 0, &mut 0),
         )
         .await
         {
@@ -1009,6 +1132,8 @@ struct Exchange {
     apple_request_id: Option<String>,
     rate_limit_remaining: Option<u64>,
     bytes_in: Arc<AtomicU64>,
+    /// Connection failures retried before Apple answered.
+    connect_retries: u32,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -1029,6 +1154,7 @@ impl Default for Exchange {
             apple_request_id: None,
             rate_limit_remaining: None,
             bytes_in: Arc::new(AtomicU64::new(0)),
+            connect_retries: 0,
             permit: None,
         }
     }

@@ -18,6 +18,9 @@ use tokio::net::TcpListener;
 
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::{Path, PathBuf};
+
+use arc_swap::ArcSwap;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin;
@@ -34,6 +37,150 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 pub const H2_MAX_PENDING_RESETS: usize = 20;
+
+/// The runtime currently serving, swapped whole on reload. Each request takes the runtime
+/// current when it arrives and keeps it to the end, so a reload never changes the rules
+/// under a request in flight.
+pub struct Live {
+    current: ArcSwap<Proxy>,
+    /// The file to re-read on reload; `None` for configs built in code (the demo).
+    config_path: Option<PathBuf>,
+    /// Fingerprint of the config and key files last loaded (or rejected).
+    seen: std::sync::Mutex<u64>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("config_path", &self.config_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often the config and key files are checked for changes.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+impl Live {
+    pub fn new(proxy: Arc<Proxy>) -> Arc<Live> {
+        let path = PathBuf::from(&proxy.config().source);
+        let config_path = path.is_file().then_some(path);
+        let seen = config_path
+            .as_deref()
+            .map_or(0, |p| fingerprint(p, proxy.config()));
+        Arc::new(Live {
+            current: ArcSwap::new(proxy),
+            config_path,
+            seen: std::sync::Mutex::new(seen),
+        })
+    }
+
+    pub fn current(&self) -> Arc<Proxy> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the config file and swaps in a new runtime; a config that fails to load or
+    /// validate is rejected, logged with its reason and counted, and the old one keeps
+    /// serving.
+    pub fn reload(&self, why: &str) -> bool {
+        let Some(path) = &self.config_path else {
+            return false;
+        };
+        let old = self.current();
+        let result = Config::load(path)
+            .map_err(|e| e.to_string())
+            .and_then(|config| {
+                let print = fingerprint(path, &config);
+                if let Ok(mut seen) = self.seen.lock() {
+                    *seen = print;
+                }
+                old.reload(config).map_err(|e| format!("{e:#}"))
+            });
+        match result {
+            Ok((proxy, warnings)) => {
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                proxy.set_serving(true);
+                self.current.store(Arc::new(proxy));
+                old.note_reload(true);
+                tracing::info!(why, config = %path.display(), "configuration reloaded");
+                true
+            }
+            Err(reason) => {
+                old.note_reload(false);
+                tracing::error!(why, %reason, "configuration reload rejected; the previous configuration keeps serving");
+                false
+            }
+        }
+    }
+
+    /// Reloads when the config file or a key file changed since the last (attempted) load.
+    fn reload_if_changed(&self) {
+        let Some(path) = &self.config_path else {
+            return;
+        };
+        let now = fingerprint(path, self.current().config());
+        let changed = self.seen.lock().map(|seen| *seen != now).unwrap_or(false);
+        if changed {
+            self.reload("file change");
+            if let Ok(mut seen) = self.seen.lock() {
+                // Even a rejected change is not retried until the files change again.
+                *seen = now;
+            }
+        }
+    }
+}
+
+/// A hash of the config file's bytes and each key file's bytes: what a reload would read.
+fn fingerprint(config_path: &Path, config: &Config) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::fs::read(config_path).unwrap_or_default().hash(&mut h);
+    for key in &config.keys {
+        if let crate::config::KeySource::File(p) = &key.source {
+            std::fs::read(p).unwrap_or_default().hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+/// SIGHUP → reload the configuration and re-open the audit log (logrotate); and every
+/// [`WATCH_INTERVAL`], reload when the config or key files changed (ConfigMap updates).
+async fn watch(live: Arc<Live>) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(unix)]
+    if hup.is_none() {
+        tracing::warn!("cannot watch SIGHUP: reload by editing the config file instead");
+    }
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = hangup => {
+                tracing::info!("SIGHUP: reloading the configuration and re-opening the audit log");
+                if let Some(audit) = live.current().audit() {
+                    audit.reopen();
+                }
+                let live = live.clone();
+                let _ = tokio::task::spawn_blocking(move || live.reload("SIGHUP")).await;
+            }
+            _ = tick.tick() => {
+                let live = live.clone();
+                let _ = tokio::task::spawn_blocking(move || live.reload_if_changed()).await;
+            }
+        }
+    }
+}
 
 /// The listeners the proxy serves: bound by the caller, so tests bind port 0.
 #[derive(Debug)]
@@ -66,9 +213,11 @@ pub async fn run(
     let proxy = Arc::new(proxy);
     let writer = proxy.start_audit()?;
     admin_state.set_proxy(proxy.clone());
-    let reopen = tokio::spawn(reopen_audit_on_sighup(proxy.clone()));
-    serve(proxy.clone(), listeners.proxy, shutdown).await;
-    reopen.abort();
+    let live = Live::new(proxy.clone());
+    let watcher = tokio::spawn(watch(live.clone()));
+    serve(live.clone(), listeners.proxy, shutdown).await;
+    watcher.abort();
+    let proxy = live.current();
     if let Some(audit) = proxy.audit() {
         audit.close();
     }
@@ -78,29 +227,6 @@ pub async fn run(
     // the grace period may still hold one, so do not wait on it here.
     drop(writer);
     Ok(())
-}
-
-/// SIGHUP → re-open the audit log (after logrotate moved it away).
-async fn reopen_audit_on_sighup(proxy: Arc<Proxy>) {
-    #[cfg(unix)]
-    {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            tracing::warn!("cannot watch SIGHUP: the audit log will not be re-opened on rotation");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: re-opening the audit log");
-            if let Some(audit) = proxy.audit() {
-                audit.reopen();
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = proxy;
-        std::future::pending::<()>().await;
-    }
 }
 
 /// The connection builder with the proxy's limits.
@@ -120,7 +246,8 @@ fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves an already-built proxy. Returns after `shutdown` and the drain.
-pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+pub async fn serve(live: Arc<Live>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let proxy = live.current();
     let grace = proxy.config().server.shutdown_grace;
     if proxy.config().server.allow_anonymous {
         tracing::warn!(
@@ -148,7 +275,8 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
             },
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
+        let proxy = live.current();
+        let live = live.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
@@ -156,11 +284,12 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
             // which request (if any) carried smuggling-prone framing.
             let verdict = Arc::new(Verdict::default());
             let service = {
-                let (proxy, verdict) = (proxy.clone(), verdict.clone());
+                let (live, verdict) = (live.clone(), verdict.clone());
                 move |cert: Option<Arc<CertIdentity>>| {
-                    let (proxy, verdict) = (proxy.clone(), verdict.clone());
+                    let (live, verdict) = (live.clone(), verdict.clone());
                     service_fn(move |req| {
-                        let (proxy, cert) = (proxy.clone(), cert.clone());
+                        // The runtime current now serves this request to its end.
+                        let (proxy, cert) = (live.current(), cert.clone());
                         let smuggled = verdict.next_request_is_smuggled();
                         async move {
                             Ok::<_, std::convert::Infallible>(if smuggled {
@@ -211,7 +340,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
         });
     }
     drop(listener);
-    proxy.set_serving(false);
+    live.current().set_serving(false);
     tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining in-flight requests");
     if tokio::time::timeout(grace, graceful.shutdown())
         .await

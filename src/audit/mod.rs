@@ -91,6 +91,9 @@ pub struct Record {
     pub diagnosis: Option<&'static str>,
     /// Whether the proxy re-minted and retried after Apple's 401.
     pub retried: bool,
+    /// How many times the connection to Apple failed before anything was sent and the
+    /// (body-less, idempotent) request was sent again.
+    pub connect_retries: u32,
     /// Apple's `x-apple-request-uuid`.
     pub apple_request_id: Option<String>,
     /// Apple's `X-Rate-Limit` `user-hour-rem`.
@@ -656,6 +659,7 @@ mod tests {
             upstream_status: Some(200),
             diagnosis: None,
             retried: false,
+            connect_retries: 0,
             apple_request_id: None,
             rate_limit_remaining: Some(3599),
             bytes_in: 0,
