@@ -5,6 +5,7 @@
 mod audit;
 mod doctor;
 mod hardening;
+mod ops;
 mod support;
 
 use std::process::Stdio;
