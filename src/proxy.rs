@@ -39,6 +39,12 @@ pub const APPLE_REQUEST_ID: &str = "x-apple-request-uuid";
 /// App Store Connect's rate-limit header (`user-hour-lim:3600;user-hour-rem:3121;`).
 pub const APPLE_RATE_LIMIT: &str = "x-rate-limit";
 
+/// Marks a response that sandbox answered for a production request (sandbox fallback).
+pub const X_APPLE_ENVIRONMENT: &str = "x-apple-environment";
+/// App Store Server error codes after which Apple advises asking sandbox (APPLE.md §3):
+/// TransactionIdNotFound, OriginalTransactionIdNotFound.
+pub const SANDBOX_FALLBACK_CODES: [i64; 2] = [4040010, 4040005];
+
 /// Response header naming the first likely cause when Apple refused a request.
 pub const X_PROXY_DIAGNOSIS: &str = "x-proxy-diagnosis";
 /// Retries of a body-less idempotent request whose connection failed before anything was
@@ -262,12 +268,6 @@ impl Proxy {
         if config.clients.is_empty() && !config.server.allow_anonymous {
             return Err(StartError::NoClients(config.source.clone()));
         }
-        if config.apis.values().any(|a| a.sandbox_fallback) {
-            return Err(StartError::NotImplemented {
-                file: config.source.clone(),
-                field: "apis.<id>.sandbox_fallback",
-            });
-        }
         Ok(())
     }
 
@@ -487,6 +487,7 @@ impl Proxy {
             diagnosis: ex.diagnosis,
             retried: ex.retried,
             connect_retries: ex.connect_retries,
+            sandbox_fallback: ex.sandbox_fallback,
             apple_request_id: ex.apple_request_id,
             rate_limit_remaining: ex.rate_limit_remaining,
             bytes_in: 0,
@@ -726,6 +727,30 @@ impl Proxy {
             }
         }
 
+        // Sandbox fallback (opt-in, GET lookups on production): Apple advises retrying a
+        // 404 TransactionIdNotFound against sandbox, and before an app's first release
+        // production answers 401 for sandbox transactions (APPLE.md §3).
+        let fallback = self.config.api(route.api).sandbox_fallback
+            && route.environment == Environment::Production
+            && parts.method == Method::GET;
+        if fallback && response.status() == StatusCode::NOT_FOUND {
+            let (head, bytes) = buffer(response).await;
+            if not_found_in_production(&bytes) {
+                if let Some(sandbox) = self.sandbox_fallback(&upstream, &token, ex).await {
+                    return Ok(sandbox);
+                }
+            }
+            self.key_worked(&token.key_name);
+            let mut head = head;
+            forward::clean_response_headers(&mut head.headers);
+            return Ok(Response::from_parts(head, forward::boxed(Full::new(bytes))));
+        }
+        if fallback && response.status() == StatusCode::UNAUTHORIZED {
+            if let Some(sandbox) = self.sandbox_fallback(&upstream, &token, ex).await {
+                return Ok(sandbox);
+            }
+        }
+
         // Inspect: a 401/403 is diagnosed; everything else streams back untouched.
         if is_auth_failure(response.status()) {
             let (response, cause) = self
@@ -736,6 +761,57 @@ impl Proxy {
         }
         self.key_worked(&token.key_name);
         Ok(stream_back(response, None))
+    }
+
+    /// The same GET against sandbox; its answer when sandbox has the resource (marked
+    /// `X-Apple-Environment: Sandbox`), `None` when sandbox refuses or lacks it too.
+    async fn sandbox_fallback(
+        &self,
+        up: &Upstream<'_>,
+        token: &token::Token,
+        ex: &mut Exchange,
+    ) -> Option<Response<ProxyBody>> {
+        let sandbox_path = format!("{}{}", crate::apple::SANDBOX_PREFIX, up.route.path);
+        let route = self.routes.resolve(&sandbox_path).ok()?;
+        let url = route.url(up.url.split_once('?').map(|(_, q)| q));
+        let sandbox = Upstream {
+            method: up.method,
+            url: &url,
+            client_headers: up.client_headers,
+            route: &route,
+        };
+        let sent = Instant::now();
+        let response = self
+            .send(
+                &sandbox,
+                None,
+                token,
+                &ex.bytes_in,
+                0,
+                &mut ex.connect_retries,
+            )
+            .await
+            .ok()?;
+        if is_auth_failure(response.status()) || response.status() == StatusCode::NOT_FOUND {
+            tracing::info!(
+                status = response.status().as_u16(),
+                "sandbox fallback: sandbox does not have it either"
+            );
+            return None;
+        }
+        self.note_upstream(ex, &response, token, sent);
+        self.key_worked(&token.key_name);
+        ex.environment = Some(Environment::Sandbox);
+        ex.sandbox_fallback = true;
+        tracing::info!(
+            status = response.status().as_u16(),
+            "sandbox fallback: answered by sandbox"
+        );
+        let mut response = stream_back(response, None);
+        response
+            .headers_mut()
+            .insert(X_APPLE_ENVIRONMENT, HeaderValue::from_static("Sandbox"));
+        Some(response)
     }
 
     /// Records what Apple's answer says about this exchange.
@@ -1134,6 +1210,8 @@ struct Exchange {
     bytes_in: Arc<AtomicU64>,
     /// Connection failures retried before Apple answered.
     connect_retries: u32,
+    /// Whether sandbox answered for production.
+    sandbox_fallback: bool,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -1155,6 +1233,7 @@ impl Default for Exchange {
             rate_limit_remaining: None,
             bytes_in: Arc::new(AtomicU64::new(0)),
             connect_retries: 0,
+            sandbox_fallback: false,
             permit: None,
         }
     }
@@ -1231,6 +1310,25 @@ fn decision_for(kind: &str) -> audit::Decision {
         }
         _ => audit::Decision::Denied,
     }
+}
+
+/// Reads a (small) error body whole, bounded like the diagnosis's reads.
+async fn buffer(response: Response<Incoming>) -> (http::response::Parts, Bytes) {
+    let (head, body) = response.into_parts();
+    let limited = http_body_util::Limited::new(body, DIAGNOSIS_BODY_LIMIT);
+    let bytes = match tokio::time::timeout(DIAGNOSIS_READ_TIMEOUT, limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => Bytes::new(),
+    };
+    (head, bytes)
+}
+
+/// Whether a production 404 body is one of the "not in production" codes.
+fn not_found_in_production(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("errorCode").and_then(serde_json::Value::as_i64))
+        .is_some_and(|code| SANDBOX_FALLBACK_CODES.contains(&code))
 }
 
 fn is_auth_failure(status: StatusCode) -> bool {

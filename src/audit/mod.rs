@@ -94,6 +94,9 @@ pub struct Record {
     /// How many times the connection to Apple failed before anything was sent and the
     /// (body-less, idempotent) request was sent again.
     pub connect_retries: u32,
+    /// Whether sandbox answered a production request (sandbox fallback); `environment`
+    /// then says `sandbox`.
+    pub sandbox_fallback: bool,
     /// Apple's `x-apple-request-uuid`.
     pub apple_request_id: Option<String>,
     /// Apple's `X-Rate-Limit` `user-hour-rem`.
@@ -660,6 +663,7 @@ mod tests {
             diagnosis: None,
             retried: false,
             connect_retries: 0,
+            sandbox_fallback: false,
             apple_request_id: None,
             rate_limit_remaining: Some(3599),
             bytes_in: 0,

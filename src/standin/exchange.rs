@@ -27,6 +27,7 @@ use super::{
     Faults, Received, Role, VerifiedToken, AGREEMENT_PENDING_BODY,
     APP_STORE_CONNECT_FORBIDDEN_BODY, APP_STORE_CONNECT_NOT_AUTHORIZED_BODY, RATE_LIMIT_HEADER,
     RATE_LIMIT_PER_HOUR, REQUEST_UUID_HEADER, STANDIN_BYTES_MAX, STANDIN_BYTES_PARAM,
+    TRANSACTION_NOT_FOUND_BODY,
 };
 
 /// Path prefixes the App Store Server roles serve (APPLE.md §1: route by prefix).
@@ -381,6 +382,9 @@ fn fault_response(fault: Fault, role: Role) -> Response<ResponseBody> {
         Fault::Revoked | Fault::Transient | Fault::StrictScopeEncoding => not_authorized(role),
         // APPLE.md §0: production answers 401 with no body until the app is released.
         Fault::Unreleased => empty_response(StatusCode::UNAUTHORIZED),
+        Fault::TransactionNotFound => {
+            json_response(StatusCode::NOT_FOUND, TRANSACTION_NOT_FOUND_BODY)
+        }
         Fault::IndividualForbidden | Fault::RoleForbidden => {
             json_response(StatusCode::FORBIDDEN, APP_STORE_CONNECT_FORBIDDEN_BODY)
         }

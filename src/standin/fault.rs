@@ -38,6 +38,9 @@ pub(crate) enum Fault {
     IndividualForbidden,
     /// The Account Holder has not accepted the latest agreement: 403 FORBIDDEN.
     AgreementPending,
+    /// Production does not know this transaction (Faults::sandbox_only_transactions): 404
+    /// with errorCode 4040010, as Apple answers for a sandbox transaction id.
+    TransactionNotFound,
     /// The key's role does not allow this path (Faults::role_forbidden_paths): 403
     /// FORBIDDEN_ERROR, the body Apple sends for any key whose role lacks the permission.
     RoleForbidden,
@@ -56,6 +59,7 @@ impl Fault {
             Fault::IndividualForbidden => "individual_forbidden",
             Fault::AgreementPending => "agreement",
             Fault::RoleForbidden => "role_forbidden",
+            Fault::TransactionNotFound => "transaction_not_found",
             Fault::StrictScopeEncoding => "strict_scope_encoding",
         }
     }
@@ -79,6 +83,9 @@ impl Fault {
             }
             Fault::RoleForbidden => {
                 "the key's role does not allow this path (Faults::role_forbidden_paths)"
+            }
+            Fault::TransactionNotFound => {
+                "production does not know this transaction (Faults::sandbox_only_transactions)"
             }
         }
     }
@@ -112,6 +119,13 @@ pub(crate) fn decide(
         let bid = request.claims.get("bid").and_then(Value::as_str);
         if bid.is_some_and(|bid| faults.unreleased_bundle_ids.iter().any(|b| b == bid)) {
             return Some(Fault::Unreleased);
+        }
+        if request
+            .path
+            .split('/')
+            .any(|seg| faults.sandbox_only_transactions.iter().any(|t| t == seg))
+        {
+            return Some(Fault::TransactionNotFound);
         }
     }
     if request.role == Role::AppStoreConnect {
@@ -203,6 +217,7 @@ mod tests {
             transient_401s: 1,
             strict_scope_encoding: false,
             role_forbidden_paths: vec!["/v1/users".into()],
+            sandbox_only_transactions: Vec::new(),
         };
         let left = AtomicU32::new(1);
         let asc = request(Role::AppStoreConnect, "/v1/devices", Some(&individual));

@@ -44,6 +44,10 @@ pub const APP_STORE_CONNECT_FORBIDDEN_BODY: &str = r#"{"errors":[{"status":"403"
 /// App Store Connect's 403 while the Account Holder has not accepted the latest Program
 /// License Agreement (APPLE.md §3 "403 variants seen", `FORBIDDEN` / "Access Unavailable",
 /// detail as quoted in myappcloud/appstore-connect-api#3; §5 "Agreement not accepted").
+/// Apple's App Store Server 404 for an unknown transaction id (APPLE.md §3).
+pub const TRANSACTION_NOT_FOUND_BODY: &str =
+    r#"{"errorCode":4040010,"errorMessage":"Transaction id not found."}"#;
+
 pub const AGREEMENT_PENDING_BODY: &str = r#"{"errors":[{"status":"403","code":"FORBIDDEN","title":"Access Unavailable","detail":"You currently don't have access to this resource. To resolve this issue, the Account Holder must agree to the latest Program License Agreement in their account on the Apple Developer website. https://developer.apple.com/account"}]}"#;
 /// App Store Connect's rate-limit header (APPLE.md §4), sent on successful responses.
 pub const RATE_LIMIT_HEADER: &str = "x-rate-limit";
@@ -167,6 +171,10 @@ pub struct Faults {
     /// App Store Connect path prefixes the keys' role does not allow: otherwise-accepted
     /// requests under them get 403 FORBIDDEN_ERROR (a role lacking a permission).
     pub role_forbidden_paths: Vec<String>,
+    /// Transaction ids that exist only in sandbox: on the StoreKitProduction role, an
+    /// otherwise-accepted request whose path has one as a segment gets Apple's 404
+    /// `{"errorCode":4040010,"errorMessage":"Transaction id not found."}`.
+    pub sandbox_only_transactions: Vec<String>,
 }
 
 /// One request as the stand-in received it.

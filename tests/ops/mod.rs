@@ -657,3 +657,89 @@ async fn sigterm_under_load_lets_every_in_flight_request_finish_and_flushes_the_
     // New connections are refused after the drain.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+async fn with_fallback(on: bool) -> Harness {
+    let world = World::new(&Setup::default(), "127.0.0.1:0").await;
+    let sandbox = world
+        .standin
+        .url(apple_api_proxy::standin::Role::StoreKitSandbox);
+    let text = std::fs::read_to_string(&world.config_path)
+        .unwrap()
+        .replacen(
+            &format!("sandbox_base_url = \"{sandbox}\""),
+            &format!("sandbox_base_url = \"{sandbox}\"\nsandbox_fallback = {on}"),
+            1,
+        );
+    std::fs::write(&world.config_path, text).unwrap();
+    Harness::from_world(world).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_fallback_answers_a_sandbox_transaction_from_sandbox_and_marks_it() {
+    use apple_api_proxy::standin::{Faults, Role};
+    let h = with_fallback(true).await;
+    h.standin().set_faults(Faults {
+        sandbox_only_transactions: vec!["2000000000000042".into()],
+        ..Faults::default()
+    });
+    let r = h.get("/inApps/v1/transactions/2000000000000042").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-apple-environment"], "Sandbox");
+    let roles: Vec<Role> = h.standin().received().iter().map(|r| r.role).collect();
+    assert_eq!(roles, [Role::StoreKitProduction, Role::StoreKitSandbox]);
+    let line = &audit_lines(&h, 1).await[0];
+    assert_eq!(
+        (
+            line["environment"].as_str(),
+            line["sandbox_fallback"].as_bool()
+        ),
+        (Some("sandbox"), Some(true))
+    );
+    // A production transaction is answered by production, unmarked.
+    let r = h.get("/inApps/v1/transactions/2000000000000001").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(!r.headers.contains_key("x-apple-environment"));
+    // POST is never replayed against sandbox.
+    let post = send(
+        h.request("POST", "/inApps/v1/transactions/2000000000000042/finish")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(post.status, StatusCode::NOT_FOUND);
+    assert_eq!(post.json()["errorCode"], 4040010);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_fallback_recognises_the_unreleased_app_401() {
+    use apple_api_proxy::standin::Faults;
+    let h = with_fallback(true).await;
+    h.standin().set_faults(Faults {
+        unreleased_bundle_ids: vec![BUNDLE.into()],
+        ..Faults::default()
+    });
+    let r = h.get("/inApps/v1/transactions/2000000000000001").await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "sandbox accepted what production refused"
+    );
+    assert_eq!(r.headers["x-apple-environment"], "Sandbox");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_sandbox_fallback_apples_404_passes_through_unchanged() {
+    use apple_api_proxy::standin::{Faults, TRANSACTION_NOT_FOUND_BODY};
+    let h = with_fallback(false).await;
+    h.standin().set_faults(Faults {
+        sandbox_only_transactions: vec!["2000000000000042".into()],
+        ..Faults::default()
+    });
+    let r = h.get("/inApps/v1/transactions/2000000000000042").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.body, TRANSACTION_NOT_FOUND_BODY.as_bytes());
+    assert_eq!(h.standin().received().len(), 1);
+    h.stop().await;
+}
