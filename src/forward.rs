@@ -314,6 +314,8 @@ pub struct Metered<B> {
     drop_trailers: bool,
     /// Set when the inner body reached its end.
     ended: Option<Arc<AtomicBool>>,
+    /// Set when the inner body failed (for a request body: the client went away mid-upload).
+    failed: Option<Arc<AtomicBool>>,
     /// Fails the body when no frame arrives for this long.
     idle: Option<(std::time::Duration, Option<Pin<Box<tokio::time::Sleep>>>)>,
     _guard: Option<Box<dyn Send>>,
@@ -328,9 +330,16 @@ impl<B> Metered<B> {
             limit,
             drop_trailers: false,
             ended: None,
+            failed: None,
             idle: None,
             _guard: None,
         }
+    }
+
+    /// Sets `flag` if the inner body fails.
+    pub fn on_error(mut self, flag: Arc<AtomicBool>) -> Metered<B> {
+        self.failed = Some(flag);
+        self
     }
 
     /// Fails the body with [`BodyIdle`] when no frame arrives for `limit` (a stalled
@@ -413,7 +422,12 @@ where
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(flag) = &this.failed {
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                    Poll::Ready(Some(Err(e.into())))
+                }
                 Poll::Ready(None) => {
                     this.mark_ended();
                     Poll::Ready(None)

@@ -665,6 +665,7 @@ impl Proxy {
         let body = (!replayable).then(|| {
             forward::boxed(
                 forward::Metered::new(body, ex.bytes_in.clone(), Some(max_body))
+                    .on_error(ex.client_body_failed.clone())
                     .without_trailers()
                     .idle_timeout(self.config.server.body_idle_timeout),
             )
@@ -685,6 +686,7 @@ impl Proxy {
                 &ex.bytes_in,
                 max_body,
                 &mut ex.connect_retries,
+                Some(&ex.client_body_failed),
             )
             .await?;
         self.note_upstream(ex, &response, &token, sent);
@@ -707,6 +709,7 @@ impl Proxy {
                     &ex.bytes_in,
                     max_body,
                     &mut ex.connect_retries,
+                    None,
                 )
                 .await?;
             self.note_upstream(ex, &response, &token, sent);
@@ -789,6 +792,7 @@ impl Proxy {
                 &ex.bytes_in,
                 0,
                 &mut ex.connect_retries,
+                None,
             )
             .await
             .ok()?;
@@ -850,6 +854,7 @@ impl Proxy {
         bytes_in: &AtomicU64,
         max_body: u64,
         connect_retries: &mut u32,
+        client_gone: Option<&AtomicBool>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.jwt()))
             .map_err(|e| internal("authorization header", e))?;
@@ -889,6 +894,16 @@ impl Proxy {
             // (HTTP/1 write error, HTTP/2 stream reset) reports the abort.
             if bytes_in.load(Ordering::Relaxed) > max_body {
                 return Err(too_large(max_body));
+            }
+            if client_gone.is_some_and(|f| f.load(Ordering::Relaxed)) {
+                return Err(ProxyError::new(
+                    StatusCode::BAD_REQUEST,
+                    codes::BAD_REQUEST,
+                    "Request body incomplete",
+                    "client_disconnected",
+                    Fault::Client,
+                    "the client stopped sending its request body; the request to Apple was cancelled",
+                ));
             }
             if forward::is_timeout(&error) {
                 tracing::warn!(api = %up.route.api, error = %error_chain(&error), "upstream connect timed out");
@@ -1093,7 +1108,7 @@ impl Proxy {
         let counter = AtomicU64::new(0);
         match tokio::time::timeout(
             PROBE_TIMEOUT,
-            self.send(&probe, None, token, &counter, 0, &mut 0),
+            self.send(&probe, None, token, &counter, 0, &mut 0, None),
         )
         .await
         {
@@ -1212,6 +1227,8 @@ struct Exchange {
     connect_retries: u32,
     /// Whether sandbox answered for production.
     sandbox_fallback: bool,
+    /// Set when the client's request body failed (it went away mid-upload).
+    client_body_failed: Arc<AtomicBool>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -1234,6 +1251,7 @@ impl Default for Exchange {
             bytes_in: Arc::new(AtomicU64::new(0)),
             connect_retries: 0,
             sandbox_fallback: false,
+            client_body_failed: Arc::new(AtomicBool::new(false)),
             permit: None,
         }
     }
@@ -1283,7 +1301,8 @@ impl Drop for Finisher {
         record.duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         record.bytes_in = self.bytes_in.load(Ordering::Relaxed);
         record.bytes_out = self.bytes_out.load(Ordering::Relaxed);
-        record.completed = self.completed.load(Ordering::Relaxed);
+        record.completed =
+            self.completed.load(Ordering::Relaxed) && record.error != Some("client_disconnected");
         self.metrics.observe(&metrics::Summary {
             api: record.api.unwrap_or("none"),
             client: record.client.as_deref().unwrap_or("unauthenticated"),
@@ -1305,9 +1324,11 @@ fn decision_for(kind: &str) -> audit::Decision {
     match kind {
         "unauthenticated" => audit::Decision::Unauthenticated,
         "no_route" | "no_key" => audit::Decision::NoRoute,
-        "upstream_unavailable" | "upstream_timeout" | "internal" | "audit_unavailable" => {
-            audit::Decision::Error
-        }
+        "upstream_unavailable"
+        | "upstream_timeout"
+        | "internal"
+        | "audit_unavailable"
+        | "client_disconnected" => audit::Decision::Error,
         _ => audit::Decision::Denied,
     }
 }

@@ -743,3 +743,32 @@ async fn without_sandbox_fallback_apples_404_passes_through_unchanged() {
     assert_eq!(h.standin().received().len(), 1);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_upload_cancels_the_upstream_request_and_is_audited() {
+    let h = Harness::start().await;
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let head = format!(
+        "PUT /externalPurchase/v1/reports HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 1000000\r\n\r\n",
+        h.world.secret
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&[b'u'; 4096]).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    let line = audit_lines(&h, 1).await.remove(0);
+    assert_eq!(line["completed"], false, "{line}");
+    assert_eq!(line["error"], "client_disconnected", "the client's fault, not Apple's: {line}");
+    assert_eq!(line["bytes_in"], 4096, "{line}");
+    assert_ne!(line["status"], 200, "{line}");
+    // "Apple" never saw a complete upload.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(h
+        .standin()
+        .received()
+        .iter()
+        .all(|r| r.body_len < 1_000_000));
+    still_healthy(&h).await;
+    h.stop().await;
+}
