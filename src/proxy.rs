@@ -683,10 +683,12 @@ impl Proxy {
                 &upstream,
                 body,
                 &token,
-                &ex.bytes_in,
-                max_body,
-                &mut ex.connect_retries,
-                Some(&ex.client_body_failed),
+                Tally {
+                    bytes_in: &ex.bytes_in,
+                    max_body,
+                    connect_retries: &mut ex.connect_retries,
+                    client_gone: Some(&ex.client_body_failed),
+                },
             )
             .await?;
         self.note_upstream(ex, &response, &token, sent);
@@ -706,10 +708,12 @@ impl Proxy {
                     &upstream,
                     None,
                     &token,
-                    &ex.bytes_in,
-                    max_body,
-                    &mut ex.connect_retries,
-                    None,
+                    Tally {
+                        bytes_in: &ex.bytes_in,
+                        max_body,
+                        connect_retries: &mut ex.connect_retries,
+                        client_gone: None,
+                    },
                 )
                 .await?;
             self.note_upstream(ex, &response, &token, sent);
@@ -789,10 +793,12 @@ impl Proxy {
                 &sandbox,
                 None,
                 token,
-                &ex.bytes_in,
-                0,
-                &mut ex.connect_retries,
-                None,
+                Tally {
+                    bytes_in: &ex.bytes_in,
+                    max_body: 0,
+                    connect_retries: &mut ex.connect_retries,
+                    client_gone: None,
+                },
             )
             .await
             .ok()?;
@@ -851,11 +857,14 @@ impl Proxy {
         up: &Upstream<'_>,
         body: Option<ProxyBody>,
         token: &token::Token,
-        bytes_in: &AtomicU64,
-        max_body: u64,
-        connect_retries: &mut u32,
-        client_gone: Option<&AtomicBool>,
+        tally: Tally<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let Tally {
+            bytes_in,
+            max_body,
+            connect_retries,
+            client_gone,
+        } = tally;
         let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.jwt()))
             .map_err(|e| internal("authorization header", e))?;
         authorization.set_sensitive(true);
@@ -1108,7 +1117,17 @@ impl Proxy {
         let counter = AtomicU64::new(0);
         match tokio::time::timeout(
             PROBE_TIMEOUT,
-            self.send(&probe, None, token, &counter, 0, &mut 0, None),
+            self.send(
+                &probe,
+                None,
+                token,
+                Tally {
+                    bytes_in: &counter,
+                    max_body: 0,
+                    connect_retries: &mut 0,
+                    client_gone: None,
+                },
+            ),
         )
         .await
         {
@@ -1184,6 +1203,16 @@ impl Proxy {
             )
         })
     }
+}
+
+/// The request-body bookkeeping one send reads and updates.
+struct Tally<'a> {
+    /// Request body bytes read from the client so far (counted before the limit fails it).
+    bytes_in: &'a AtomicU64,
+    max_body: u64,
+    connect_retries: &'a mut u32,
+    /// Set when the client's request body failed (it went away mid-upload).
+    client_gone: Option<&'a AtomicBool>,
 }
 
 /// One request on its way to Apple, as the send/retry/probe steps share it.
