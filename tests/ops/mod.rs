@@ -759,7 +759,10 @@ async fn a_client_that_disconnects_mid_upload_cancels_the_upstream_request_and_i
     drop(s);
     let line = audit_lines(&h, 1).await.remove(0);
     assert_eq!(line["completed"], false, "{line}");
-    assert_eq!(line["error"], "client_disconnected", "the client's fault, not Apple's: {line}");
+    assert_eq!(
+        line["error"], "client_disconnected",
+        "the client's fault, not Apple's: {line}"
+    );
     assert_eq!(line["bytes_in"], 4096, "{line}");
     assert_ne!(line["status"], 200, "{line}");
     // "Apple" never saw a complete upload.
