@@ -265,12 +265,18 @@ async fn a_response_that_stalls_mid_body_is_cut_after_the_idle_timeout_and_audit
 async fn a_response_reset_mid_body_ends_the_clients_stream_and_the_proxy_stays_up() {
     let ca = TestCa::new("bad apple CA");
     let h = harness_with_bad_apple(&ca, bad_apple(&ca, Behaviour::ResetMidBody).await).await;
-    let response = http1_client()
+    // The proxy aborts the client's stream when Apple's breaks; depending on timing the
+    // client sees that on the body or already on the head — never a clean end.
+    match http1_client()
         .request(h.request("GET", "/v1/apps").body(empty()).unwrap())
         .await
-        .unwrap();
-    let (n, clean) = drain(response).await;
-    assert!(!clean && n <= 1000, "{n} {clean}");
+    {
+        Ok(response) => {
+            let (n, clean) = drain(response).await;
+            assert!(!clean && n <= 1000, "{n} {clean}");
+        }
+        Err(e) => assert!(format!("{e:?}").contains("IncompleteMessage"), "{e:?}"),
+    }
     still_healthy(&h).await;
     h.stop().await;
 }
