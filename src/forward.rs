@@ -90,9 +90,17 @@ pub fn client(config: &Config, extra_ca_pem: Option<&str>) -> Result<Client, Cli
     Ok(
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(90))
+            // Every client that walks away mid-download makes the proxy cancel its stream to
+            // Apple. h2 counts those resets and, at its default 1,024, closes the whole
+            // pooled connection — failing every other request on it. The limit guards
+            // against hostile servers; Apple is authenticated by TLS, so keep a large one.
+            .http2_max_local_error_reset_streams(H2_UPSTREAM_MAX_LOCAL_RESETS)
             .build(connector),
     )
 }
+
+/// See [`client`]: resets the proxy may make on one upstream HTTP/2 connection.
+pub const H2_UPSTREAM_MAX_LOCAL_RESETS: usize = 1 << 20;
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = Result<T, BoxError>> + Send>>;
 

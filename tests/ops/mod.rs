@@ -781,3 +781,59 @@ async fn a_client_that_disconnects_mid_upload_cancels_the_upstream_request_and_i
     still_healthy(&h).await;
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_abandoning_downloads_never_fail_other_requests_on_the_shared_upstream_connection()
+{
+    // Each abandoned download makes the proxy cancel (RST_STREAM) its stream to Apple; at
+    // h2's default limit of 1,024 such resets the pooled connection used to be closed,
+    // failing every request in flight on it.
+    let h = Arc::new(Harness::start().await);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let mut steady = Vec::new();
+    for _ in 0..2 {
+        let (h, stop, failures) = (h.clone(), stop.clone(), failures.clone());
+        steady.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = h.get("/v1/apps").await;
+                if r.status != StatusCode::OK {
+                    failures.lock().unwrap().push(r.status);
+                }
+            }
+        }));
+    }
+    // Eight clients abandoning 4 MB downloads at once, as flaky report downloaders do.
+    let mut abandoners = Vec::new();
+    for _ in 0..8 {
+        let h = h.clone();
+        abandoners.push(tokio::spawn(async move {
+            let client = http1_client();
+            for _ in 0..200 {
+                let r = client
+                    .request(
+                        h.request("GET", "/v1/salesReports?standin_bytes=4000000")
+                            .body(empty())
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                let mut body = r.into_body();
+                let _ = body.frame().await;
+            }
+        }));
+    }
+    for a in abandoners {
+        a.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for s in steady {
+        s.await.unwrap();
+    }
+    assert!(
+        failures.lock().unwrap().is_empty(),
+        "{:?}",
+        failures.lock().unwrap()
+    );
+    Arc::try_unwrap(h).ok().expect("one owner").stop().await;
+}
