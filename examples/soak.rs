@@ -197,14 +197,14 @@ allow = ["* /*"]
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let (kind, method, path, body, auth) = match i % 10 {
-                    0 | 1 | 2 => (
+                    0..=2 => (
                         "asc-unique-scope",
                         "GET",
                         format!("/v1/apps/{i}"),
                         Bytes::new(),
                         true,
                     ),
-                    3 | 4 => (
+                    3..=4 => (
                         "asc-cached",
                         "GET",
                         "/v1/apps".to_string(),
