@@ -294,3 +294,279 @@ mod tests {
         assert!(!is_plausible_issuer_id("57246542-96fe-1a63-e053"));
     }
 }
+
+/// One of Apple's documented per-endpoint rate limits (requests per second, per app;
+/// sandbox gets 10% of it). [ASSA-RL], [ACA-RL], [RM-RL]; APPLE.md §4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointLimit {
+    /// Apple's name for the endpoint (or endpoint group).
+    pub name: &'static str,
+    /// `None` = any method.
+    pub method: Option<&'static str>,
+    /// Path segments after the leading `/`; `"{}"` matches any one segment, a trailing
+    /// `"**"` any rest.
+    pub pattern: &'static [&'static str],
+    pub per_second: u32,
+}
+
+const fn limit(
+    name: &'static str,
+    method: Option<&'static str>,
+    pattern: &'static [&'static str],
+    per_second: u32,
+) -> EndpointLimit {
+    EndpointLimit {
+        name,
+        method,
+        pattern,
+        per_second,
+    }
+}
+
+/// Apple's published limits for the storekit APIs, most specific first.
+pub const STOREKIT_LIMITS: &[EndpointLimit] = &[
+    limit(
+        "Finish Transaction",
+        Some("POST"),
+        &["inApps", "v1", "transactions", "{}", "finish"],
+        50,
+    ),
+    limit(
+        "Set App Account Token",
+        Some("PUT"),
+        &["inApps", "v1", "transactions", "{}", "appAccountToken"],
+        20,
+    ),
+    limit(
+        "Get App Transaction Info",
+        Some("GET"),
+        &["inApps", "v1", "transactions", "appTransactions", "{}"],
+        50,
+    ),
+    limit(
+        "Send Consumption Information",
+        Some("PUT"),
+        &["inApps", "v1", "transactions", "consumption", "{}"],
+        50,
+    ),
+    limit(
+        "Send Consumption Information",
+        Some("PUT"),
+        &["inApps", "v2", "transactions", "consumption", "{}"],
+        50,
+    ),
+    limit(
+        "Get Transaction Info",
+        Some("GET"),
+        &["inApps", "v1", "transactions", "{}"],
+        50,
+    ),
+    limit(
+        "Get Transaction History",
+        Some("GET"),
+        &["inApps", "v2", "history", "{}"],
+        50,
+    ),
+    limit(
+        "Get Transaction History",
+        Some("GET"),
+        &["inApps", "v1", "history", "{}"],
+        50,
+    ),
+    limit(
+        "Mass Extend",
+        Some("POST"),
+        &["inApps", "v1", "subscriptions", "extend", "mass"],
+        1,
+    ),
+    limit(
+        "Extend a Subscription Renewal Date",
+        Some("PUT"),
+        &["inApps", "v1", "subscriptions", "extend", "{}"],
+        20,
+    ),
+    limit(
+        "Get All Subscription Statuses",
+        Some("GET"),
+        &["inApps", "v1", "subscriptions", "{}"],
+        50,
+    ),
+    limit(
+        "Get Notification History",
+        Some("POST"),
+        &["inApps", "v1", "notifications", "history"],
+        50,
+    ),
+    limit(
+        "Request a Test Notification",
+        Some("POST"),
+        &["inApps", "v1", "notifications", "test"],
+        1,
+    ),
+    limit(
+        "Get Test Notification Status",
+        Some("GET"),
+        &["inApps", "v1", "notifications", "test", "{}"],
+        1,
+    ),
+    limit(
+        "Look Up Order ID",
+        Some("GET"),
+        &["inApps", "v1", "lookup", "{}"],
+        10,
+    ),
+    limit(
+        "Get Refund History",
+        Some("GET"),
+        &["inApps", "v2", "refund", "lookup", "{}"],
+        10,
+    ),
+    limit(
+        "Get Refund History",
+        Some("GET"),
+        &["inApps", "v1", "refund", "lookup", "{}"],
+        10,
+    ),
+    limit(
+        "Configure Default Message",
+        None,
+        &["inApps", "v1", "messaging", "default", "**"],
+        10,
+    ),
+    limit(
+        "Retention Messaging",
+        None,
+        &["inApps", "v1", "messaging", "**"],
+        1,
+    ),
+    limit(
+        "Cancel Subscription",
+        Some("POST"),
+        &["advancedCommerce", "v1", "subscription", "cancel", "{}"],
+        5,
+    ),
+    limit(
+        "Revoke Subscription",
+        Some("POST"),
+        &["advancedCommerce", "v1", "subscription", "revoke", "{}"],
+        5,
+    ),
+    limit(
+        "Request Transaction Refund",
+        Some("POST"),
+        &[
+            "advancedCommerce",
+            "v1",
+            "transaction",
+            "requestRefund",
+            "{}",
+        ],
+        5,
+    ),
+    limit(
+        "Change Subscription Metadata",
+        Some("POST"),
+        &[
+            "advancedCommerce",
+            "v1",
+            "subscription",
+            "changeMetadata",
+            "{}",
+        ],
+        50,
+    ),
+    limit(
+        "Change Subscription Price",
+        Some("POST"),
+        &[
+            "advancedCommerce",
+            "v1",
+            "subscription",
+            "changePrice",
+            "{}",
+        ],
+        50,
+    ),
+    limit(
+        "Migrate Subscription",
+        Some("POST"),
+        &["advancedCommerce", "v1", "subscription", "migrate", "{}"],
+        50,
+    ),
+];
+
+/// The documented limit for `method path` (the path Apple sees, without `/sandbox`).
+pub fn endpoint_limit(method: &str, path: &str) -> Option<&'static EndpointLimit> {
+    let segments: Vec<&str> = path
+        .trim_start_matches('/')
+        .trim_end_matches('/')
+        .split('/')
+        .collect();
+    STOREKIT_LIMITS.iter().find(|l| {
+        l.method.is_none_or(|m| m == method) && {
+            let rest = l.pattern.last() == Some(&"**");
+            let fixed = if rest {
+                &l.pattern[..l.pattern.len() - 1]
+            } else {
+                l.pattern
+            };
+            (if rest {
+                segments.len() > fixed.len()
+            } else {
+                segments.len() == fixed.len()
+            }) && fixed
+                .iter()
+                .zip(&segments)
+                .all(|(p, s)| *p == "{}" || p == s)
+        }
+    })
+}
+
+/// Sandbox gets 10% of production's limits. [ASSA-RL]
+pub const SANDBOX_LIMIT_FRACTION: f64 = 0.1;
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_map_to_apples_documented_limits() {
+        let cases = [
+            ("GET", "/inApps/v1/transactions/2000000000000001", Some(50)),
+            ("POST", "/inApps/v1/transactions/1/finish", Some(50)),
+            ("PUT", "/inApps/v1/transactions/1/appAccountToken", Some(20)),
+            ("GET", "/inApps/v1/transactions/appTransactions/1", Some(50)),
+            ("GET", "/inApps/v1/lookup/MQ8H9K", Some(10)),
+            ("POST", "/inApps/v1/subscriptions/extend/mass", Some(1)),
+            ("PUT", "/inApps/v1/subscriptions/extend/1", Some(20)),
+            ("GET", "/inApps/v1/subscriptions/1", Some(50)),
+            ("POST", "/inApps/v1/notifications/test", Some(1)),
+            (
+                "PUT",
+                "/inApps/v1/messaging/default/product/en-US",
+                Some(10),
+            ),
+            ("GET", "/inApps/v1/messaging/message/list", Some(1)),
+            (
+                "POST",
+                "/advancedCommerce/v1/subscription/cancel/1",
+                Some(5),
+            ),
+            (
+                "POST",
+                "/advancedCommerce/v1/subscription/migrate/1",
+                Some(50),
+            ),
+            ("GET", "/groups/v1/transactions/1/seats", None),
+            ("PUT", "/externalPurchase/v1/reports", None),
+            ("DELETE", "/inApps/v1/transactions/1", None),
+        ];
+        for (method, path, want) in cases {
+            assert_eq!(
+                endpoint_limit(method, path).map(|l| l.per_second),
+                want,
+                "{method} {path}"
+            );
+        }
+    }
+}

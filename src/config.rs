@@ -158,11 +158,27 @@ pub struct Tokens {
     pub cache_capacity: usize,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ApiSettings {
     pub base_url: Option<Uri>,
     pub sandbox_base_url: Option<Uri>,
     pub sandbox_fallback: bool,
+    /// Enforce Apple's documented per-endpoint limits locally (storekit APIs).
+    pub enforce_apple_limits: bool,
+    /// This replica's part of each limit (e.g. 0.5 with two replicas).
+    pub apple_limit_fraction: f64,
+}
+
+impl Default for ApiSettings {
+    fn default() -> ApiSettings {
+        ApiSettings {
+            base_url: None,
+            sandbox_base_url: None,
+            sandbox_fallback: false,
+            enforce_apple_limits: false,
+            apple_limit_fraction: 1.0,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -304,6 +320,8 @@ struct RawApi {
     base_url: Option<String>,
     sandbox_base_url: Option<String>,
     sandbox_fallback: Option<bool>,
+    enforce_apple_limits: Option<bool>,
+    apple_limit_fraction: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -636,6 +654,13 @@ impl Validator<'_> {
                         "remove the field",
                     ));
                 }
+                if settings.enforce_apple_limits == Some(true) {
+                    return Err(self.invalid(
+                        format!("{prefix}.enforce_apple_limits"),
+                        format!("Apple documents per-endpoint limits only for the storekit APIs, not {}", api.id()),
+                        "remove the field",
+                    ));
+                }
                 if settings.sandbox_fallback == Some(true) {
                     return Err(self.invalid(
                         format!("{prefix}.sandbox_fallback"),
@@ -658,6 +683,16 @@ impl Validator<'_> {
                         .map(|u| self.base_url(&format!("{prefix}.sandbox_base_url"), u))
                         .transpose()?,
                     sandbox_fallback: settings.sandbox_fallback.unwrap_or(false),
+                    enforce_apple_limits: settings.enforce_apple_limits.unwrap_or(false),
+                    apple_limit_fraction: match settings.apple_limit_fraction {
+                        None => 1.0,
+                        Some(f) if f > 0.0 && f <= 1.0 => f,
+                        Some(f) => return Err(self.invalid(
+                            format!("{prefix}.apple_limit_fraction"),
+                            format!("{f} is not in (0, 1]"),
+                            "set this replica's part of Apple's limits, e.g. 0.5 with two replicas",
+                        )),
+                    },
                 },
             );
         }

@@ -11,6 +11,7 @@
 //! - [`route`]: path → API, environment and upstream; path checks.
 //! - [`token`]: `.p8` loading, claims, scope, ES256 signing with `ring`, Apple's clock, cache.
 //! - [`audit`]: the hash-chained audit log, its single writer, and `audit verify`.
+//! - [`limits`]: Apple's per-endpoint storekit limits enforced locally, with fair shares.
 //! - [`client`]: who is calling (client secrets) and what they may call (allow rules).
 //! - [`metrics`]: Prometheus counters and histograms with fixed label sets.
 //! - [`forward`]: the pooled rustls client, header hygiene, streaming bodies.
@@ -46,6 +47,7 @@ pub mod diagnose;
 pub mod explain;
 pub mod forward;
 pub mod framing;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod route;

@@ -200,6 +200,8 @@ struct Shared {
     in_flight: Arc<tokio::sync::Semaphore>,
     max_in_flight: usize,
     serving: AtomicBool,
+    /// Apple's per-endpoint limits, enforced locally where configured.
+    apple_limits: crate::limits::AppleLimits,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -227,6 +229,7 @@ impl Proxy {
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             max_in_flight,
             serving: AtomicBool::new(false),
+            apple_limits: crate::limits::AppleLimits::default(),
         });
         Proxy::build(
             config,
@@ -624,6 +627,7 @@ impl Proxy {
             });
         }
         let key_name = self.key_for(&who, route.api)?;
+        self.check_apple_limits(&who, &route, key_name, parts.method.as_str())?;
 
         // Refuse a declared oversize body before contacting Apple; a body that lies or
         // streams without a length is cut off by the metered body below.
@@ -1168,6 +1172,71 @@ impl Proxy {
                 },
             )
         })
+    }
+
+    /// Apple's documented per-endpoint limit for this app, where `enforce_apple_limits` is on:
+    /// held back locally (429 with delta-seconds) before it costs a signature or Apple's
+    /// budget, with each active client held to its fair share.
+    fn check_apple_limits(
+        &self,
+        who: &Identity,
+        route: &route::Route<'_>,
+        key: &str,
+        method: &str,
+    ) -> Result<(), ProxyError> {
+        let Some(settings) = self
+            .config
+            .apis
+            .get(&route.api)
+            .filter(|s| s.enforce_apple_limits)
+        else {
+            return Ok(());
+        };
+        let Some(limit) = crate::apple::endpoint_limit(method, route.path) else {
+            return Ok(());
+        };
+        let bundle = self.clients.pinned_bundle_id(who).or_else(|| {
+            self.minter
+                .key_config(key)
+                .and_then(|k| k.bundle_id.as_deref())
+        });
+        let Some(bundle) = bundle else { return Ok(()) };
+        let sandbox = route.environment == Environment::Sandbox;
+        self.shared
+            .apple_limits
+            .check(
+                bundle,
+                limit,
+                sandbox,
+                settings.apple_limit_fraction,
+                &who.name,
+                Instant::now(),
+            )
+            .map_err(|held| {
+                let secs =
+                    held.retry_after.as_secs() + u64::from(held.retry_after.subsec_nanos() > 0);
+                ProxyError {
+                    retry_after: Some(secs.max(1)),
+                    ..ProxyError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        codes::RATE_LIMITED,
+                        "Apple's rate limit for this endpoint",
+                        "apple_limit",
+                        Fault::Client,
+                        format!(
+                            "Apple allows {} {} requests per second for this app ({}); {}",
+                            held.rate,
+                            held.endpoint,
+                            route.environment,
+                            if held.share {
+                                "your fair share of it, with other clients using it too, is spent"
+                            } else {
+                                "the app's budget at this proxy is spent"
+                            }
+                        ),
+                    )
+                }
+            })
     }
 
     /// The key that signs: the client's pinned key, else the first key configured for the API.

@@ -837,3 +837,58 @@ async fn clients_abandoning_downloads_never_fail_other_requests_on_the_shared_up
     );
     Arc::try_unwrap(h).ok().expect("one owner").stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apples_per_endpoint_limit_is_enforced_locally_per_app_when_asked() {
+    let world = World::new(&Setup::default(), "127.0.0.1:0").await;
+    let sandbox = world
+        .standin
+        .url(apple_api_proxy::standin::Role::StoreKitSandbox);
+    let text = std::fs::read_to_string(&world.config_path)
+        .unwrap()
+        .replacen(
+            &format!("sandbox_base_url = \"{sandbox}\""),
+            &format!("sandbox_base_url = \"{sandbox}\"\nenforce_apple_limits = true"),
+            1,
+        );
+    std::fs::write(&world.config_path, text).unwrap();
+    let h = Harness::from_world(world).await;
+    // "Request a Test Notification": 1 request per second per app.
+    let first = send(
+        h.request("POST", "/inApps/v1/notifications/test")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::OK);
+    let second = send(
+        h.request("POST", "/inApps/v1/notifications/test")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (second.status, second.error_code().as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "PROXY_RATE_LIMITED")
+    );
+    assert_eq!(
+        second.headers["retry-after"], "1",
+        "delta-seconds, not Apple's milliseconds"
+    );
+    assert!(second.json()["errors"][0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("Request a Test Notification"));
+    // Other endpoints have their own budget; Apple saw only what was allowed.
+    assert_eq!(
+        h.get("/inApps/v1/transactions/1").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(h.standin().received().len(), 2);
+    let line = &audit_lines(&h, 2).await[1];
+    assert_eq!(
+        (line["decision"].as_str(), line["error"].as_str()),
+        (Some("denied"), Some("apple_limit"))
+    );
+    h.stop().await;
+}
