@@ -664,7 +664,8 @@ async fn sigterm_under_load_lets_every_in_flight_request_finish_and_flushes_the_
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
 
-async fn with_fallback(on: bool) -> Harness {
+/// A harness whose `[apis.app-store-server]` table also carries `setting`.
+async fn with_app_store_server_setting(setting: &str) -> Harness {
     let world = World::new(&Setup::default(), "127.0.0.1:0").await;
     let sandbox = world
         .standin
@@ -673,11 +674,15 @@ async fn with_fallback(on: bool) -> Harness {
         .unwrap()
         .replacen(
             &format!("sandbox_base_url = \"{sandbox}\""),
-            &format!("sandbox_base_url = \"{sandbox}\"\nsandbox_fallback = {on}"),
+            &format!("sandbox_base_url = \"{sandbox}\"\n{setting}"),
             1,
         );
     std::fs::write(&world.config_path, text).unwrap();
     Harness::from_world(world).await
+}
+
+async fn with_fallback(on: bool) -> Harness {
+    with_app_store_server_setting(&format!("sandbox_fallback = {on}")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -840,19 +845,7 @@ async fn clients_abandoning_downloads_never_fail_other_requests_on_the_shared_up
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apples_per_endpoint_limit_is_enforced_locally_per_app_when_asked() {
-    let world = World::new(&Setup::default(), "127.0.0.1:0").await;
-    let sandbox = world
-        .standin
-        .url(apple_api_proxy::standin::Role::StoreKitSandbox);
-    let text = std::fs::read_to_string(&world.config_path)
-        .unwrap()
-        .replacen(
-            &format!("sandbox_base_url = \"{sandbox}\""),
-            &format!("sandbox_base_url = \"{sandbox}\"\nenforce_apple_limits = true"),
-            1,
-        );
-    std::fs::write(&world.config_path, text).unwrap();
-    let h = Harness::from_world(world).await;
+    let h = with_app_store_server_setting("enforce_apple_limits = true").await;
     // "Request a Test Notification": 1 request per second per app.
     let first = send(
         h.request("POST", "/inApps/v1/notifications/test")
