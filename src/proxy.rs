@@ -457,7 +457,9 @@ impl Proxy {
         // The one log line per request (head sent; the body may still be streaming).
         match &error {
             None => {
-                tracing::info!(parent: &span, %method, %path, status, head_ms, diagnosis = ex.diagnosis, "forwarded")
+                // Every request is in the audit log already; at `info` the operational log keeps
+                // only what needs an operator's eye (refusals, failures, Apple's 401/403).
+                tracing::debug!(parent: &span, %method, %path, status, head_ms, diagnosis = ex.diagnosis, "forwarded")
             }
             Some((kind, Fault::Client, detail)) => {
                 tracing::info!(parent: &span, %method, %path, status, head_ms, kind, %detail, "refused")

@@ -1,0 +1,350 @@
+//! Micro-benchmarks of the per-request hot path (issue 7). `cargo bench` runs them all in
+//! about a minute; `cargo bench -- mint` runs one group.
+//!
+//! - `mint/fresh_es256`: a token for a new App Store Connect scope every iteration, so every
+//!   iteration pays a real ES256 signature (plus claims JSON, base64url, SHA-256 fingerprint,
+//!   cache insert).
+//! - `mint/cache_hit`: the same request again: the cached token is served.
+//! - `ring/p256_sign`: ring's raw `EcdsaKeyPair::sign` (ECDSA_P256_SHA256_FIXED_SIGNING) on a
+//!   JWT-sized message: the floor for `mint/fresh_es256` (target ≤ 1.2×).
+//! - `request/*`: the steps before minting (client secret check, path check, route, policy),
+//!   the upstream header copy, and the audit path redaction.
+//! - `diagnose/*`: the 401 doctor on representative evidence (only on Apple's 401/403).
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::{HeaderMap, HeaderValue};
+use ring::rand::SystemRandom;
+use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+
+use apple_api_proxy::apple::{Api, Environment, KeyKind};
+use apple_api_proxy::client::Clients;
+use apple_api_proxy::config::{Config, KeySource};
+use apple_api_proxy::diagnose::{self, AppleError, Evidence, SandboxProbe};
+use apple_api_proxy::route;
+use apple_api_proxy::token::{self, AppleClock, Claims, Minter};
+
+const ISSUER: &str = "57246542-96fe-1a63-e053-0824d011072a";
+const SECRET: &str = "aap_benchsecret";
+
+/// The bench harness's configuration (what `shared/bench/project-cmd.sh` writes), plus an
+/// in-app-purchase key so storekit tokens can be measured too.
+fn config() -> Config {
+    let hash = apple_api_proxy::hex(&apple_api_proxy::sha256(SECRET.as_bytes()));
+    let text = format!(
+        r#"
+[apis.app-store-connect]
+base_url = "https://127.0.0.1:18443"
+
+[[keys]]
+name = "bench"
+kind = "team"
+key_id = "BENCHKEY01"
+issuer_id = "{ISSUER}"
+private_key_env = "UNUSED"
+apis = ["app-store-connect"]
+token_lifetime = "20m"
+
+[[keys]]
+name = "iap"
+kind = "in-app-purchase"
+key_id = "IAPKEY0001"
+issuer_id = "{ISSUER}"
+bundle_id = "com.example.app"
+private_key_env = "UNUSED"
+apis = ["app-store-server"]
+token_lifetime = "1h"
+
+[[clients]]
+name = "other"
+secret_sha256 = "{other}"
+allow = ["GET /inApps/*"]
+
+[[clients]]
+name = "bench"
+secret_sha256 = "{hash}"
+allow = ["POST /v1/builds", "GET /v1/apps/*/appStoreVersions", "GET /v1/*"]
+"#,
+        other = "ab".repeat(32),
+    );
+    let mut config = Config::parse(&text, "bench", Path::new(".")).expect("bench config parses");
+    for key in &mut config.keys {
+        key.source = KeySource::Inline(pem(&pkcs8()));
+    }
+    config
+}
+
+fn pkcs8() -> Vec<u8> {
+    EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+        .expect("ring generates a P-256 key")
+        .as_ref()
+        .to_vec()
+}
+
+fn pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str("-----END PRIVATE KEY-----\n");
+    out
+}
+
+fn minter(config: &Config) -> Minter {
+    Minter::new(config, Arc::new(AppleClock::default()))
+        .expect("keys load")
+        .0
+}
+
+fn connect_get<'a>(path: &'a str, query: Option<&'a str>) -> token::Request<'a> {
+    token::Request {
+        key: "bench",
+        api: Api::AppStoreConnect,
+        method: "GET",
+        path,
+        query,
+        bundle_id: None,
+    }
+}
+
+fn bench_mint(c: &mut Criterion) {
+    let config = config();
+    let minter = minter(&config);
+    let mut g = c.benchmark_group("mint");
+
+    // A new scope every iteration: the cache cannot help, so this is a real signature.
+    let mut n: u64 = 0;
+    let mut path = String::with_capacity(32);
+    g.bench_function("fresh_es256", |b| {
+        b.iter(|| {
+            n += 1;
+            path.clear();
+            use std::fmt::Write as _;
+            let _ = write!(path, "/v1/apps/{n}");
+            black_box(
+                minter
+                    .token(&connect_get(&path, None), SystemTime::now())
+                    .expect("mints"),
+            )
+        })
+    });
+
+    // `remint` always signs; a storekit token (no scope, `bid` claim) for comparison.
+    let iap = token::Request {
+        key: "iap",
+        api: Api::AppStoreServer,
+        method: "GET",
+        path: "/inApps/v1/transactions/2000000000000001",
+        query: None,
+        bundle_id: None,
+    };
+    g.bench_function("fresh_es256_storekit", |b| {
+        b.iter(|| black_box(minter.remint(&iap, SystemTime::now()).expect("mints")))
+    });
+
+    // The harness's `fixed` mode: the same request again and again.
+    let fixed = connect_get("/v1/apps/123", None);
+    minter.token(&fixed, SystemTime::now()).expect("mints");
+    g.bench_function("cache_hit", |b| {
+        b.iter(|| {
+            black_box(
+                minter
+                    .token(black_box(&fixed), SystemTime::now())
+                    .expect("hit"),
+            )
+        })
+    });
+
+    // A cache hit whose scope has a query (bracket rewriting, ignored params dropped).
+    let query = "filter%5Bplatform%5D=IOS&fields%5Bapps%5D=name,bundleId&limit=200";
+    let with_query = connect_get("/v1/apps", Some(query));
+    minter.token(&with_query, SystemTime::now()).expect("mints");
+    g.bench_function("cache_hit_with_query", |b| {
+        b.iter(|| {
+            black_box(
+                minter
+                    .token(black_box(&with_query), SystemTime::now())
+                    .expect("hit"),
+            )
+        })
+    });
+    g.bench_function("scope_entry", |b| {
+        b.iter(|| {
+            black_box(token::scope_entry(
+                "GET",
+                black_box("/v1/apps"),
+                Some(query),
+            ))
+        })
+    });
+    g.finish();
+    let (minted, hits) = minter.counts();
+    eprintln!("minter counts after the mint group: {minted} signed, {hits} cache hits");
+}
+
+fn bench_ring(c: &mut Criterion) {
+    let rng = SystemRandom::new();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8(), &rng)
+        .expect("ring parses its own key");
+    // A JWT signing input of the size the proxy signs (header.payload, ~260 bytes).
+    let message = vec![b'e'; 260];
+    let mut g = c.benchmark_group("ring");
+    g.bench_function("p256_sign", |b| {
+        b.iter(|| black_box(pair.sign(&rng, black_box(&message)).expect("signs")))
+    });
+    g.bench_function("sha256_jwt", |b| {
+        b.iter(|| black_box(apple_api_proxy::sha256(black_box(&[b'e'; 400]))))
+    });
+    g.finish();
+}
+
+fn bench_request(c: &mut Criterion) {
+    let config = config();
+    let routes = route::Table::new(&config);
+    let clients = Clients::new(&config);
+    let mut headers = HeaderMap::new();
+    headers.insert("host", HeaderValue::from_static("127.0.0.1:18080"));
+    headers.insert(
+        "proxy-authorization",
+        HeaderValue::from_str(&format!("Bearer {SECRET}")).expect("ascii"),
+    );
+    headers.insert("user-agent", HeaderValue::from_static("wrk/4.1.0"));
+    headers.insert("accept", HeaderValue::from_static("application/json"));
+    let who = clients.authenticate(&headers, None).expect("bench client");
+    let path = "/v1/apps/1234567890/appStoreVersions";
+
+    let mut g = c.benchmark_group("request");
+    g.bench_function("authenticate", |b| {
+        b.iter(|| black_box(clients.authenticate(black_box(&headers), None).expect("ok")))
+    });
+    g.bench_function("check_path", |b| {
+        b.iter(|| black_box(route::check_path(black_box(path)).is_ok()))
+    });
+    g.bench_function("resolve", |b| {
+        b.iter(|| black_box(routes.resolve(black_box(path)).expect("routes")))
+    });
+    g.bench_function("allows", |b| {
+        b.iter(|| black_box(clients.allows(&who, "GET", black_box(path))))
+    });
+    // Everything before minting, in the order proxy::process runs it.
+    g.bench_function("check_route_policy", |b| {
+        b.iter(|| {
+            let path = black_box(path);
+            route::check_path(path).expect("clean");
+            let route = routes.resolve(path).expect("routes");
+            assert!(clients.allows(&who, "GET", path));
+            black_box(route.url(None))
+        })
+    });
+    let bearer = HeaderValue::from_str(&format!("Bearer {}", "x".repeat(400))).expect("ascii");
+    g.bench_function("upstream_headers", |b| {
+        b.iter(|| {
+            black_box(apple_api_proxy::forward::upstream_headers(
+                black_box(&headers),
+                bearer.clone(),
+            ))
+        })
+    });
+    g.bench_function("audit_redact_path", |b| {
+        b.iter(|| black_box(apple_api_proxy::audit::redact_path(black_box(path))))
+    });
+    g.finish();
+}
+
+fn bench_diagnose(c: &mut Criterion) {
+    let claims = Claims {
+        iss: Some(ISSUER.to_string()),
+        sub: None,
+        iat: 1_800_000_000 - 60,
+        exp: 1_800_000_000 - 60 + 1200,
+        aud: "appstoreconnect-v1",
+        scope: Some(vec!["GET /v1/apps/123".to_string()]),
+        bid: None,
+    };
+    let body = br#"{"errors":[{"status":"401","code":"NOT_AUTHORIZED","title":"Authentication credentials are missing or invalid.","detail":"Provide a properly configured and signed bearer token, and make sure that it has not expired. Learn more about Generating Tokens for API Requests https://developer.apple.com/go/?id=api-generating-tokens"}]}"#;
+    let apple_errors: Vec<AppleError> = diagnose::apple_errors(body);
+    // App Store Connect 401 after the automatic retry, with Apple's clock 3 s off: several
+    // candidate causes are weighed.
+    let connect = Evidence {
+        status: 401,
+        api: Api::AppStoreConnect,
+        environment: Environment::Production,
+        method: "GET",
+        path: "/v1/apps/123",
+        query: None,
+        key_name: "bench",
+        key_id: "BENCHKEY01",
+        key_kind: KeyKind::Team,
+        file_kind_hint: Some(KeyKind::Team),
+        file_key_id: Some("BENCHKEY01"),
+        claims: &claims,
+        proxy_now: 1_800_000_000,
+        apple_date: Some(1_800_000_003),
+        apple_errors: &apple_errors,
+        key_last_success: Some(1_799_990_000),
+        issuer_proven: true,
+        retried: true,
+        sandbox_probe: None,
+    };
+    let iap_claims = Claims {
+        scope: None,
+        bid: Some("com.example.app".to_string()),
+        ..claims.clone()
+    };
+    // App Store Server production 401 (empty body) whose sandbox probe was accepted.
+    let storekit = Evidence {
+        api: Api::AppStoreServer,
+        path: "/inApps/v1/transactions/2000000000000001",
+        key_name: "iap",
+        key_id: "IAPKEY0001",
+        key_kind: KeyKind::InAppPurchase,
+        file_kind_hint: None,
+        file_key_id: None,
+        claims: &iap_claims,
+        apple_errors: &[],
+        key_last_success: None,
+        issuer_proven: false,
+        retried: false,
+        sandbox_probe: Some(SandboxProbe::Accepted(200)),
+        ..connect.clone()
+    };
+    let mut g = c.benchmark_group("diagnose");
+    g.bench_function("connect_401", |b| {
+        b.iter(|| black_box(diagnose::diagnose(black_box(&connect))))
+    });
+    g.bench_function("storekit_401_sandbox", |b| {
+        b.iter(|| black_box(diagnose::diagnose(black_box(&storekit))))
+    });
+    g.bench_function("apple_errors_parse", |b| {
+        b.iter_batched(
+            || body.as_slice(),
+            |body| black_box(diagnose::apple_errors(body)),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn short() -> Criterion {
+    // The whole run stays near a minute: 2 cores shared with other work, so medians of
+    // many short samples are worth more than long ones.
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50)
+        .configure_from_args()
+}
+
+criterion_group! {
+    name = benches;
+    config = short();
+    targets = bench_ring, bench_mint, bench_request, bench_diagnose
+}
+criterion_main!(benches);

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Side-by-side load test (issue 7): apple-api-proxy against nginx (the floor: a proxy that
+# signs nothing) and a hand-written Node.js proxy (the peer: signs per request), all in one
+# run against the same local HTTPS upstream, using the shared harness in ../shared/bench
+# (see its README). Prints the table the README's "Performance" section quotes, then the
+# figures the harness does not take (benches/load/extras.sh: idle RSS and RSS with 1,000
+# client connections, latency at half of peak load, a 1 GiB streamed response).
+#
+#   scripts/loadtest.sh                   # 3 rounds (~5 min) + extras (~1.5 min)
+#   ROUNDS=1 EXTRAS=0 scripts/loadtest.sh # a quick look (~1.5 min), noisier
+#
+# Passed through to the harness: ROUNDS, DURATION, WARMUP, START_WARMUP, CONNECTIONS,
+# THREADS, MODES, PROXIES, UPSTREAM_PORT, LISTEN_PORT, WORK_DIR (see its README).
+# BENCH_DIR overrides where the harness is (default: ../shared/bench beside the repo).
+# The harness installs what it lacks (Debian nginx-light and wrk, npm packages) and uses
+# only 127.0.0.1. Policy, audit and metrics stay on, as in production (project-cmd.sh).
+# Don't run it beside builds or tests: the machine's other load shows up as noise.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH_DIR=${BENCH_DIR:-$ROOT/../shared/bench}
+if [[ ! -x $BENCH_DIR/run.sh || ! -f $BENCH_DIR/project-cmd.sh ]]; then
+  echo "loadtest: the benchmark harness is not at $BENCH_DIR (expected run.sh and project-cmd.sh)." >&2
+  echo "loadtest: it lives in the shared/ folder beside this repository; set BENCH_DIR=/path/to/bench to point elsewhere." >&2
+  exit 2
+fi
+BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
+export BENCH_DIR
+
+cd "$ROOT"
+echo "loadtest: building the release binary" >&2
+cargo build --release --bin apple-api-proxy
+
+echo "loadtest: machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p' | head -n1)" >&2
+export ROUNDS=${ROUNDS:-3}
+export WORK_DIR=${WORK_DIR:-$(mktemp -d /tmp/proxybench.XXXXXX)}
+export BENCH_AUTH=${BENCH_AUTH:-aap_benchsecret}
+# project-cmd.sh writes the proxy's config (client secret, allow rule, audit log on) and
+# execs ./target/release/apple-api-proxy, so it runs from the repository root.
+status=0
+PROJECT_CMD="exec $(printf '%q' "$BENCH_DIR/project-cmd.sh")" "$BENCH_DIR/run.sh" || status=$?
+if [[ ${EXTRAS:-1} != 0 ]]; then
+  echo
+  "$ROOT/benches/load/extras.sh" || status=$?
+fi
+exit "$status"
