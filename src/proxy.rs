@@ -162,8 +162,6 @@ pub enum StartError {
         problem: String,
         fix: &'static str,
     },
-    #[error("{file}: field `{field}` is not implemented yet, and the proxy will not pretend it is (fix: remove it)")]
-    NotImplemented { file: String, field: &'static str },
     #[error(transparent)]
     Key(#[from] Box<token::LoadError>),
     #[error(transparent)]
@@ -612,9 +610,9 @@ impl Proxy {
             ));
         }
         if let Err(wait) = self.clients.check_rate(&who, Instant::now()) {
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let secs = retry_after_secs(wait);
             return Err(ProxyError {
-                retry_after: Some(secs.max(1)),
+                retry_after: Some(secs),
                 ..ProxyError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     codes::RATE_LIMITED,
@@ -784,9 +782,7 @@ impl Proxy {
         token: &token::Token,
         ex: &mut Exchange,
     ) -> Option<Response<ProxyBody>> {
-        let sandbox_path = format!("{}{}", crate::apple::SANDBOX_PREFIX, up.route.path);
-        let route = self.routes.resolve(&sandbox_path).ok()?;
-        let url = route.url(up.url.split_once('?').map(|(_, q)| q));
+        let (route, url) = self.sandbox_target(up)?;
         let sandbox = Upstream {
             method: up.method,
             url: &url,
@@ -985,11 +981,7 @@ impl Proxy {
         let body_bytes = if head.headers.contains_key(header::CONTENT_ENCODING) {
             Bytes::new()
         } else {
-            let limited = http_body_util::Limited::new(body, DIAGNOSIS_BODY_LIMIT);
-            match tokio::time::timeout(DIAGNOSIS_READ_TIMEOUT, limited.collect()).await {
-                Ok(Ok(collected)) => collected.to_bytes(),
-                _ => Bytes::new(),
-            }
+            read_bounded(body).await
         };
         let apple_json: Option<serde_json::Value> = serde_json::from_slice(&body_bytes).ok();
         let apple_errors = diagnose::apple_errors(&body_bytes);
@@ -1007,7 +999,7 @@ impl Proxy {
         };
 
         let key = self.minter.key_config(&token.key_name);
-        let (file_kind_hint, file_key_id) = key.map(file_evidence).unwrap_or((None, None));
+        let named = key.and_then(token::key_file_name);
         let issuer = key.and_then(|k| k.issuer_id.as_deref());
         let issuer_proven = issuer.is_some_and(|iss| {
             self.config
@@ -1026,8 +1018,8 @@ impl Proxy {
             key_name: &token.key_name,
             key_id: &token.key_id,
             key_kind: key.map_or(KeyKind::Team, |k| k.kind),
-            file_kind_hint,
-            file_key_id: file_key_id.as_deref(),
+            file_kind_hint: named.map(|(kind, _)| kind),
+            file_key_id: named.map(|(_, id)| id),
             claims: &token.claims,
             proxy_now,
             apple_date,
@@ -1107,13 +1099,18 @@ impl Proxy {
         (response, first)
     }
 
+    /// The sandbox route and URL for a production storekit request (same path and query).
+    fn sandbox_target<'a>(&'a self, up: &Upstream<'a>) -> Option<(route::Route<'a>, String)> {
+        let route = self.routes.sandbox_of(up.route)?;
+        let url = route.url(up.url.split_once('?').map(|(_, q)| q));
+        Some((route, url))
+    }
+
     /// The same GET, same token, against sandbox.
     async fn probe_sandbox(&self, up: &Upstream<'_>, token: &token::Token) -> SandboxProbe {
-        let sandbox_path = format!("{}{}", crate::apple::SANDBOX_PREFIX, up.route.path);
-        let Ok(route) = self.routes.resolve(&sandbox_path) else {
+        let Some((route, url)) = self.sandbox_target(up) else {
             return SandboxProbe::Failed;
         };
-        let url = route.url(up.url.split_once('?').map(|(_, q)| q));
         let probe = Upstream {
             method: up.method,
             url: &url,
@@ -1215,10 +1212,9 @@ impl Proxy {
                 Instant::now(),
             )
             .map_err(|held| {
-                let secs =
-                    held.retry_after.as_secs() + u64::from(held.retry_after.subsec_nanos() > 0);
+                let secs = retry_after_secs(held.retry_after);
                 ProxyError {
-                    retry_after: Some(secs.max(1)),
+                    retry_after: Some(secs),
                     ..ProxyError::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         codes::RATE_LIMITED,
@@ -1433,15 +1429,20 @@ fn decision_for(kind: &str) -> audit::Decision {
     }
 }
 
-/// Reads a (small) error body whole, bounded like the diagnosis's reads.
-async fn buffer(response: Response<Incoming>) -> (http::response::Parts, Bytes) {
-    let (head, body) = response.into_parts();
+/// Reads one of Apple's (small) error bodies whole: at most [`DIAGNOSIS_BODY_LIMIT`] bytes
+/// within [`DIAGNOSIS_READ_TIMEOUT`]; empty when it is larger, slower or broken.
+async fn read_bounded(body: Incoming) -> Bytes {
     let limited = http_body_util::Limited::new(body, DIAGNOSIS_BODY_LIMIT);
-    let bytes = match tokio::time::timeout(DIAGNOSIS_READ_TIMEOUT, limited.collect()).await {
+    match tokio::time::timeout(DIAGNOSIS_READ_TIMEOUT, limited.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
         _ => Bytes::new(),
-    };
-    (head, bytes)
+    }
+}
+
+/// A response with its (small) body read whole, see [`read_bounded`].
+async fn buffer(response: Response<Incoming>) -> (http::response::Parts, Bytes) {
+    let (head, body) = response.into_parts();
+    (head, read_bounded(body).await)
 }
 
 /// Whether a production 404 body is one of the "not in production" codes.
@@ -1471,20 +1472,9 @@ fn apple_date(headers: &http::HeaderMap) -> Option<SystemTime> {
         .and_then(|v| httpdate::parse_http_date(v).ok())
 }
 
-/// What the key file's name says: the kind Apple gave it (`AuthKey_` = App Store Connect,
-/// `SubscriptionKey_` = In-App Purchase) and the key id it carries.
-fn file_evidence(key: &crate::config::KeyConfig) -> (Option<KeyKind>, Option<String>) {
-    let crate::config::KeySource::File(path) = &key.source else {
-        return (None, None);
-    };
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-    if let Some(id) = stem.strip_prefix("AuthKey_") {
-        (Some(KeyKind::Team), Some(id.to_string()))
-    } else if let Some(id) = stem.strip_prefix("SubscriptionKey_") {
-        (Some(KeyKind::InAppPurchase), Some(id.to_string()))
-    } else {
-        (None, None)
-    }
+/// Whole seconds for `Retry-After` (delta-seconds), rounded up and at least 1.
+fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 fn bad_request(detail: String) -> ProxyError {

@@ -121,6 +121,18 @@ impl Table {
         })
     }
 
+    /// The same request against the API's sandbox (sandbox fallback and the diagnosis's
+    /// probe); `None` for an API without one.
+    pub fn sandbox_of<'a>(&'a self, route: &Route<'a>) -> Option<Route<'a>> {
+        let upstream = self.upstreams.get(&(route.api, EnvKey::Sandbox))?;
+        Some(Route {
+            api: route.api,
+            environment: Environment::Sandbox,
+            path: route.path,
+            upstream,
+        })
+    }
+
     /// Every (API, environment, upstream) row, for `check` and the docs.
     pub fn rows(&self) -> impl Iterator<Item = (Api, Environment, &Upstream)> {
         self.upstreams.iter().map(|((api, env), up)| {
@@ -295,6 +307,21 @@ mod tests {
             t.resolve("/sandbox/notary/v2/x").unwrap_err(),
             RouteError::NoSandbox(Api::Notary)
         );
+    }
+
+    #[test]
+    fn a_production_route_has_its_sandbox_twin_only_where_apple_has_one() {
+        let t = table("");
+        let prod = t.resolve("/inApps/v1/transactions/1").unwrap();
+        let sandbox = t.sandbox_of(&prod).unwrap();
+        assert_eq!(
+            (sandbox.environment, sandbox.url(Some("a=1"))),
+            (
+                Environment::Sandbox,
+                "https://api.storekit-sandbox.apple.com/inApps/v1/transactions/1?a=1".to_string()
+            )
+        );
+        assert!(t.sandbox_of(&t.resolve("/v1/apps").unwrap()).is_none());
     }
 
     #[test]
