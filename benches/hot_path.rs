@@ -260,7 +260,7 @@ fn bench_request(c: &mut Criterion) {
 
 fn bench_diagnose(c: &mut Criterion) {
     let claims = Claims {
-        iss: Some(ISSUER.to_string()),
+        iss: Some(ISSUER.into()),
         sub: None,
         iat: 1_800_000_000 - 60,
         exp: 1_800_000_000 - 60 + 1200,

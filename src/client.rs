@@ -8,7 +8,7 @@
 //!
 //! Imports only `config`. Holds no secret: only hashes.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::header::{AUTHORIZATION, PROXY_AUTHORIZATION};
@@ -94,7 +94,8 @@ impl CertIdentity {
 /// An authenticated caller.
 #[derive(Clone, Debug)]
 pub struct Identity {
-    pub name: String,
+    /// Shared with the configuration: cloning it into the audit record allocates nothing.
+    pub name: Arc<str>,
     pub method: AuthMethod,
     /// Index into [`Clients`]; `None` for anonymous.
     index: Option<usize>,
@@ -115,7 +116,7 @@ struct Rule {
 }
 
 struct Client {
-    name: String,
+    name: Arc<str>,
     secret_sha256: Option<[u8; 32]>,
     tls_subject: Option<String>,
     rules: Vec<Rule>,
@@ -163,6 +164,7 @@ impl Bucket {
 pub struct Clients {
     clients: Vec<Client>,
     allow_anonymous: bool,
+    anonymous: Arc<str>,
 }
 
 impl std::fmt::Debug for Clients {
@@ -182,6 +184,7 @@ impl Clients {
         Clients {
             clients: config.clients.iter().map(Client::from_config).collect(),
             allow_anonymous: config.server.allow_anonymous,
+            anonymous: Arc::from("anonymous"),
         }
     }
 
@@ -208,7 +211,7 @@ impl Clients {
             }
             return if self.allow_anonymous {
                 Ok(Identity {
-                    name: "anonymous".to_string(),
+                    name: self.anonymous.clone(),
                     method: AuthMethod::Anonymous,
                     index: None,
                 })
@@ -268,7 +271,7 @@ impl Clients {
 impl Client {
     fn from_config(c: &ClientConfig) -> Client {
         Client {
-            name: c.name.clone(),
+            name: Arc::from(c.name.as_str()),
             secret_sha256: c.secret_sha256,
             tls_subject: c.tls_subject.clone(),
             rules: c
@@ -385,7 +388,7 @@ mod tests {
             c.authenticate(&HeaderMap::new(), Some(&cn_only))
                 .unwrap()
                 .name,
-            "ci"
+            "ci".into()
         );
         let cn_but_sans = CertIdentity {
             dns_names: vec!["x.internal".into()],
@@ -430,13 +433,13 @@ mod tests {
             c.authenticate_h(&headers(&[("proxy-authorization", "Bearer aap_good")]))
                 .unwrap()
                 .name,
-            "ci"
+            "ci".into()
         );
         assert_eq!(
             c.authenticate_h(&headers(&[("authorization", "bearer aap_good")]))
                 .unwrap()
                 .name,
-            "ci"
+            "ci".into()
         );
         assert_eq!(
             c.authenticate_h(&headers(&[("authorization", "Bearer aap_bad")]))

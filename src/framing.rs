@@ -80,6 +80,14 @@ impl Scanner {
     /// Feeds bytes as they arrive from the client.
     pub fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
+            // The common case, a whole head in one read: read it in place, copying nothing.
+            if matches!(&self.state, State::Head(buf) if buf.is_empty()) {
+                if let Some(end) = find_head_end(bytes, 0) {
+                    self.on_head(&bytes[..end]);
+                    bytes = &bytes[end..];
+                    continue;
+                }
+            }
             let consumed = match &mut self.state {
                 State::Off => return,
                 State::Head(buf) => {

@@ -67,6 +67,26 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 
 /// RFC 3339 UTC (`2026-11-22T15:21:46Z`) for UNIX seconds.
 pub fn rfc3339(unix: i64) -> String {
+    let mut s = String::with_capacity(20);
+    push_rfc3339(&mut s, unix, None);
+    s
+}
+
+/// RFC 3339 UTC with milliseconds (`2026-11-22T15:21:46.123Z`), for audit records.
+pub fn rfc3339_millis(t: std::time::SystemTime) -> String {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let mut s = String::with_capacity(24);
+    push_rfc3339(
+        &mut s,
+        i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        Some(since.subsec_millis()),
+    );
+    s
+}
+
+/// Writes `unix` (plus `millis`, if given) as RFC 3339 UTC into `out`, one allocation at most.
+fn push_rfc3339(out: &mut String, unix: i64, millis: Option<u32>) {
+    use std::fmt::Write as _;
     // Howard Hinnant's days-to-civil algorithm.
     let days = unix.div_euclid(86_400);
     let secs = unix.rem_euclid(86_400);
@@ -79,34 +99,35 @@ pub fn rfc3339(unix: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+    // Writing into a String cannot fail.
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
         secs / 3600,
         secs % 3600 / 60,
         secs % 60
-    )
-}
-
-/// RFC 3339 UTC with milliseconds (`2026-11-22T15:21:46.123Z`), for audit records.
-pub fn rfc3339_millis(t: std::time::SystemTime) -> String {
-    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = rfc3339(i64::try_from(since.as_secs()).unwrap_or(i64::MAX));
-    format!(
-        "{}.{:03}Z",
-        secs.trim_end_matches('Z'),
-        since.subsec_millis()
-    )
+    );
+    if let Some(ms) = millis {
+        let _ = write!(out, ".{ms:03}");
+    }
+    out.push('Z');
 }
 
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
+    push_hex(&mut s, bytes);
     s
+}
+
+/// Lower-case hex of `bytes`, appended to `out`.
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
 }
 
 #[cfg(test)]
@@ -117,5 +138,7 @@ mod tests {
         assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(super::rfc3339(1_795_360_906), "2026-11-22T15:21:46Z");
         assert_eq!(super::rfc3339(-1), "1969-12-31T23:59:59Z");
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_360_906_007);
+        assert_eq!(super::rfc3339_millis(t), "2026-11-22T15:21:46.007Z");
     }
 }

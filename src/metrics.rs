@@ -5,9 +5,10 @@
 //! end of each request; counters kept elsewhere (the minter's, the audit writer's) are copied
 //! in at scrape time via [`Snapshot`]. Imports nothing from the crate.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -17,29 +18,40 @@ use prometheus_client::registry::Registry;
 /// Content type of the exposition (OpenMetrics text, which Prometheus scrapes).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+// Label values are static strings or shared names, so counting a request allocates nothing.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    api: String,
-    client: String,
-    status_class: String,
+    api: &'static str,
+    client: Shared,
+    status_class: &'static str,
+}
+
+/// A configured name as a label value: cloning it for a lookup allocates nothing.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Shared(Arc<str>);
+
+impl EncodeLabelValue for Shared {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ApiLabels {
-    api: String,
+    api: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabels {
-    api: String,
-    status: String,
-    cause: String,
+    api: &'static str,
+    status: &'static str,
+    cause: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RetryLabels {
-    api: String,
-    outcome: String,
+    api: &'static str,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -56,15 +68,15 @@ struct KeyLabels {
 #[derive(Clone, Copy, Debug)]
 pub struct Summary<'a> {
     /// API id, or `"none"` when the request was not routed.
-    pub api: &'a str,
-    /// Configured client name, `"anonymous"`, or `"unauthenticated"`.
-    pub client: &'a str,
+    pub api: &'static str,
+    /// Configured client name or `"anonymous"`; `None` counts as `"unauthenticated"`.
+    pub client: Option<&'a Arc<str>>,
     pub status: u16,
     pub duration: Duration,
     /// Time until Apple's response head, when Apple was asked.
     pub upstream: Option<Duration>,
     /// The diagnosis of an Apple 401/403 (or of a retried success).
-    pub diagnosis: Option<&'a str>,
+    pub diagnosis: Option<&'static str>,
     /// Apple's status when Apple answered.
     pub upstream_status: Option<u16>,
     pub retried: bool,
@@ -102,6 +114,8 @@ pub struct Metrics {
     audit_healthy: Gauge,
     in_flight: Gauge,
     config_reloads: Family<ReloadLabels, Counter>,
+    /// The client label of requests that never authenticated.
+    unauthenticated: Arc<str>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -225,6 +239,7 @@ impl Metrics {
             in_flight.clone(),
         );
         Metrics {
+            unauthenticated: Arc::from("unauthenticated"),
             registry,
             requests,
             duration,
@@ -247,14 +262,18 @@ impl Metrics {
 
     /// Counts one finished request.
     pub fn observe(&self, s: &Summary<'_>) {
-        let api = ApiLabels {
-            api: s.api.to_string(),
-        };
+        let api = ApiLabels { api: s.api };
         self.requests
             .get_or_create(&RequestLabels {
-                api: s.api.to_string(),
-                client: s.client.to_string(),
-                status_class: format!("{}xx", s.status / 100),
+                api: s.api,
+                client: Shared(s.client.unwrap_or(&self.unauthenticated).clone()),
+                status_class: match s.status / 100 {
+                    1 => "1xx",
+                    2 => "2xx",
+                    3 => "3xx",
+                    4 => "4xx",
+                    _ => "5xx",
+                },
             })
             .inc();
         self.duration
@@ -268,9 +287,9 @@ impl Metrics {
         if let (Some(cause), Some(status @ (401 | 403))) = (s.diagnosis, s.upstream_status) {
             self.apple_auth_failures
                 .get_or_create(&CauseLabels {
-                    api: s.api.to_string(),
-                    status: status.to_string(),
-                    cause: cause.to_string(),
+                    api: s.api,
+                    status: if status == 401 { "401" } else { "403" },
+                    cause,
                 })
                 .inc();
         }
@@ -278,8 +297,8 @@ impl Metrics {
             let ok = s.upstream_status.is_some_and(|st| st != 401 && st != 403);
             self.retries
                 .get_or_create(&RetryLabels {
-                    api: s.api.to_string(),
-                    outcome: if ok { "succeeded" } else { "refused_again" }.to_string(),
+                    api: s.api,
+                    outcome: if ok { "succeeded" } else { "refused_again" },
                 })
                 .inc();
         }
@@ -348,7 +367,7 @@ mod tests {
         let m = Metrics::new();
         m.observe(&Summary {
             api: "app-store-connect",
-            client: "ci",
+            client: Some(&Arc::from("ci")),
             status: 401,
             duration: Duration::from_millis(12),
             upstream: Some(Duration::from_millis(10)),

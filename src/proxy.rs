@@ -6,6 +6,7 @@
 //! of DESIGN §6, stamps `X-Request-Id`, and logs exactly once; [`Proxy::process`] is the
 //! inner handler and returns `Result`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -382,12 +383,14 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: Peer,
         cert: Option<Arc<CertIdentity>>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let id = self.shared.ids.next();
-        let span = tracing::info_span!("request", id = %id, peer = %peer);
+        // A debug-level span: the lines an operator sees at `info` carry `request_id`
+        // themselves, so a request that logs nothing formats nothing.
+        let span = tracing::debug_span!("request", id = %id, peer = %peer.addr);
         let head = Head::of(&req, peer);
         let mut ex = Exchange::default();
         let result = self
@@ -400,14 +403,10 @@ impl Proxy {
     /// The answer to a request whose head carried both `Content-Length` and
     /// `Transfer-Encoding` (see [`crate::framing`]): 400, and `Connection: close` so hyper
     /// drops the connection whose framing can no longer be trusted. Audited like any other.
-    pub fn refuse_smuggling(
-        &self,
-        req: &Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<ProxyBody> {
+    pub fn refuse_smuggling(&self, req: &Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
         let started = Instant::now();
         let id = self.shared.ids.next();
-        let span = tracing::info_span!("request", id = %id, peer = %peer);
+        let span = tracing::debug_span!("request", id = %id, peer = %peer.addr);
         let error = ProxyError {
             kind: "smuggling",
             ..bad_request(
@@ -457,13 +456,13 @@ impl Proxy {
             None => {
                 // Every request is in the audit log already; at `info` the operational log keeps
                 // only what needs an operator's eye (refusals, failures, Apple's 401/403).
-                tracing::debug!(parent: &span, %method, %path, status, head_ms, diagnosis = ex.diagnosis, "forwarded")
+                tracing::debug!(parent: &span, request_id = %id, %method, %path, status, head_ms, diagnosis = ex.diagnosis, "forwarded")
             }
             Some((kind, Fault::Client, detail)) => {
-                tracing::info!(parent: &span, %method, %path, status, head_ms, kind, %detail, "refused")
+                tracing::info!(parent: &span, request_id = %id, peer = %head.peer.addr, %method, %path, status, head_ms, kind, %detail, "refused")
             }
             Some((kind, _, detail)) => {
-                tracing::warn!(parent: &span, %method, %path, status, head_ms, kind, %detail, "failed")
+                tracing::warn!(parent: &span, request_id = %id, peer = %head.peer.addr, %method, %path, status, head_ms, kind, %detail, "failed")
             }
         }
         let decision = match error.as_ref().map(|e| e.0) {
@@ -475,7 +474,7 @@ impl Proxy {
             request_id: id,
             client: ex.client,
             client_auth: ex.client_auth,
-            client_addr: head.peer.to_string(),
+            client_addr: head.peer.text,
             method: head.method,
             path: head.path,
             query: head.query,
@@ -656,11 +655,11 @@ impl Proxy {
         let mut token = self
             .minter
             .token(&treq, SystemTime::now())
-            .map_err(|e| internal("mint", e))?;
+            .map_err(|e| internal(request_id, "mint", e))?;
         tracing::debug!(key = %token.key_name, api = %route.api, env = %route.environment, "minted");
         ex.key = Some(token.key_name.clone());
         ex.key_id = Some(token.key_id.clone());
-        ex.token_sha256 = Some(token.fingerprint().to_string());
+        ex.token_sha256 = Some(token.fingerprint().clone());
 
         // Forward. The client's Authorization was never copied; ours is the only one.
         // A body-less idempotent request can be replayed, so it may be retried below.
@@ -675,6 +674,7 @@ impl Proxy {
             )
         });
         let upstream = Upstream {
+            request_id,
             method: &parts.method,
             url: &url,
             client_headers: &parts.headers,
@@ -703,8 +703,8 @@ impl Proxy {
             token = self
                 .minter
                 .remint(&treq, SystemTime::now())
-                .map_err(|e| internal("mint", e))?;
-            ex.token_sha256 = Some(token.fingerprint().to_string());
+                .map_err(|e| internal(request_id, "mint", e))?;
+            ex.token_sha256 = Some(token.fingerprint().clone());
             ex.retried = true;
             let sent = Instant::now();
             response = self
@@ -784,6 +784,7 @@ impl Proxy {
     ) -> Option<Response<ProxyBody>> {
         let (route, url) = self.sandbox_target(up)?;
         let sandbox = Upstream {
+            request_id: up.request_id,
             method: up.method,
             url: &url,
             client_headers: up.client_headers,
@@ -806,6 +807,7 @@ impl Proxy {
             .ok()?;
         if is_auth_failure(response.status()) || response.status() == StatusCode::NOT_FOUND {
             tracing::info!(
+                request_id = up.request_id,
                 status = response.status().as_u16(),
                 "sandbox fallback: sandbox does not have it either"
             );
@@ -816,6 +818,7 @@ impl Proxy {
         ex.environment = Some(Environment::Sandbox);
         ex.sandbox_fallback = true;
         tracing::info!(
+            request_id = up.request_id,
             status = response.status().as_u16(),
             "sandbox fallback: answered by sandbox"
         );
@@ -867,10 +870,11 @@ impl Proxy {
             connect_retries,
             client_gone,
         } = tally;
-        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.jwt()))
-            .map_err(|e| internal("authorization header", e))?;
-        authorization.set_sensitive(true);
-        let headers = forward::upstream_headers(up.client_headers, authorization);
+        // Built again only for a retry after a failed connection (rare), never cloned.
+        let mut headers = Some(forward::upstream_headers(
+            up.client_headers,
+            token.authorization(),
+        ));
         // `None` is a body-less request: it can be sent again if the connection fails
         // before a byte went out. A request with a body never is.
         let replayable = body.is_none();
@@ -881,8 +885,10 @@ impl Proxy {
                 .method(up.method.clone())
                 .uri(up.url)
                 .body(body.take().unwrap_or_else(forward::empty))
-                .map_err(|e| internal("upstream request", e))?;
-            *request.headers_mut() = headers.clone();
+                .map_err(|e| internal(up.request_id, "upstream request", e))?;
+            *request.headers_mut() = headers.take().unwrap_or_else(|| {
+                forward::upstream_headers(up.client_headers, token.authorization())
+            });
             let error = match tokio::time::timeout(timeout, self.upstream.request(request)).await {
                 Ok(Ok(response)) => break response,
                 Ok(Err(e)) => e,
@@ -917,7 +923,7 @@ impl Proxy {
                 ));
             }
             if forward::is_timeout(&error) {
-                tracing::warn!(api = %up.route.api, error = %error_chain(&error), "upstream connect timed out");
+                tracing::warn!(request_id = up.request_id, api = %up.route.api, error = %error_chain(&error), "upstream connect timed out");
                 return Err(ProxyError::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     codes::UPSTREAM_TIMEOUT,
@@ -934,11 +940,11 @@ impl Proxy {
             if replayable && error.is_connect() && *connect_retries < MAX_CONNECT_RETRIES {
                 // Nothing was sent: the connection itself failed. Try again, bounded.
                 *connect_retries += 1;
-                tracing::info!(api = %up.route.api, attempt = *connect_retries, error = %error_chain(&error), "upstream connection failed; retrying");
+                tracing::info!(request_id = up.request_id, api = %up.route.api, attempt = *connect_retries, error = %error_chain(&error), "upstream connection failed; retrying");
                 tokio::time::sleep(CONNECT_RETRY_BACKOFF * *connect_retries).await;
                 continue;
             }
-            tracing::warn!(api = %up.route.api, error = %error_chain(&error), "upstream request failed");
+            tracing::warn!(request_id = up.request_id, api = %up.route.api, error = %error_chain(&error), "upstream request failed");
             return Err(ProxyError::new(
                 StatusCode::BAD_GATEWAY,
                 codes::UPSTREAM_UNAVAILABLE,
@@ -1112,6 +1118,7 @@ impl Proxy {
             return SandboxProbe::Failed;
         };
         let probe = Upstream {
+            request_id: up.request_id,
             method: up.method,
             url: &url,
             client_headers: up.client_headers,
@@ -1284,6 +1291,8 @@ struct Tally<'a> {
 
 /// One request on its way to Apple, as the send/retry/probe steps share it.
 struct Upstream<'a> {
+    /// For the operator's log lines about this exchange.
+    request_id: &'a str,
     method: &'a Method,
     url: &'a str,
     client_headers: &'a http::HeaderMap,
@@ -1305,13 +1314,13 @@ fn stream_back(response: Response<Incoming>, note: Option<&'static str>) -> Resp
 
 /// What one request learned on its way, for its audit record, metrics and log line.
 struct Exchange {
-    client: Option<String>,
+    client: Option<Arc<str>>,
     client_auth: &'static str,
     api: Option<Api>,
     environment: Option<Environment>,
-    key: Option<String>,
-    key_id: Option<String>,
-    token_sha256: Option<String>,
+    key: Option<Arc<str>>,
+    key_id: Option<Arc<str>>,
+    token_sha256: Option<Arc<str>>,
     upstream_status: Option<u16>,
     upstream_elapsed: Option<std::time::Duration>,
     diagnosis: Option<&'static str>,
@@ -1355,20 +1364,48 @@ impl Default for Exchange {
 
 /// The request line as recorded: path and query with secret-looking values redacted.
 struct Head {
-    method: String,
+    method: Cow<'static, str>,
     path: String,
     query: Option<String>,
-    peer: SocketAddr,
+    peer: Peer,
 }
 
 impl Head {
-    fn of<B>(req: &Request<B>, peer: SocketAddr) -> Head {
+    fn of<B>(req: &Request<B>, peer: Peer) -> Head {
         Head {
-            method: req.method().to_string(),
+            method: method_name(req.method()),
             path: audit::redact_path(req.uri().path()),
             query: req.uri().query().map(audit::redact_query),
             peer,
         }
+    }
+}
+
+/// A client's address, formatted once per connection: every request's audit record shares
+/// the text.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    text: Arc<str>,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            text: Arc::from(addr.to_string()),
+        }
+    }
+}
+
+/// The method as the audit records it: the standard ones without allocating.
+fn method_name(method: &Method) -> Cow<'static, str> {
+    const STANDARD: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    match STANDARD.iter().find(|m| **m == method.as_str()) {
+        Some(m) => Cow::Borrowed(m),
+        None => Cow::Owned(method.as_str().to_string()),
     }
 }
 
@@ -1401,7 +1438,7 @@ impl Drop for Finisher {
             self.completed.load(Ordering::Relaxed) && record.error != Some("client_disconnected");
         self.metrics.observe(&metrics::Summary {
             api: record.api.unwrap_or("none"),
-            client: record.client.as_deref().unwrap_or("unauthenticated"),
+            client: record.client.as_ref(),
             status: record.status,
             duration: elapsed,
             upstream: self.upstream_elapsed,
@@ -1514,8 +1551,8 @@ fn no_route(e: &RouteError) -> ProxyError {
 }
 
 /// A failure inside the proxy. The cause goes to the log; the client gets a generic detail.
-fn internal(step: &'static str, e: impl std::error::Error) -> ProxyError {
-    tracing::error!(step, error = %error_chain(&e), "internal error");
+fn internal(request_id: &str, step: &'static str, e: impl std::error::Error) -> ProxyError {
+    tracing::error!(request_id, step, error = %error_chain(&e), "internal error");
     ProxyError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         codes::INTERNAL,

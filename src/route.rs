@@ -6,6 +6,7 @@
 //! `base_url` overrides) and the path checks that must run before routing. Imports only
 //! `apple` and `config`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use http::Uri;
@@ -185,13 +186,13 @@ pub fn check_path(path: &str) -> Result<(), PathError> {
         return Err(PathError::EncodedSeparator);
     }
     let decoded = percent_decode(path).ok_or(PathError::BadEncoding)?;
-    let decoded = String::from_utf8(decoded).map_err(|_| PathError::BadEncoding)?;
+    let decoded = std::str::from_utf8(&decoded).map_err(|_| PathError::BadEncoding)?;
     if decoded.chars().any(char::is_control) {
         return Err(PathError::ControlCharacter);
     }
     for segment in path.split('/') {
         let segment = percent_decode(segment).ok_or(PathError::BadEncoding)?;
-        if segment == b"." || segment == b".." {
+        if *segment == *b"." || *segment == *b".." {
             return Err(PathError::DotSegment);
         }
         if segment.contains(&b'/') || segment.contains(&b'\\') {
@@ -204,9 +205,13 @@ pub fn check_path(path: &str) -> Result<(), PathError> {
     Ok(())
 }
 
-/// Strict percent-decoding: `None` for a `%` not followed by two hex digits.
-pub fn percent_decode(s: &str) -> Option<Vec<u8>> {
+/// Strict percent-decoding: `None` for a `%` not followed by two hex digits. Borrows when
+/// there is nothing to decode (the common case, checked on every request).
+pub fn percent_decode(s: &str) -> Option<Cow<'_, [u8]>> {
     let bytes = s.as_bytes();
+    if !bytes.contains(&b'%') {
+        return Some(Cow::Borrowed(bytes));
+    }
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -221,7 +226,7 @@ pub fn percent_decode(s: &str) -> Option<Vec<u8>> {
             i += 1;
         }
     }
-    Some(out)
+    Some(Cow::Owned(out))
 }
 
 #[cfg(test)]

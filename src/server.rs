@@ -27,7 +27,7 @@ use crate::admin;
 use crate::client::CertIdentity;
 use crate::config::Config;
 use crate::framing::{Guard, Verdict};
-use crate::proxy::{Proxy, StartError};
+use crate::proxy::{Peer, Proxy, StartError};
 
 /// HTTP/1 read buffer, which bounds the header block (hyper answers 431 beyond it).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -283,13 +283,14 @@ pub async fn serve(live: Arc<Live>, listener: TcpListener, shutdown: impl Future
             // Every connection's bytes pass the framing guard; its verdict tells the service
             // which request (if any) carried smuggling-prone framing.
             let verdict = Arc::new(Verdict::default());
+            let client = Peer::new(peer);
             let service = {
                 let (live, verdict) = (live.clone(), verdict.clone());
                 move |cert: Option<Arc<CertIdentity>>| {
-                    let (live, verdict) = (live.clone(), verdict.clone());
+                    let (live, verdict, client) = (live.clone(), verdict.clone(), client.clone());
                     service_fn(move |req| {
                         // The runtime current now serves this request to its end.
-                        let (proxy, cert) = (live.current(), cert.clone());
+                        let (proxy, cert, peer) = (live.current(), cert.clone(), client.clone());
                         let smuggled = verdict.next_request_is_smuggled();
                         async move {
                             Ok::<_, std::convert::Infallible>(if smuggled {

@@ -17,6 +17,7 @@
 
 pub mod verify;
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -70,11 +71,11 @@ pub struct Record {
     pub time: String,
     pub request_id: String,
     /// The client's configured name; `null` when unauthenticated.
-    pub client: Option<String>,
+    pub client: Option<Arc<str>>,
     /// `secret`, `mtls`, `anonymous`, or `none`.
     pub client_auth: &'static str,
-    pub client_addr: String,
-    pub method: String,
+    pub client_addr: Arc<str>,
+    pub method: Cow<'static, str>,
     /// The path as the client sent it, secret-looking segments redacted.
     pub path: String,
     /// The raw query without `?`, secret-looking values redacted; `null` when absent.
@@ -82,10 +83,10 @@ pub struct Record {
     pub api: Option<&'static str>,
     pub environment: Option<&'static str>,
     /// The configured key name that signed, and its Apple key id.
-    pub key: Option<String>,
-    pub key_id: Option<String>,
+    pub key: Option<Arc<str>>,
+    pub key_id: Option<Arc<str>>,
     /// Hex SHA-256 of the compact JWT sent to Apple (the last one, after a retry).
-    pub token_sha256: Option<String>,
+    pub token_sha256: Option<Arc<str>>,
     pub decision: Decision,
     /// The status the client got.
     pub status: u16,
@@ -115,14 +116,36 @@ pub struct Record {
     pub error: Option<&'static str>,
 }
 
-/// A record as written: chain fields around it.
-#[derive(Serialize)]
-struct Line<'a> {
-    version: u32,
+/// Appends one line's JSON (without the newline) to `buf`: the chain fields around the
+/// record, `{"version":…,"seq":…,<the record's fields>,"prev_sha256":"…"}`. The record is
+/// serialised by its own derive and spliced in, which is what `#[serde(flatten)]` would
+/// write, without flatten's per-field map detour.
+fn write_line(
+    buf: &mut Vec<u8>,
     seq: u64,
-    #[serde(flatten)]
-    record: &'a Record,
-    prev_sha256: &'a str,
+    record: &Record,
+    prev_sha256: &str,
+) -> serde_json::Result<()> {
+    let start = buf.len();
+    buf.extend_from_slice(b"{\"version\":");
+    serde_json::to_writer(&mut *buf, &VERSION)?;
+    buf.extend_from_slice(b",\"seq\":");
+    serde_json::to_writer(&mut *buf, &seq)?;
+    let at = buf.len();
+    serde_json::to_writer(&mut *buf, record)?;
+    // The record is a non-empty object: its `{` becomes the separator and its `}` moves
+    // after the last chain field.
+    if buf.get(at) != Some(&b'{') || buf.pop() != Some(b'}') {
+        buf.truncate(start);
+        return Err(serde::ser::Error::custom(
+            "an audit record is not a JSON object",
+        ));
+    }
+    buf[at] = b',';
+    buf.extend_from_slice(b",\"prev_sha256\":");
+    serde_json::to_writer(&mut *buf, prev_sha256)?;
+    buf.push(b'}');
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +233,7 @@ impl Audit {
             fsync: config.fsync,
             last_sync: Instant::now(),
             dirty: false,
+            buf: Vec::new(),
         };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -445,7 +469,12 @@ struct WriterTask {
     fsync: Fsync,
     last_sync: Instant,
     dirty: bool,
+    /// The batch being written, kept between batches (up to [`MAX_KEPT_BUFFER`]).
+    buf: Vec<u8>,
 }
+
+/// A batch buffer grown past this (a long backlog after an outage) is not kept.
+const MAX_KEPT_BUFFER: usize = 1 << 20;
 
 impl WriterTask {
     fn run(&mut self, rx: mpsc::Receiver<Message>) {
@@ -549,25 +578,22 @@ impl WriterTask {
     /// it, the chain then not advanced and the sink unhealthy.
     fn drain(&mut self) {
         if !self.backlog.is_empty() {
-            let mut buf = Vec::with_capacity(self.backlog.len() * 640);
+            // One buffer for the writer's life: a batch allocates nothing once it has grown.
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.clear();
             let mut seq = self.chain.next_seq;
             let mut prev = self.chain.prev_sha256.clone();
             let mut lost = 0u64;
             self.backlog.retain(|record| {
                 let start = buf.len();
-                let line = Line {
-                    version: VERSION,
-                    seq,
-                    record,
-                    prev_sha256: &prev,
-                };
-                if let Err(e) = serde_json::to_writer(&mut buf, &line) {
+                if let Err(e) = write_line(&mut buf, seq, record, &prev) {
                     tracing::error!(error = %e, "audit record could not be serialised");
                     buf.truncate(start);
                     lost += 1;
                     return false;
                 }
-                prev = crate::hex(&crate::sha256(&buf[start..]));
+                prev.clear();
+                crate::push_hex(&mut prev, &crate::sha256(&buf[start..]));
                 buf.push(b'\n');
                 seq += 1;
                 true
@@ -575,7 +601,12 @@ impl WriterTask {
             if lost > 0 {
                 self.health.lost.fetch_add(lost, Ordering::Relaxed);
             }
-            if let Err(e) = self.sink.write_line(&buf) {
+            let written = self.sink.write_line(&buf);
+            if buf.capacity() > MAX_KEPT_BUFFER {
+                buf = Vec::new();
+            }
+            self.buf = buf;
+            if let Err(e) = written {
                 self.health.write_failures.fetch_add(1, Ordering::Relaxed);
                 if self.health.healthy.swap(false, Ordering::Relaxed) {
                     tracing::error!(error = %e, "audit log write failed: refusing requests until it works (on_failure = reject) or counting losses (serve)");
@@ -645,8 +676,11 @@ impl WriterTask {
 /// or a long run of base64/hex (keys, signatures). Apple's ids (numeric transaction ids,
 /// short resource ids, bundle ids) do not.
 pub fn looks_secret(value: &str) -> bool {
-    let decoded = crate::route::percent_decode(value).and_then(|b| String::from_utf8(b).ok());
-    let v = decoded.as_deref().unwrap_or(value);
+    let decoded = crate::route::percent_decode(value);
+    let v = match decoded.as_deref().map(std::str::from_utf8) {
+        Some(Ok(v)) => v,
+        _ => value,
+    };
     if v.contains(crate::client::SECRET_PREFIX) || v.contains("-----BEGIN") {
         return true;
     }
@@ -672,6 +706,14 @@ pub fn redact_path(path: &str) -> String {
 
 /// The raw query with secret-looking values (and names) replaced by [`REDACTED`].
 pub fn redact_query(query: &str) -> String {
+    // The same test as below, without building anything when nothing needs redacting.
+    let pair_secret = |pair: &str| match pair.split_once('=') {
+        Some((name, value)) => looks_secret(value) || looks_secret(name),
+        None => looks_secret(pair),
+    };
+    if !query.split('&').any(pair_secret) {
+        return query.to_string();
+    }
     query
         .split('&')
         .map(|pair| match pair.split_once('=') {
@@ -690,6 +732,36 @@ pub fn redact_query(query: &str) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_line_is_what_serde_flatten_would_write() {
+        #[derive(Serialize)]
+        struct Flattened<'a> {
+            version: u32,
+            seq: u64,
+            #[serde(flatten)]
+            record: &'a Record,
+            prev_sha256: &'a str,
+        }
+        for n in [0, 7] {
+            let mut rec = record(n);
+            rec.query = Some("a=\"quoted\"\\&b=\u{1}".into());
+            let prev = "0".repeat(64);
+            let mut buf = b"earlier line".to_vec();
+            write_line(&mut buf, u64::from(n) + 1, &rec, &prev).unwrap();
+            let want = serde_json::to_vec(&Flattened {
+                version: VERSION,
+                seq: u64::from(n) + 1,
+                record: &rec,
+                prev_sha256: &prev,
+            })
+            .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&buf[b"earlier line".len()..]),
+                String::from_utf8_lossy(&want)
+            );
+        }
+    }
+
     fn record(n: u32) -> Record {
         Record {
             time: "2026-11-22T15:21:46.000Z".into(),
@@ -704,7 +776,7 @@ mod tests {
             environment: Some("production"),
             key: Some("connect".into()),
             key_id: Some("2X9R4HXF34".into()),
-            token_sha256: Some("ab".repeat(32)),
+            token_sha256: Some("ab".repeat(32).into()),
             decision: Decision::Forwarded,
             status: 200,
             upstream_status: Some(200),

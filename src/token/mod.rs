@@ -17,7 +17,7 @@
 pub mod key;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -48,7 +48,7 @@ pub const OFFSET_TOLERANCE_SECS: i64 = 5;
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Claims {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub iss: Option<String>,
+    pub iss: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sub: Option<&'static str>,
     pub iat: i64,
@@ -61,25 +61,42 @@ pub struct Claims {
 }
 
 /// A signed token. `Debug` shows the claims and a fingerprint, never the JWT.
+///
+/// Built once per signature and shared (`Arc`) by every request the cache serves it to, so
+/// everything a request needs from it is ready-made: the `Authorization` value, the
+/// fingerprint and the names clone without allocating.
 pub struct Token {
-    jwt: String,
-    fingerprint: String,
-    pub key_name: String,
-    pub key_id: String,
+    /// `Bearer <compact JWT>`, marked sensitive (never indexed by HPACK, hidden by `Debug`).
+    authorization: http::HeaderValue,
+    fingerprint: Arc<str>,
+    pub key_name: Arc<str>,
+    pub key_id: Arc<str>,
     pub claims: Claims,
     /// The Apple clock offset (seconds) it was minted with.
     pub clock_offset: i64,
 }
 
+const BEARER: &str = "Bearer ";
+
 impl Token {
-    /// The compact JWT. Only `forward` (the `Authorization` header) and `token` (the CLI
-    /// command) may read it; it is never logged, audited or put in an error.
+    /// The compact JWT. Only `token` (the CLI command) and tests read it; it is never
+    /// logged, audited or put in an error.
     pub fn jwt(&self) -> &str {
-        &self.jwt
+        self.authorization
+            .as_bytes()
+            .get(BEARER.len()..)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or_default()
+    }
+
+    /// The `Authorization` header value for Apple (`Bearer <jwt>`, sensitive). Cloning it
+    /// shares the bytes.
+    pub fn authorization(&self) -> http::HeaderValue {
+        self.authorization.clone()
     }
 
     /// Hex SHA-256 of the compact JWT: the audit fingerprint (DESIGN §13), computed once.
-    pub fn fingerprint(&self) -> &str {
+    pub fn fingerprint(&self) -> &Arc<str> {
         &self.fingerprint
     }
 }
@@ -168,6 +185,11 @@ struct LoadedKey {
     signer: SigningKey,
     /// base64url of the JOSE header, fixed per key.
     header_b64: String,
+    /// The key's name, Apple key id and (team and in-app purchase keys) issuer, shared by
+    /// every token it signs.
+    name: Arc<str>,
+    key_id: Arc<str>,
+    issuer: Option<Arc<str>>,
 }
 
 /// Mints and caches tokens for the configured keys.
@@ -245,6 +267,14 @@ impl Minter {
         let header = serde_json::json!({"alg": "ES256", "kid": config.key_id, "typ": "JWT"});
         let header_b64 = URL_SAFE_NO_PAD.encode(header.to_string());
         LoadedKey {
+            name: Arc::from(config.name.as_str()),
+            key_id: Arc::from(config.key_id.as_str()),
+            issuer: match config.kind {
+                KeyKind::Individual => None,
+                KeyKind::Team | KeyKind::InAppPurchase => {
+                    config.issuer_id.as_deref().map(Arc::from)
+                }
+            },
             config,
             signer,
             header_b64,
@@ -300,8 +330,13 @@ impl Minter {
         path: &str,
         query: Option<&str>,
     ) -> Option<String> {
-        (api == Api::AppStoreConnect && self.scope_methods.iter().any(|m| m == method))
+        self.scoped(api, method)
             .then(|| scope_entry(method, path, query))
+    }
+
+    /// Whether a request with this method on this API gets a scoped token.
+    fn scoped(&self, api: Api, method: &str) -> bool {
+        api == Api::AppStoreConnect && self.scope_methods.iter().any(|m| m == method)
     }
 
     /// A token for `req`: from the cache when one with enough life left exists, otherwise
@@ -327,7 +362,6 @@ impl Minter {
                 api: req.api,
             });
         }
-        let scope = self.scope_for(req.api, req.method, req.path, req.query);
         let bid = match req.api.token_family() {
             TokenFamily::StoreKit => Some(
                 req.bundle_id
@@ -336,16 +370,14 @@ impl Minter {
             ),
             TokenFamily::Connect => None,
         };
-        let cache_key = CacheKey {
-            key: req.key,
-            scope: scope.as_deref(),
-            bid,
-            unscoped_connect: req.api.token_family() == TokenFamily::Connect && scope.is_none(),
-        };
+        // The cache key embeds the scope entry, so a cache hit costs this one string.
+        let scoped = self.scoped(req.api, req.method);
+        let cache_key = CacheKey::new(req, scoped, bid);
+        let scope = cache_key.scope();
         let apple_now = self.clock.apple_now(now);
         let offset = self.clock.offset_secs();
         if use_cache {
-            if let Some(token) = self.cache.get(&cache_key, apple_now, offset) {
+            if let Some(token) = self.cache.get(&cache_key.text, apple_now, offset) {
                 self.cache_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(token);
             }
@@ -353,21 +385,19 @@ impl Minter {
         let lifetime = self.lifetime(&key.config, req.api, scope.is_some());
         let iat = apple_now - self.iat_leeway;
         let claims = Claims {
-            iss: match key.config.kind {
-                KeyKind::Individual => None,
-                KeyKind::Team | KeyKind::InAppPurchase => key.config.issuer_id.clone(),
-            },
+            iss: key.issuer.clone(),
             sub: (key.config.kind == KeyKind::Individual).then_some("user"),
             iat,
             exp: iat + i64::try_from(lifetime.as_secs()).unwrap_or(0),
             aud: apple::AUDIENCE,
-            scope: scope.clone().map(|s| vec![s]),
+            scope: scope.map(|s| vec![s.to_string()]),
             bid: bid.map(str::to_string),
         };
+        let cacheable = scope.is_none_or(|s| s.len() <= MAX_CACHED_SCOPE);
         let token = Arc::new(self.sign(key, claims, offset)?);
         self.minted.fetch_add(1, Ordering::Relaxed);
-        if scope.as_ref().is_none_or(|s| s.len() <= MAX_CACHED_SCOPE) {
-            self.cache.insert(&cache_key, token.clone(), apple_now);
+        if cacheable {
+            self.cache.insert(cache_key.text, token.clone(), apple_now);
         }
         Ok(token)
     }
@@ -390,22 +420,32 @@ impl Minter {
     }
 
     fn sign(&self, key: &LoadedKey, claims: Claims, clock_offset: i64) -> Result<Token, MintError> {
-        let payload = serde_json::to_vec(&claims).map_err(|_| MintError::Sign)?;
-        let mut jwt = String::with_capacity(key.header_b64.len() + payload.len() * 4 / 3 + 90);
-        jwt.push_str(&key.header_b64);
-        jwt.push('.');
-        URL_SAFE_NO_PAD.encode_string(&payload, &mut jwt);
+        let mut payload = Vec::with_capacity(256);
+        serde_json::to_writer(&mut payload, &claims).map_err(|_| MintError::Sign)?;
+        // `Bearer ` + header.payload.signature, built in place: the header value is the
+        // token's only copy of the JWT.
+        let mut value = String::with_capacity(
+            BEARER.len() + key.header_b64.len() + payload.len().div_ceil(3) * 4 + 90,
+        );
+        value.push_str(BEARER);
+        value.push_str(&key.header_b64);
+        value.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut value);
         let signature = key
             .signer
-            .sign(jwt.as_bytes())
+            .sign(&value.as_bytes()[BEARER.len()..])
             .map_err(|_| MintError::Sign)?;
-        jwt.push('.');
-        URL_SAFE_NO_PAD.encode_string(signature, &mut jwt);
+        value.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature, &mut value);
+        let fingerprint = crate::sha256(&value.as_bytes()[BEARER.len()..]);
+        let mut authorization = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
+            .map_err(|_| MintError::Sign)?;
+        authorization.set_sensitive(true);
         Ok(Token {
-            fingerprint: crate::hex(&crate::sha256(jwt.as_bytes())),
-            jwt,
-            key_name: key.config.name.clone(),
-            key_id: key.config.key_id.clone(),
+            authorization,
+            fingerprint: Arc::from(crate::hex(&fingerprint)),
+            key_name: key.name.clone(),
+            key_id: key.key_id.clone(),
             claims,
             clock_offset,
         })
@@ -422,6 +462,12 @@ impl Minter {
 pub fn scope_entry(method: &str, path: &str, query: Option<&str>) -> String {
     let mut entry =
         String::with_capacity(method.len() + 1 + path.len() + query.map_or(0, str::len) + 1);
+    push_scope_entry(&mut entry, method, path, query);
+    entry
+}
+
+/// [`scope_entry`], appended to `entry`.
+fn push_scope_entry(entry: &mut String, method: &str, path: &str, query: Option<&str>) {
     entry.push_str(method);
     entry.push(' ');
     entry.push_str(path);
@@ -433,9 +479,8 @@ pub fn scope_entry(method: &str, path: &str, query: Option<&str>) -> String {
         }
         entry.push(if first { '?' } else { '&' });
         first = false;
-        push_literal_brackets(&mut entry, pair);
+        push_literal_brackets(entry, pair);
     }
-    entry
 }
 
 fn push_literal_brackets(out: &mut String, s: &str) {
@@ -523,23 +568,41 @@ pub fn file_name_hints(kc: &KeyConfig) -> Vec<String> {
 // ---------------------------------------------------------------------------------------
 // The cache: sharded maps behind short-lived locks.
 
-#[derive(Hash)]
-struct CacheKey<'a> {
-    key: &'a str,
-    scope: Option<&'a str>,
-    bid: Option<&'a str>,
-    unscoped_connect: bool,
+/// What tells cached tokens apart — key, scope entry, bundle id, and whether an App Store
+/// Connect token is unscoped — as one string, the scope entry kept addressable inside it.
+struct CacheKey {
+    text: String,
+    /// Where the scope entry is in `text`, when the request is scoped.
+    scope: Option<std::ops::Range<usize>>,
 }
 
-impl CacheKey<'_> {
-    fn owned(&self) -> String {
-        format!(
-            "{}\u{0}{}\u{0}{}\u{0}{}",
-            self.key,
-            self.scope.unwrap_or(""),
-            self.bid.unwrap_or(""),
-            self.unscoped_connect
-        )
+impl CacheKey {
+    fn new(req: &Request<'_>, scoped: bool, bid: Option<&str>) -> CacheKey {
+        let scope_len = if scoped {
+            req.method.len() + req.path.len() + req.query.map_or(0, str::len) + 2
+        } else {
+            0
+        };
+        let bid = bid.unwrap_or("");
+        let mut text = String::with_capacity(req.key.len() + scope_len + bid.len() + 5);
+        text.push_str(req.key);
+        text.push('\u{0}');
+        let scope = scoped.then(|| {
+            let start = text.len();
+            push_scope_entry(&mut text, req.method, req.path, req.query);
+            start..text.len()
+        });
+        text.push('\u{0}');
+        text.push_str(bid);
+        text.push('\u{0}');
+        // An unscoped App Store Connect token has a shorter life than a scoped one.
+        let unscoped_connect = req.api.token_family() == TokenFamily::Connect && !scoped;
+        text.push(if unscoped_connect { '1' } else { '0' });
+        CacheKey { text, scope }
+    }
+
+    fn scope(&self) -> Option<&str> {
+        self.scope.clone().and_then(|r| self.text.get(r))
     }
 }
 
@@ -570,17 +633,15 @@ impl Cache {
             && (token.clock_offset - offset).abs() < OFFSET_TOLERANCE_SECS
     }
 
-    fn get(&self, key: &CacheKey<'_>, apple_now: i64, offset: i64) -> Option<Arc<Token>> {
-        let k = key.owned();
-        let shard = self.shard(&k).lock().unwrap_or_else(|p| p.into_inner());
+    fn get(&self, key: &str, apple_now: i64, offset: i64) -> Option<Arc<Token>> {
+        let shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
         shard
-            .get(&k)
+            .get(key)
             .filter(|t| Cache::usable(t, apple_now, offset))
             .cloned()
     }
 
-    fn insert(&self, key: &CacheKey<'_>, token: Arc<Token>, apple_now: i64) {
-        let k = key.owned();
+    fn insert(&self, k: String, token: Arc<Token>, apple_now: i64) {
         let mut shard = self.shard(&k).lock().unwrap_or_else(|p| p.into_inner());
         if shard.len() >= self.per_shard && !shard.contains_key(&k) {
             shard.retain(|_, t| t.claims.exp - apple_now >= REFRESH_MARGIN.as_secs() as i64);

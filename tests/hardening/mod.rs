@@ -1259,12 +1259,12 @@ proptest! {
             prop_assert!(!p[1..].trim_end_matches('/').contains("//") && !p.starts_with("//"));
             let decoded = percent_decode(&p);
             prop_assert!(decoded.is_some());
-            let decoded = String::from_utf8(decoded.unwrap());
+            let decoded = String::from_utf8(decoded.unwrap().into_owned());
             prop_assert!(decoded.is_ok());
             prop_assert!(!decoded.unwrap().chars().any(char::is_control));
             for seg in p.split('/') {
                 let seg = percent_decode(seg).unwrap();
-                prop_assert!(seg != b"." && seg != b"..", "dot segment in {:?}", p);
+                prop_assert!(*seg != *b"." && *seg != *b"..", "dot segment in {:?}", p);
                 prop_assert!(!seg.contains(&b'/') && !seg.contains(&b'\\'));
             }
             if let Ok(route) = resolved {
