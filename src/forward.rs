@@ -310,84 +310,84 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
-/// A body that counts the bytes passing through into a shared counter, and optionally
+/// What a [`Metered`] body reports, shared with whoever reads it afterwards: the bytes
+/// that passed, and whether the body reached its end or failed.
+#[derive(Debug, Default)]
+pub struct Meter {
+    pub bytes: AtomicU64,
+    /// Set when the inner body reached its end.
+    pub ended: AtomicBool,
+    /// Set when the inner body failed (for a request body: the client went away mid-upload).
+    pub failed: AtomicBool,
+}
+
+/// A body that counts the bytes passing through into a shared [`Meter`], and optionally
 /// fails once more than `limit` bytes have passed. Nothing is buffered. It can also hold a
-/// guard (e.g. a concurrency permit) that is released only when the body is dropped, so a
-/// request counts as in flight until its response has finished streaming.
-pub struct Metered<B> {
+/// guard `G` (e.g. a concurrency permit) that is released only when the body is dropped, so
+/// a request counts as in flight until its response has finished streaming.
+pub struct Metered<B, G = ()> {
     inner: B,
-    count: Arc<AtomicU64>,
+    meter: Arc<Meter>,
     seen: u64,
     limit: Option<u64>,
     drop_trailers: bool,
-    /// Set when the inner body reached its end.
-    ended: Option<Arc<AtomicBool>>,
-    /// Set when the inner body failed (for a request body: the client went away mid-upload).
-    failed: Option<Arc<AtomicBool>>,
     /// Fails the body when no frame arrives for this long.
     idle: Option<(std::time::Duration, Option<Pin<Box<tokio::time::Sleep>>>)>,
-    _guard: Option<Box<dyn Send>>,
+    _guard: G,
 }
 
 impl<B> Metered<B> {
-    pub fn new(inner: B, count: Arc<AtomicU64>, limit: Option<u64>) -> Metered<B> {
+    pub fn new(inner: B, meter: Arc<Meter>, limit: Option<u64>) -> Metered<B> {
         Metered {
             inner,
-            count,
+            meter,
             seen: 0,
             limit,
             drop_trailers: false,
-            ended: None,
-            failed: None,
             idle: None,
-            _guard: None,
+            _guard: (),
         }
     }
+}
 
-    /// Sets `flag` if the inner body fails.
-    pub fn on_error(mut self, flag: Arc<AtomicBool>) -> Metered<B> {
-        self.failed = Some(flag);
-        self
-    }
-
+impl<B, G> Metered<B, G> {
     /// Fails the body with [`BodyIdle`] when no frame arrives for `limit` (a stalled
     /// client upload, or Apple stalling mid-response).
-    pub fn idle_timeout(mut self, limit: std::time::Duration) -> Metered<B> {
+    pub fn idle_timeout(mut self, limit: std::time::Duration) -> Metered<B, G> {
         self.idle = Some((limit, None));
-        self
-    }
-
-    /// Sets `flag` when the body has been read to its end (so its guard can tell a complete
-    /// response from one the client abandoned).
-    pub fn on_end(mut self, flag: Arc<AtomicBool>) -> Metered<B> {
-        self.ended = Some(flag);
         self
     }
 
     /// Drops trailer frames: a client's trailers are headers too (`authorization`, `cookie`
     /// could hide there), and Apple's APIs take none.
-    pub fn without_trailers(mut self) -> Metered<B> {
+    pub fn without_trailers(mut self) -> Metered<B, G> {
         self.drop_trailers = true;
         self
     }
 
     fn mark_ended(&self) {
-        if let Some(flag) = &self.ended {
-            flag.store(true, Ordering::Relaxed);
-        }
+        self.meter.ended.store(true, Ordering::Relaxed);
     }
 
     /// Keeps `guard` alive as long as the body.
-    pub fn holding(mut self, guard: impl Send + 'static) -> Metered<B> {
-        self._guard = Some(Box::new(guard));
-        self
+    pub fn holding<H>(self, guard: H) -> Metered<B, H> {
+        Metered {
+            inner: self.inner,
+            meter: self.meter,
+            seen: self.seen,
+            limit: self.limit,
+            drop_trailers: self.drop_trailers,
+            idle: self.idle,
+            _guard: guard,
+        }
     }
 }
 
-impl<B> Body for Metered<B>
+impl<B, G> Body for Metered<B, G>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
+    G: Unpin,
 {
     type Data = Bytes;
     type Error = BoxError;
@@ -414,7 +414,7 @@ where
                     if let Some(data) = frame.data_ref() {
                         let n = data.len() as u64;
                         this.seen += n;
-                        this.count.fetch_add(n, Ordering::Relaxed);
+                        this.meter.bytes.fetch_add(n, Ordering::Relaxed);
                         if let Some(limit) = this.limit {
                             if this.seen > limit {
                                 return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
@@ -431,9 +431,7 @@ where
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    if let Some(flag) = &this.failed {
-                        flag.store(true, Ordering::Relaxed);
-                    }
+                    this.meter.failed.store(true, Ordering::Relaxed);
                     Poll::Ready(Some(Err(e.into())))
                 }
                 Poll::Ready(None) => {
@@ -519,13 +517,15 @@ mod tests {
             Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))),
             Ok(Frame::trailers(trailers)),
         ];
-        let count = Arc::new(AtomicU64::new(0));
+        let meter = Arc::new(Meter::default());
         let stream = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        let body = Metered::new(stream, count.clone(), None).without_trailers();
+        let body = Metered::new(stream, meter.clone(), None).without_trailers();
         let collected = body.collect().await.unwrap();
         assert!(collected.trailers().is_none());
         assert_eq!(collected.to_bytes(), "abc");
-        assert_eq!(count.load(Ordering::Relaxed), 3);
+        assert_eq!(meter.bytes.load(Ordering::Relaxed), 3);
+        assert!(meter.ended.load(Ordering::Relaxed));
+        assert!(!meter.failed.load(Ordering::Relaxed));
     }
 
     #[test]

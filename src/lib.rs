@@ -68,24 +68,44 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 /// RFC 3339 UTC (`2026-11-22T15:21:46Z`) for UNIX seconds.
 pub fn rfc3339(unix: i64) -> String {
     let mut s = String::with_capacity(20);
-    push_rfc3339(&mut s, unix, None);
+    push_rfc3339(&mut s, unix);
     s
 }
 
-/// RFC 3339 UTC with milliseconds (`2026-11-22T15:21:46.123Z`), for audit records.
+/// RFC 3339 UTC with milliseconds (`2026-11-22T15:21:46.123Z`), for audit records. Every
+/// record takes one, so the date and time of the current second are formatted once per
+/// thread and second, and only the milliseconds per call.
 pub fn rfc3339_millis(t: std::time::SystemTime) -> String {
+    use std::cell::Cell;
+    thread_local! {
+        static SECOND: Cell<Option<(u64, [u8; 19])>> = const { Cell::new(None) };
+    }
     let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
     let mut s = String::with_capacity(24);
-    push_rfc3339(
-        &mut s,
-        i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
-        Some(since.subsec_millis()),
-    );
+    match SECOND.get() {
+        Some((cached, prefix)) if cached == secs => {
+            s.push_str(std::str::from_utf8(&prefix).unwrap_or_default());
+        }
+        _ => {
+            push_rfc3339(&mut s, i64::try_from(secs).unwrap_or(i64::MAX));
+            s.pop(); // the `Z`
+            if let Ok(prefix) = <[u8; 19]>::try_from(s.as_bytes()) {
+                SECOND.set(Some((secs, prefix)));
+            }
+        }
+    }
+    let ms = since.subsec_millis();
+    s.push('.');
+    for digit in [ms / 100, ms / 10 % 10, ms % 10] {
+        s.push(char::from(b'0' + (digit as u8)));
+    }
+    s.push('Z');
     s
 }
 
-/// Writes `unix` (plus `millis`, if given) as RFC 3339 UTC into `out`, one allocation at most.
-fn push_rfc3339(out: &mut String, unix: i64, millis: Option<u32>) {
+/// Writes `unix` as RFC 3339 UTC into `out`.
+fn push_rfc3339(out: &mut String, unix: i64) {
     use std::fmt::Write as _;
     // Howard Hinnant's days-to-civil algorithm.
     let days = unix.div_euclid(86_400);
@@ -107,9 +127,6 @@ fn push_rfc3339(out: &mut String, unix: i64, millis: Option<u32>) {
         secs % 3600 / 60,
         secs % 60
     );
-    if let Some(ms) = millis {
-        let _ = write!(out, ".{ms:03}");
-    }
     out.push('Z');
 }
 
@@ -138,7 +155,27 @@ mod tests {
         assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(super::rfc3339(1_795_360_906), "2026-11-22T15:21:46Z");
         assert_eq!(super::rfc3339(-1), "1969-12-31T23:59:59Z");
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_360_906_007);
-        assert_eq!(super::rfc3339_millis(t), "2026-11-22T15:21:46.007Z");
+        let at = |ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+        // The same second twice (the cached date), then another one, then back.
+        assert_eq!(
+            super::rfc3339_millis(at(1_795_360_906_007)),
+            "2026-11-22T15:21:46.007Z"
+        );
+        assert_eq!(
+            super::rfc3339_millis(at(1_795_360_906_950)),
+            "2026-11-22T15:21:46.950Z"
+        );
+        assert_eq!(
+            super::rfc3339_millis(at(1_795_360_907_000)),
+            "2026-11-22T15:21:47.000Z"
+        );
+        assert_eq!(
+            super::rfc3339_millis(at(951_782_400_120)),
+            "2000-02-29T00:00:00.120Z"
+        );
+        assert_eq!(
+            super::rfc3339_millis(at(1_795_360_906_999)),
+            "2026-11-22T15:21:46.999Z"
+        );
     }
 }

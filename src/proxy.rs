@@ -446,7 +446,8 @@ impl Proxy {
             }
         };
         if let Ok(v) = HeaderValue::from_str(&id) {
-            response.headers_mut().insert(X_REQUEST_ID, v);
+            const NAME: http::HeaderName = http::HeaderName::from_static(X_REQUEST_ID);
+            response.headers_mut().insert(NAME, v);
         }
         let status = response.status().as_u16();
         let head_ms = started.elapsed().as_millis() as u64;
@@ -498,23 +499,20 @@ impl Proxy {
             completed: false,
             error: error.map(|e| e.0),
         };
-        let bytes_out = Arc::new(AtomicU64::new(0));
-        let completed = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(forward::Meter::default());
         let guard = Finisher {
             record: Some(record),
             audit: self.shared.audit.get().cloned(),
             metrics: self.shared.metrics.clone(),
             started,
             upstream_elapsed: ex.upstream_elapsed,
-            bytes_in: ex.bytes_in,
-            bytes_out: bytes_out.clone(),
-            completed: completed.clone(),
+            received: ex.received,
+            sent: sent.clone(),
             _permit: ex.permit,
         };
         let (parts, body) = response.into_parts();
-        let body = forward::Metered::new(body, bytes_out, None)
+        let body = forward::Metered::new(body, sent, None)
             .idle_timeout(self.config.server.body_idle_timeout)
-            .on_end(completed)
             .holding(guard);
         Response::from_parts(parts, forward::boxed(body))
     }
@@ -667,8 +665,7 @@ impl Proxy {
         let url = route.url(query);
         let body = (!replayable).then(|| {
             forward::boxed(
-                forward::Metered::new(body, ex.bytes_in.clone(), Some(max_body))
-                    .on_error(ex.client_body_failed.clone())
+                forward::Metered::new(body, ex.received.clone(), Some(max_body))
                     .without_trailers()
                     .idle_timeout(self.config.server.body_idle_timeout),
             )
@@ -688,10 +685,10 @@ impl Proxy {
                 body,
                 &token,
                 Tally {
-                    bytes_in: &ex.bytes_in,
+                    bytes_in: &ex.received.bytes,
                     max_body,
                     connect_retries: &mut ex.connect_retries,
-                    client_gone: Some(&ex.client_body_failed),
+                    client_gone: Some(&ex.received.failed),
                 },
             )
             .await?;
@@ -713,7 +710,7 @@ impl Proxy {
                     None,
                     &token,
                     Tally {
-                        bytes_in: &ex.bytes_in,
+                        bytes_in: &ex.received.bytes,
                         max_body,
                         connect_retries: &mut ex.connect_retries,
                         client_gone: None,
@@ -797,7 +794,7 @@ impl Proxy {
                 None,
                 token,
                 Tally {
-                    bytes_in: &ex.bytes_in,
+                    bytes_in: &ex.received.bytes,
                     max_body: 0,
                     connect_retries: &mut ex.connect_retries,
                     client_gone: None,
@@ -1327,13 +1324,13 @@ struct Exchange {
     retried: bool,
     apple_request_id: Option<String>,
     rate_limit_remaining: Option<u64>,
-    bytes_in: Arc<AtomicU64>,
+    /// The client's request body: bytes read, and whether it failed (the client went away
+    /// mid-upload).
+    received: Arc<forward::Meter>,
     /// Connection failures retried before Apple answered.
     connect_retries: u32,
     /// Whether sandbox answered for production.
     sandbox_fallback: bool,
-    /// Set when the client's request body failed (it went away mid-upload).
-    client_body_failed: Arc<AtomicBool>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -1353,10 +1350,9 @@ impl Default for Exchange {
             retried: false,
             apple_request_id: None,
             rate_limit_remaining: None,
-            bytes_in: Arc::new(AtomicU64::new(0)),
+            received: Arc::new(forward::Meter::default()),
             connect_retries: 0,
             sandbox_fallback: false,
-            client_body_failed: Arc::new(AtomicBool::new(false)),
             permit: None,
         }
     }
@@ -1418,9 +1414,9 @@ struct Finisher {
     metrics: Arc<metrics::Metrics>,
     started: Instant,
     upstream_elapsed: Option<std::time::Duration>,
-    bytes_in: Arc<AtomicU64>,
-    bytes_out: Arc<AtomicU64>,
-    completed: Arc<AtomicBool>,
+    /// The request body read from the client, and the response body sent to it.
+    received: Arc<forward::Meter>,
+    sent: Arc<forward::Meter>,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -1432,10 +1428,10 @@ impl Drop for Finisher {
         let elapsed = self.started.elapsed();
         record.time = crate::rfc3339_millis(SystemTime::now());
         record.duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
-        record.bytes_in = self.bytes_in.load(Ordering::Relaxed);
-        record.bytes_out = self.bytes_out.load(Ordering::Relaxed);
+        record.bytes_in = self.received.bytes.load(Ordering::Relaxed);
+        record.bytes_out = self.sent.bytes.load(Ordering::Relaxed);
         record.completed =
-            self.completed.load(Ordering::Relaxed) && record.error != Some("client_disconnected");
+            self.sent.ended.load(Ordering::Relaxed) && record.error != Some("client_disconnected");
         self.metrics.observe(&metrics::Summary {
             api: record.api.unwrap_or("none"),
             client: record.client.as_ref(),

@@ -644,19 +644,28 @@ impl Cache {
     fn insert(&self, k: String, token: Arc<Token>, apple_now: i64) {
         let mut shard = self.shard(&k).lock().unwrap_or_else(|p| p.into_inner());
         if shard.len() >= self.per_shard && !shard.contains_key(&k) {
-            shard.retain(|_, t| t.claims.exp - apple_now >= REFRESH_MARGIN.as_secs() as i64);
-            if shard.len() >= self.per_shard {
-                // Still full of live tokens: drop an arbitrary eighth (HashMap order is
-                // random), keeping the bound without an LRU's per-hit bookkeeping.
-                let drop: Vec<String> = shard
-                    .keys()
-                    .take(self.per_shard.div_ceil(8))
-                    .cloned()
-                    .collect();
-                for d in drop {
-                    shard.remove(&d);
+            // Drop every token too close to expiry to be served; if the live ones still fill
+            // the shard, drop an arbitrary eighth of them too (HashMap order is random): the
+            // bound kept without an LRU's per-hit bookkeeping, nothing copied or re-hashed.
+            let live = shard
+                .values()
+                .filter(|t| t.claims.exp - apple_now >= REFRESH_MARGIN.as_secs() as i64)
+                .count();
+            let mut surplus = if live >= self.per_shard {
+                self.per_shard.div_ceil(8)
+            } else {
+                0
+            };
+            shard.retain(|_, t| {
+                if t.claims.exp - apple_now < REFRESH_MARGIN.as_secs() as i64 {
+                    false
+                } else if surplus > 0 {
+                    surplus -= 1;
+                    false
+                } else {
+                    true
                 }
-            }
+            });
         }
         shard.insert(k, token);
     }
