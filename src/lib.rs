@@ -155,27 +155,17 @@ mod tests {
         assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(super::rfc3339(1_795_360_906), "2026-11-22T15:21:46Z");
         assert_eq!(super::rfc3339(-1), "1969-12-31T23:59:59Z");
-        let at = |ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-        // The same second twice (the cached date), then another one, then back.
-        assert_eq!(
-            super::rfc3339_millis(at(1_795_360_906_007)),
-            "2026-11-22T15:21:46.007Z"
-        );
-        assert_eq!(
-            super::rfc3339_millis(at(1_795_360_906_950)),
-            "2026-11-22T15:21:46.950Z"
-        );
-        assert_eq!(
-            super::rfc3339_millis(at(1_795_360_907_000)),
-            "2026-11-22T15:21:47.000Z"
-        );
-        assert_eq!(
-            super::rfc3339_millis(at(951_782_400_120)),
-            "2000-02-29T00:00:00.120Z"
-        );
-        assert_eq!(
-            super::rfc3339_millis(at(1_795_360_906_999)),
-            "2026-11-22T15:21:46.999Z"
-        );
+        // In order: the same second twice (the cached date), the next second, another
+        // date, and back.
+        for (ms, want) in [
+            (1_795_360_906_007, "2026-11-22T15:21:46.007Z"),
+            (1_795_360_906_950, "2026-11-22T15:21:46.950Z"),
+            (1_795_360_907_000, "2026-11-22T15:21:47.000Z"),
+            (951_782_400_120, "2000-02-29T00:00:00.120Z"),
+            (1_795_360_906_999, "2026-11-22T15:21:46.999Z"),
+        ] {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+            assert_eq!(super::rfc3339_millis(t), want);
+        }
     }
 }
