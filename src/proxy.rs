@@ -868,10 +868,8 @@ impl Proxy {
             client_gone,
         } = tally;
         // Built again only for a retry after a failed connection (rare), never cloned.
-        let mut headers = Some(forward::upstream_headers(
-            up.client_headers,
-            token.authorization(),
-        ));
+        let build_headers = || forward::upstream_headers(up.client_headers, token.authorization());
+        let mut headers = Some(build_headers());
         // `None` is a body-less request: it can be sent again if the connection fails
         // before a byte went out. A request with a body never is.
         let replayable = body.is_none();
@@ -883,9 +881,7 @@ impl Proxy {
                 .uri(up.url)
                 .body(body.take().unwrap_or_else(forward::empty))
                 .map_err(|e| internal(up.request_id, "upstream request", e))?;
-            *request.headers_mut() = headers.take().unwrap_or_else(|| {
-                forward::upstream_headers(up.client_headers, token.authorization())
-            });
+            *request.headers_mut() = headers.take().unwrap_or_else(build_headers);
             let error = match tokio::time::timeout(timeout, self.upstream.request(request)).await {
                 Ok(Ok(response)) => break response,
                 Ok(Err(e)) => e,
