@@ -3,7 +3,8 @@
 //! `/metrics` (Prometheus). Requests here are not audited and need no credential: bind it
 //! to an address only operators and the cluster's probes reach.
 //!
-//! Imports `proxy` (for readiness and the metrics text) and nothing below it.
+//! Reads the live runtime ([`crate::runtime::Live`]), so after a reload `/metrics` and
+//! `/readyz` report the new one. Imports `runtime` and `metrics`; not `server`.
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -17,17 +18,17 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::metrics::CONTENT_TYPE;
-use crate::proxy::Proxy;
+use crate::runtime::Live;
 
-/// What the admin endpoints report on; the proxy is set once it is built.
+/// What the admin endpoints report on: the live runtime, once the first one is built.
 #[derive(Debug, Default)]
 pub struct State {
-    proxy: OnceLock<Arc<Proxy>>,
+    live: OnceLock<Arc<Live>>,
 }
 
 impl State {
-    pub fn set_proxy(&self, proxy: Arc<Proxy>) {
-        let _ = self.proxy.set(proxy);
+    pub fn set_live(&self, live: Arc<Live>) {
+        let _ = self.live.set(live);
     }
 
     fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -45,7 +46,7 @@ impl State {
         }
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
-            "/readyz" => match self.proxy.get().map(|p| p.ready()) {
+            "/readyz" => match self.live.get().map(|l| l.current().ready()) {
                 Some(Ok(())) => text(StatusCode::OK, "ready\n".into()),
                 Some(Err(why)) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -58,9 +59,9 @@ impl State {
             },
             "/metrics" => {
                 let body = self
-                    .proxy
+                    .live
                     .get()
-                    .map(|p| p.metrics_text())
+                    .map(|l| l.current().metrics_text())
                     .unwrap_or_default();
                 let mut r = text(StatusCode::OK, body);
                 r.headers_mut().insert(

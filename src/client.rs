@@ -122,7 +122,9 @@ struct Client {
     rules: Vec<Rule>,
     key: Option<String>,
     bundle_id: Option<String>,
-    bucket: Option<Bucket>,
+    /// Shared with the runtime before a reload when the client keeps its name and rate, so a
+    /// reload never refills a spent budget.
+    bucket: Option<Arc<Bucket>>,
 }
 
 /// A token bucket: `count` requests per `per`, bursts up to `count`.
@@ -181,8 +183,26 @@ impl std::fmt::Debug for Clients {
 
 impl Clients {
     pub fn new(config: &Config) -> Clients {
+        Clients::carrying(config, None)
+    }
+
+    /// The clients of `config`; each one that `previous` knows by the same name and rate
+    /// keeps its rate-limit bucket (a reload must not refill a spent budget).
+    pub fn carrying(config: &Config, previous: Option<&Clients>) -> Clients {
+        let bucket_of = |c: &ClientConfig| {
+            let rate = c.rate_limit?;
+            let kept = previous
+                .and_then(|p| p.clients.iter().find(|old| *old.name == *c.name))
+                .and_then(|old| old.bucket.clone())
+                .filter(|b| b.rate == rate);
+            Some(kept.unwrap_or_else(|| Arc::new(Bucket::new(rate))))
+        };
         Clients {
-            clients: config.clients.iter().map(Client::from_config).collect(),
+            clients: config
+                .clients
+                .iter()
+                .map(|c| Client::from_config(c, bucket_of(c)))
+                .collect(),
             allow_anonymous: config.server.allow_anonymous,
             anonymous: Arc::from("anonymous"),
         }
@@ -269,7 +289,7 @@ impl Clients {
 }
 
 impl Client {
-    fn from_config(c: &ClientConfig) -> Client {
+    fn from_config(c: &ClientConfig, bucket: Option<Arc<Bucket>>) -> Client {
         Client {
             name: Arc::from(c.name.as_str()),
             secret_sha256: c.secret_sha256,
@@ -287,7 +307,7 @@ impl Client {
                 .collect(),
             key: c.key.clone(),
             bundle_id: c.bundle_id.clone(),
-            bucket: c.rate_limit.map(Bucket::new),
+            bucket,
         }
     }
 }

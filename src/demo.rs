@@ -168,7 +168,13 @@ key = "analyst"
     config.keys[0].source = KeySource::Inline(connect_pem);
     config.keys[1].source = KeySource::Inline(storekit_pem);
     config.keys[2].source = KeySource::Inline(analyst_pem);
-    let (proxy, _warnings) = Proxy::new(config, Some(standin.ca_pem())).map_err(Box::new)?;
+    let ca = std::env::temp_dir().join(format!(
+        "apple-api-proxy-demo-ca-{}.pem",
+        std::process::id()
+    ));
+    std::fs::write(&ca, standin.ca_pem()).map_err(DemoError::Standin)?;
+    config.upstream.ca_file = Some(ca);
+    let (proxy, _warnings) = Proxy::new(config).map_err(Box::new)?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|error| DemoError::Listen {

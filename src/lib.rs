@@ -51,8 +51,10 @@ pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
+pub mod runtime;
 pub mod server;
 pub mod standin;
+pub mod tls;
 pub mod token;
 
 pub use server::run;

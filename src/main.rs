@@ -203,7 +203,7 @@ async fn shutdown_signal() {
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     // The very checks `serve` runs at start-up (keys, TLS files, CA files, deployment
     // rules), so `check` never passes a configuration `serve` would refuse.
-    let (proxy, warnings) = Proxy::new(Config::load(path)?, None)?;
+    let (proxy, warnings) = Proxy::new(Config::load(path)?)?;
     let config = proxy.config();
     let minter = proxy.minter();
     println!("config {}: OK", config.source);
@@ -467,7 +467,7 @@ fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
         println!("Press Ctrl-C to stop. Each request's audit record (one hash-chained JSON line) prints below when it ends.");
         let demo::Demo { standin, proxy, listener, .. } = d;
         let writer = proxy.start_audit()?;
-        server::serve(server::Live::new(proxy.clone()), listener, shutdown_signal()).await;
+        server::serve(apple_api_proxy::runtime::Live::new(proxy.clone()), listener, shutdown_signal()).await;
         if let Some(audit) = proxy.audit() {
             audit.close();
         }

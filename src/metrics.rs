@@ -24,6 +24,21 @@ struct RequestLabels {
     api: &'static str,
     client: Shared,
     status_class: &'static str,
+    /// The exact status the client got: three digits, so at most 900 values.
+    status: Status,
+    /// The audit decision (`forwarded`, `denied`, …): a fixed set.
+    decision: &'static str,
+}
+
+/// An HTTP status as a label value: three digits (hyper allows no other).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct Status(u16);
+
+impl EncodeLabelValue for Status {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        write!(encoder, "{:03}", self.0.min(999))
+    }
 }
 
 /// A configured name as a label value: cloning it for a lookup allocates nothing.
@@ -72,6 +87,8 @@ pub struct Summary<'a> {
     /// Configured client name or `"anonymous"`; `None` counts as `"unauthenticated"`.
     pub client: Option<&'a Arc<str>>,
     pub status: u16,
+    /// The audit decision's spelling.
+    pub decision: &'static str,
     pub duration: Duration,
     /// Time until Apple's response head, when Apple was asked.
     pub upstream: Option<Duration>,
@@ -141,7 +158,7 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
-            "Requests answered, by API, client and status class",
+            "Requests answered, by API, client, status (class and exact) and decision",
             requests.clone(),
         );
         let duration = Family::<ApiLabels, Histogram>::new_with_constructor(
@@ -274,6 +291,8 @@ impl Metrics {
                     4 => "4xx",
                     _ => "5xx",
                 },
+                status: Status(s.status),
+                decision: s.decision,
             })
             .inc();
         self.duration
@@ -369,6 +388,7 @@ mod tests {
             api: "app-store-connect",
             client: Some(&Arc::from("ci")),
             status: 401,
+            decision: "forwarded",
             duration: Duration::from_millis(12),
             upstream: Some(Duration::from_millis(10)),
             diagnosis: Some("CLOCK_SKEW"),
@@ -382,7 +402,7 @@ mod tests {
             ..Snapshot::default()
         });
         for want in [
-            r#"aap_requests_total{api="app-store-connect",client="ci",status_class="4xx"} 1"#,
+            r#"aap_requests_total{api="app-store-connect",client="ci",status_class="4xx",status="401",decision="forwarded"} 1"#,
             r#"aap_apple_auth_failures_total{api="app-store-connect",status="401",cause="CLOCK_SKEW"} 1"#,
             r#"aap_upstream_retries_total{api="app-store-connect",outcome="refused_again"} 1"#,
             r#"aap_apple_rate_limit_remaining{key="connect"} 3121"#,

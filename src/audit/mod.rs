@@ -64,6 +64,19 @@ pub enum Decision {
     Error,
 }
 
+impl Decision {
+    /// The record's (and the metrics label's) spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Forwarded => "forwarded",
+            Decision::Denied => "denied",
+            Decision::Unauthenticated => "unauthenticated",
+            Decision::NoRoute => "no_route",
+            Decision::Error => "error",
+        }
+    }
+}
+
 /// One request, as the security team reads it. Field order is the line's order.
 #[derive(Clone, Debug, Serialize)]
 pub struct Record {

@@ -200,6 +200,13 @@ pub struct Minter {
     unscoped_lifetime: Duration,
     scope_methods: Vec<String>,
     cache: Cache,
+    counts: Arc<MintCounts>,
+}
+
+/// Signatures made and cache hits served: shared by the minters before and after a reload,
+/// so the exported counters never stall or go backwards.
+#[derive(Debug, Default)]
+pub struct MintCounts {
     minted: AtomicU64,
     cache_hits: AtomicU64,
 }
@@ -257,8 +264,7 @@ impl Minter {
             unscoped_lifetime: config.tokens.unscoped_lifetime,
             scope_methods: config.tokens.scope_methods.clone(),
             cache: Cache::new(config.tokens.cache_capacity),
-            minted: AtomicU64::new(0),
-            cache_hits: AtomicU64::new(0),
+            counts: Arc::default(),
         };
         Ok((minter, warnings))
     }
@@ -279,6 +285,17 @@ impl Minter {
             signer,
             header_b64,
         }
+    }
+
+    /// Counts into `counts` (those of the minter this one replaces) from now on.
+    pub fn counting_into(mut self, counts: Arc<MintCounts>) -> Minter {
+        self.counts = counts;
+        self
+    }
+
+    /// The shared counters (see [`MintCounts`]).
+    pub fn mint_counts(&self) -> &Arc<MintCounts> {
+        &self.counts
     }
 
     pub fn clock(&self) -> &AppleClock {
@@ -317,8 +334,8 @@ impl Minter {
     /// Tokens signed so far, and requests served from the cache.
     pub fn counts(&self) -> (u64, u64) {
         (
-            self.minted.load(Ordering::Relaxed),
-            self.cache_hits.load(Ordering::Relaxed),
+            self.counts.minted.load(Ordering::Relaxed),
+            self.counts.cache_hits.load(Ordering::Relaxed),
         )
     }
 
@@ -378,7 +395,7 @@ impl Minter {
         let offset = self.clock.offset_secs();
         if use_cache {
             if let Some(token) = self.cache.get(&cache_key.text, apple_now, offset) {
-                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.counts.cache_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(token);
             }
         }
@@ -395,7 +412,7 @@ impl Minter {
         };
         let cacheable = scope.is_none_or(|s| s.len() <= MAX_CACHED_SCOPE);
         let token = Arc::new(self.sign(key, claims, offset)?);
-        self.minted.fetch_add(1, Ordering::Relaxed);
+        self.counts.minted.fetch_add(1, Ordering::Relaxed);
         if cacheable {
             self.cache.insert(cache_key.text, token.clone(), apple_now);
         }

@@ -1,0 +1,247 @@
+//! The life of one request, in order. This is the only module that knows the order of the
+//! steps; each step's rules live in its own module, and each phase in its own file over one
+//! per-request context, [`Exchange`]:
+//!
+//! 1. [`admit`]: shed load, authenticate, audit health, method and path checks, route,
+//!    policy, rate limits, the key, Apple's per-endpoint limits, a declared oversize body;
+//! 2. [`mint`]: the token for exactly the request forwarded;
+//! 3. [`attempt`] (forward): one attempt at Apple, and one re-mint-and-retry after a 401;
+//! 4. [`fallback`]: production's 404/401 asked again of sandbox, where configured;
+//! 5. [`inspect`]: Apple's 401/403 diagnosed, everything else streamed back untouched;
+//! 6. [`finish`]: rendered, logged, audited and counted exactly once, whatever happened.
+//!
+//! [`Proxy::handle`] is the outer handler (it never fails and always finishes);
+//! [`Proxy::process`] is the inner one and returns `Result<_, Refusal>` — the first phase
+//! that refuses ends the request, and its [`Refusal`] says status, code, kind, whose fault
+//! and the audit decision.
+
+mod admit;
+mod attempt;
+mod body;
+mod fallback;
+mod finish;
+mod inspect;
+mod mint;
+mod refusal;
+mod state;
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use tracing::Instrument as _;
+
+use crate::apple::{Api, Environment};
+use crate::audit;
+use crate::client::CertIdentity;
+use crate::forward::{self, ProxyBody};
+
+pub use refusal::{codes, error_chain, Fault, Refusal, Waited};
+pub use state::{Proxy, StartError};
+
+use attempt::Upstream;
+use fallback::Fallback;
+use mint::Freshness;
+
+/// Longest path + query accepted. Apple's URLs are far shorter; the bound keeps scopes (and
+/// so cached tokens) small whatever a client sends.
+pub const MAX_TARGET_BYTES: usize = 8 * 1024;
+
+/// Apple's request id response header (the audit's `apple_request_id`).
+pub const APPLE_REQUEST_ID: &str = "x-apple-request-uuid";
+/// App Store Connect's rate-limit header (`user-hour-lim:3600;user-hour-rem:3121;`).
+pub const APPLE_RATE_LIMIT: &str = "x-rate-limit";
+
+/// Marks a response that sandbox answered for a production request (sandbox fallback).
+pub const X_APPLE_ENVIRONMENT: &str = "x-apple-environment";
+/// App Store Server error codes after which Apple advises asking sandbox (APPLE.md §3):
+/// TransactionIdNotFound, OriginalTransactionIdNotFound.
+pub const SANDBOX_FALLBACK_CODES: [i64; 2] = [4040010, 4040005];
+
+/// Response header naming the first likely cause when Apple refused a request.
+pub const X_PROXY_DIAGNOSIS: &str = "x-proxy-diagnosis";
+/// Response header carrying the request id on every response.
+pub const X_REQUEST_ID: &str = "x-request-id";
+
+impl Proxy {
+    /// The outer handler: never fails, always stamps the request id, and hands the outcome
+    /// to [`Proxy::finish`], which audits and counts it exactly once when its body ends.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Peer,
+        cert: Option<Arc<CertIdentity>>,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let id = self.shared.ids.next();
+        // A debug-level span: the lines an operator sees at `info` carry `request_id`
+        // themselves, so a request that logs nothing formats nothing.
+        let span = tracing::debug_span!("request", id = %id, peer = %peer.addr);
+        let head = Head::of(&req, peer);
+        let mut ex = Exchange::default();
+        let result = self
+            .process(req, cert.as_deref(), &id, &mut ex)
+            .instrument(span.clone())
+            .await;
+        self.finish(result, ex, head, id, span, started)
+    }
+
+    /// The answer to a request whose head carried both `Content-Length` and
+    /// `Transfer-Encoding` (see [`crate::framing`]): 400, and `Connection: close` so hyper
+    /// drops the connection whose framing can no longer be trusted. Audited like any other.
+    pub fn refuse_smuggling(&self, req: &Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let id = self.shared.ids.next();
+        let span = tracing::debug_span!("request", id = %id, peer = %peer.addr);
+        let head = Head::of(req, peer);
+        let mut response = self.finish(
+            Err(Refusal::Smuggling),
+            Exchange::default(),
+            head,
+            id,
+            span,
+            started,
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    }
+
+    /// The inner handler: the phases in order, `?` on the first refusal.
+    async fn process(
+        &self,
+        req: Request<Incoming>,
+        cert: Option<&CertIdentity>,
+        request_id: &str,
+        ex: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, Refusal> {
+        let (parts, body) = req.into_parts();
+        let admitted = self.admit(&parts, cert, ex)?;
+
+        let request = self.token_request(&admitted, &parts);
+        let token = self.mint(&request, Freshness::Cached, ex)?;
+
+        let url = admitted.route.url(parts.uri.query());
+        let up = Upstream {
+            request_id,
+            method: &parts.method,
+            url: &url,
+            client_headers: &parts.headers,
+            route: &admitted.route,
+        };
+        let (response, token) = self.forward(&up, body, &request, token, ex).await?;
+
+        let answer = match self.fallback(&up, &token, response, ex).await {
+            Fallback::Answered(answer) => answer,
+            Fallback::Production { response, probe } => {
+                self.inspect(response, &up, &token, probe, ex).await
+            }
+        };
+        // The key worked unless the answer the client gets is Apple's refusal of it.
+        if ex.upstream_status.is_some_and(|s| s != 401 && s != 403) {
+            self.key_worked(&token.key_name);
+        }
+        Ok(answer)
+    }
+}
+
+/// What one request learned on its way, for its audit record, metrics and log line.
+pub(crate) struct Exchange {
+    client: Option<Arc<str>>,
+    client_auth: &'static str,
+    api: Option<Api>,
+    environment: Option<Environment>,
+    key: Option<Arc<str>>,
+    key_id: Option<Arc<str>>,
+    token_sha256: Option<Arc<str>>,
+    upstream_status: Option<u16>,
+    upstream_elapsed: Option<std::time::Duration>,
+    diagnosis: Option<&'static str>,
+    retried: bool,
+    apple_request_id: Option<String>,
+    rate_limit_remaining: Option<u64>,
+    /// The client's request body: bytes read, and whether it failed (the client went away
+    /// mid-upload).
+    received: Arc<forward::Meter>,
+    /// Connection failures retried before Apple answered.
+    connect_retries: u32,
+    /// Whether sandbox answered for production.
+    sandbox_fallback: bool,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Default for Exchange {
+    fn default() -> Exchange {
+        Exchange {
+            client: None,
+            client_auth: "none",
+            api: None,
+            environment: None,
+            key: None,
+            key_id: None,
+            token_sha256: None,
+            upstream_status: None,
+            upstream_elapsed: None,
+            diagnosis: None,
+            retried: false,
+            apple_request_id: None,
+            rate_limit_remaining: None,
+            received: Arc::new(forward::Meter::default()),
+            connect_retries: 0,
+            sandbox_fallback: false,
+            permit: None,
+        }
+    }
+}
+
+/// The request line as recorded: path and query with secret-looking values redacted.
+struct Head {
+    method: Cow<'static, str>,
+    path: String,
+    query: Option<String>,
+    peer: Peer,
+}
+
+impl Head {
+    fn of<B>(req: &Request<B>, peer: Peer) -> Head {
+        Head {
+            method: method_name(req.method()),
+            path: audit::redact_path(req.uri().path()),
+            query: req.uri().query().map(audit::redact_query),
+            peer,
+        }
+    }
+}
+
+/// A client's address, formatted once per connection: every request's audit record shares
+/// the text.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    text: Arc<str>,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            text: Arc::from(addr.to_string()),
+        }
+    }
+}
+
+/// The method as the audit records it: the standard ones without allocating.
+fn method_name(method: &Method) -> Cow<'static, str> {
+    const STANDARD: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    match STANDARD.iter().find(|m| **m == method.as_str()) {
+        Some(m) => Cow::Borrowed(m),
+        None => Cow::Owned(method.as_str().to_string()),
+    }
+}

@@ -1,0 +1,279 @@
+//! The runtime one request reads: [`Proxy`], built whole from one validated config (keys,
+//! clients, routes, the upstream pool, inbound TLS), and [`Shared`], what outlives a reload
+//! (the audit writer, metrics, Apple's clock, the token counters, each key's history, the
+//! request ids, the concurrency limit, Apple's per-endpoint budgets).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crate::audit;
+use crate::client::Clients;
+use crate::config::Config;
+use crate::forward;
+use crate::metrics;
+use crate::route;
+use crate::tls::TlsError;
+use crate::token::{self, AppleClock, MintCounts, Minter};
+
+/// Why the proxy could not start (or a reload was rejected).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}: no [[clients]] are configured and allow_anonymous is false, so nobody could use the proxy (fix: add a client with `apple-api-proxy client-secret NAME`, or set allow_anonymous = true under [server] for local use)")]
+    NoClients(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Key(#[from] Box<token::LoadError>),
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    #[error(transparent)]
+    Upstream(#[from] forward::ClientError),
+}
+
+/// Everything a request needs, built once from config and swapped whole on reload.
+pub struct Proxy {
+    pub(super) config: Arc<Config>,
+    pub(super) routes: route::Table,
+    pub(super) clients: Clients,
+    pub(super) minter: Minter,
+    pub(super) upstream: forward::Client,
+    /// Inbound TLS (and mTLS), when configured.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Per key name: when Apple last accepted that key (UNIX seconds; 0 = never seen), taken
+    /// from [`Shared::key_history`] by key id and public-key fingerprint.
+    key_success: HashMap<String, Arc<AtomicI64>>,
+    pub(super) shared: Arc<Shared>,
+}
+
+/// What outlives a config reload.
+pub(super) struct Shared {
+    pub audit: std::sync::OnceLock<audit::Audit>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub clock: Arc<AppleClock>,
+    pub mint_counts: Arc<MintCounts>,
+    /// When Apple last accepted each key, by (key id, SHA-256 of its public key): a new key
+    /// under an old name starts with no history, a renamed key keeps its own.
+    key_history: Mutex<HashMap<KeyIdentity, Arc<AtomicI64>>>,
+    pub ids: RequestIds,
+    /// `max_concurrent_requests` permits; a permit lives until the response body is done.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
+    pub max_in_flight: usize,
+    serving: AtomicBool,
+    /// Apple's per-endpoint limits, enforced locally where configured.
+    pub apple_limits: crate::limits::AppleLimits,
+}
+
+/// A key as Apple knows it: its key id and the SHA-256 of its public key.
+type KeyIdentity = (String, [u8; 32]);
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("config", &self.config.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Validates the deployment-level rules, loads keys, builds the upstream client.
+    pub fn new(config: Config) -> Result<(Proxy, Vec<String>), StartError> {
+        Proxy::validate(&config)?;
+        let max_in_flight = config.server.max_concurrent_requests;
+        let shared = Arc::new(Shared {
+            audit: std::sync::OnceLock::new(),
+            metrics: Arc::new(metrics::Metrics::new()),
+            clock: Arc::new(AppleClock::default()),
+            mint_counts: Arc::default(),
+            key_history: Mutex::default(),
+            ids: RequestIds::new(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
+            max_in_flight,
+            serving: AtomicBool::new(false),
+            apple_limits: crate::limits::AppleLimits::default(),
+        });
+        Proxy::build(config, shared, None)
+    }
+
+    /// A new runtime from `config` for a reload: keys, clients, routes, inbound TLS and the
+    /// upstream client are built afresh (and checked as at start-up); what [`Shared`] holds
+    /// carries over, and so does each client's rate-limit bucket. Settings that need a
+    /// restart (listeners, audit, max_concurrent_requests) are kept and warned about.
+    pub fn reload(&self, config: Config) -> Result<(Proxy, Vec<String>), StartError> {
+        Proxy::validate(&config)?;
+        let (proxy, mut warnings) = Proxy::build(config, self.shared.clone(), Some(self))?;
+        let (old, new) = (&self.config.server, &proxy.config.server);
+        if old.listen != new.listen || old.admin_listen != new.admin_listen {
+            warnings.push("listen/admin_listen changed: takes effect after a restart".into());
+        }
+        if new.max_concurrent_requests != self.shared.max_in_flight {
+            warnings.push("max_concurrent_requests changed: takes effect after a restart".into());
+        }
+        if self.config.audit.path != proxy.config.audit.path
+            || self.config.audit.on_failure != proxy.config.audit.on_failure
+        {
+            warnings.push("[audit] changed: takes effect after a restart".into());
+        }
+        Ok((proxy, warnings))
+    }
+
+    /// The deployment-level rules `new` and `reload` both enforce.
+    fn validate(config: &Config) -> Result<(), StartError> {
+        if config.clients.is_empty() && !config.server.allow_anonymous {
+            return Err(StartError::NoClients(config.source.clone()));
+        }
+        Ok(())
+    }
+
+    fn build(
+        config: Config,
+        shared: Arc<Shared>,
+        previous: Option<&Proxy>,
+    ) -> Result<(Proxy, Vec<String>), StartError> {
+        let tls = crate::tls::acceptor(&config)?;
+        let (minter, warnings) = Minter::new(&config, shared.clock.clone())?;
+        let minter = minter.counting_into(shared.mint_counts.clone());
+        let upstream = forward::client(&config, None)?;
+        let key_success = {
+            let mut history = shared.key_history.lock().unwrap_or_else(|p| p.into_inner());
+            config
+                .keys
+                .iter()
+                .map(|k| {
+                    let public = minter.public_key(&k.name).unwrap_or_default();
+                    let id = (k.key_id.clone(), crate::sha256(public));
+                    (k.name.clone(), history.entry(id).or_default().clone())
+                })
+                .collect()
+        };
+        Ok((
+            Proxy {
+                routes: route::Table::new(&config),
+                clients: Clients::carrying(&config, previous.map(|p| &p.clients)),
+                minter,
+                upstream,
+                tls,
+                key_success,
+                shared,
+                config: Arc::new(config),
+            },
+            warnings,
+        ))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn minter(&self) -> &Minter {
+        &self.minter
+    }
+
+    pub fn tls(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+        self.tls.as_ref()
+    }
+
+    /// Opens the audit log and starts its writer. Until this is called every request is
+    /// refused with 503 PROXY_AUDIT_UNAVAILABLE.
+    pub fn start_audit(&self) -> Result<audit::Writer, StartError> {
+        let (audit, writer) = audit::Audit::start(&self.config.audit)?;
+        if self.shared.audit.set(audit).is_err() {
+            tracing::warn!("the audit log was already started");
+        }
+        Ok(writer)
+    }
+
+    pub fn audit(&self) -> Option<&audit::Audit> {
+        self.shared.audit.get()
+    }
+
+    /// Ready to serve: keys loaded (construction), audit started and writable, listener up.
+    pub fn ready(&self) -> Result<(), &'static str> {
+        match self.shared.audit.get() {
+            None => Err("the audit log is not open yet"),
+            Some(a) if !a.health().healthy() => Err("the audit log cannot be written"),
+            Some(_) if !self.shared.serving.load(Ordering::Relaxed) => {
+                Err("the proxy listener is not accepting")
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Counts a configuration reload (applied or rejected).
+    pub fn note_reload(&self, applied: bool) {
+        self.shared.metrics.config_reload(applied);
+    }
+
+    /// The server says whether its listener is accepting.
+    pub fn set_serving(&self, serving: bool) {
+        self.shared.serving.store(serving, Ordering::Relaxed);
+    }
+
+    /// The Prometheus exposition, with counters owned elsewhere copied in.
+    pub fn metrics_text(&self) -> String {
+        let (minted, hits) = self.minter.counts();
+        let audit = self.shared.audit.get().map(|a| a.health());
+        let load = |c: Option<&AtomicU64>| c.map_or(0, |c| c.load(Ordering::Relaxed));
+        self.shared.metrics.encode(metrics::Snapshot {
+            tokens_minted: minted,
+            token_cache_hits: hits,
+            apple_clock_offset_s: self.minter.clock().offset_secs(),
+            audit_written: load(audit.map(|h| &h.written)),
+            audit_write_failures: load(audit.map(|h| &h.write_failures)),
+            audit_lost: load(audit.map(|h| &h.lost)),
+            audit_refused: load(audit.map(|h| &h.refused)),
+            audit_healthy: audit.is_some_and(audit::Health::healthy),
+            in_flight: i64::try_from(
+                self.shared.max_in_flight - self.shared.in_flight.available_permits(),
+            )
+            .unwrap_or(0),
+        })
+    }
+
+    /// Apple accepted `key` just now.
+    pub(super) fn key_worked(&self, key: &str) {
+        if let Some(t) = self.key_success.get(key) {
+            t.store(token::unix_secs(SystemTime::now()), Ordering::Relaxed);
+        }
+    }
+
+    /// When Apple last accepted `key`, if it has since start-up.
+    pub(super) fn key_last_success(&self, key: &str) -> Option<i64> {
+        self.key_success
+            .get(key)
+            .map(|t| t.load(Ordering::Relaxed))
+            .filter(|t| *t > 0)
+    }
+}
+
+/// Request ids: a random per-process prefix and a counter — unique across replicas without
+/// coordination, cheap to make.
+pub(super) struct RequestIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> RequestIds {
+        use ring::rand::SecureRandom as _;
+        let mut bytes = [0u8; 6];
+        // Falls back to the time when the OS RNG is unavailable: ids need uniqueness, not secrecy.
+        if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+            let t = token::unix_secs(SystemTime::now()).to_be_bytes();
+            bytes.copy_from_slice(&t[2..]);
+        }
+        RequestIds {
+            prefix: crate::hex(&bytes),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next(&self) -> String {
+        format!(
+            "{}-{:08x}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
