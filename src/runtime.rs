@@ -159,3 +159,35 @@ pub async fn watch(live: Arc<Live>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_swaps_the_runtime_and_drops_the_replaced_one_when_nothing_holds_it() {
+        let dir = std::env::temp_dir().join(format!("aap-runtime-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("proxy.toml");
+        let text =
+            "[server]\nallow_anonymous = true\nadmin_listen = \"off\"\n[audit]\npath = \"-\"\n";
+        std::fs::write(&path, text).unwrap();
+        let (proxy, _) = Proxy::new(Config::load(&path).unwrap()).unwrap();
+        let live = Live::new(Arc::new(proxy));
+        let first = Arc::downgrade(&live.current());
+        // A request in flight keeps the runtime it started with.
+        let in_flight = live.current();
+        std::fs::write(&path, format!("{text}# edited\n")).unwrap();
+        assert!(live.reload("test"));
+        assert!(!Arc::ptr_eq(&in_flight, &live.current()), "swapped");
+        assert!(first.upgrade().is_some(), "kept while a request holds it");
+        drop(in_flight);
+        assert!(first.upgrade().is_none(), "dropped with its last request");
+        // A broken config is rejected and the current runtime keeps serving.
+        let second = Arc::downgrade(&live.current());
+        std::fs::write(&path, "[server]\nallow_anonymus = true\n").unwrap();
+        assert!(!live.reload("test"));
+        assert!(Arc::ptr_eq(&second.upgrade().unwrap(), &live.current()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

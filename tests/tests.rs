@@ -7,6 +7,7 @@ mod deploy;
 mod doctor;
 mod hardening;
 mod ops;
+mod shape;
 mod support;
 
 use std::process::Stdio;

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::support::*;
 
-fn empty() -> Full<Bytes> {
+pub(crate) fn empty() -> Full<Bytes> {
     Full::new(Bytes::new())
 }
 
@@ -147,7 +147,7 @@ async fn harness_with_bad_apple(ca: &TestCa, bad: SocketAddr) -> Harness {
     Harness::from_world(world).await
 }
 
-async fn audit_lines(h: &Harness, n: usize) -> Vec<serde_json::Value> {
+pub(crate) async fn audit_lines(h: &Harness, n: usize) -> Vec<serde_json::Value> {
     let path = h.world.dir.path().join("audit.jsonl");
     for _ in 0..200 {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -320,12 +320,12 @@ async fn a_refused_connection_is_retried_twice_for_a_get_and_the_audit_says_so()
     h.stop().await;
 }
 
-fn edit_config(h: &Harness, edit: impl FnOnce(String) -> String) {
+pub(crate) fn edit_config(h: &Harness, edit: impl FnOnce(String) -> String) {
     let text = std::fs::read_to_string(&h.world.config_path).unwrap();
     std::fs::write(&h.world.config_path, edit(text)).unwrap();
 }
 
-async fn scrape(h: &Harness) -> String {
+pub(crate) async fn scrape(h: &Harness) -> String {
     let r = send(
         http::Request::get(format!("http://{}/metrics", h.admin_addr))
             .body(empty())
@@ -335,7 +335,7 @@ async fn scrape(h: &Harness) -> String {
     String::from_utf8_lossy(&r.body).to_string()
 }
 
-async fn until(
+pub(crate) async fn until(
     mut check: impl FnMut() -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>,
 ) -> bool {
     for _ in 0..100 {
@@ -681,7 +681,7 @@ async fn with_app_store_server_setting(setting: &str) -> Harness {
     Harness::from_world(world).await
 }
 
-async fn with_fallback(on: bool) -> Harness {
+pub(crate) async fn with_fallback(on: bool) -> Harness {
     with_app_store_server_setting(&format!("sandbox_fallback = {on}")).await
 }
 
