@@ -25,6 +25,10 @@ pub const SCOPE_IGNORED_PARAMS: [&str; 3] = ["limit", "cursor", "sort"];
 /// The path prefix that selects Apple's sandbox environment for the storekit APIs.
 pub const SANDBOX_PREFIX: &str = "/sandbox";
 
+/// Where the proxy's own endpoints live on the main listener (DESIGN §14): a prefix no Apple
+/// API uses.
+pub const PROXY_PREFIX: &str = "/proxy/v1/";
+
 /// One of Apple's server APIs. The proxy routes by path prefix to one of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Api {
@@ -47,6 +51,27 @@ pub enum TokenFamily {
     Connect,
     /// `iss`, `aud`, `iat`, `exp`, `bid`; never `scope`; ≤ 60 min; in-app-purchase keys only.
     StoreKit,
+}
+
+/// How an API's client-facing path prefixes reach it (DESIGN §3, §18).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mount {
+    /// Apple's own path prefixes, forwarded unchanged (`/v1/…`, `/inApps/…`). Every API of
+    /// part one; part two's APIs (`/apns/`, `/maps/`, …) add a variant whose prefix is
+    /// removed before forwarding.
+    Native,
+}
+
+/// How the proxy authenticates to an API (DESIGN §18): what the mint phase produces and
+/// where it goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenStrategy {
+    /// A JWT for this request (scoped where the family allows), cached per key, scope and
+    /// bundle id until shortly before it expires, sent as `Authorization: Bearer`. Part two
+    /// adds the cached provider token (APNs and its kin), the exchanged access token (Maps,
+    /// Apple Business/School Manager) and the form-injected `client_secret` (Sign in with
+    /// Apple).
+    PerRequest,
 }
 
 /// Production or sandbox.
@@ -142,20 +167,49 @@ impl Api {
         }
     }
 
+    pub fn mount(self) -> Mount {
+        match self {
+            Api::AppStoreConnect
+            | Api::AppStoreServer
+            | Api::AdvancedCommerce
+            | Api::ExternalPurchase
+            | Api::Notary => Mount::Native,
+        }
+    }
+
+    pub fn token_strategy(self) -> TokenStrategy {
+        match self {
+            Api::AppStoreConnect
+            | Api::AppStoreServer
+            | Api::AdvancedCommerce
+            | Api::ExternalPurchase
+            | Api::Notary => TokenStrategy::PerRequest,
+        }
+    }
+
     /// The API that owns `path` (already stripped of any `/sandbox` prefix), by prefix alone.
     /// Apple adds endpoints several times a year, so no endpoint list is consulted.
     pub fn for_path(path: &str) -> Option<Api> {
-        if is_versioned_connect_path(path) {
-            return Some(Api::AppStoreConnect);
+        Api::locate(path).map(|(api, _)| api)
+    }
+
+    /// The API that owns `path` and the path forwarded to it (its mount removed).
+    pub fn locate(path: &str) -> Option<(Api, &str)> {
+        let api = if is_versioned_connect_path(path) {
+            Api::AppStoreConnect
+        } else {
+            [
+                Api::AppStoreServer,
+                Api::AdvancedCommerce,
+                Api::ExternalPurchase,
+                Api::Notary,
+            ]
+            .into_iter()
+            .find(|api| api.prefixes().iter().any(|p| path.starts_with(p)))?
+        };
+        match api.mount() {
+            Mount::Native => Some((api, path)),
         }
-        [
-            Api::AppStoreServer,
-            Api::AdvancedCommerce,
-            Api::ExternalPurchase,
-            Api::Notary,
-        ]
-        .into_iter()
-        .find(|api| api.prefixes().iter().any(|p| path.starts_with(p)))
     }
 }
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use http::Uri;
 
-use crate::apple::{Api, Environment, SANDBOX_PREFIX};
+use crate::apple::{Api, Environment, PROXY_PREFIX, SANDBOX_PREFIX};
 use crate::config::Config;
 
 /// Where one (API, environment) pair is forwarded.
@@ -47,10 +47,31 @@ impl Route<'_> {
     }
 }
 
+/// What a path names: one of Apple's APIs, or one of the proxy's own endpoints.
+#[derive(Clone, Debug)]
+pub enum Destination<'a> {
+    Apple(Route<'a>),
+    Own(Endpoint),
+}
+
+/// The proxy's own endpoints under [`PROXY_PREFIX`] (DESIGN §14), dispatched before Apple's
+/// route table. None yet: the in-app signature endpoints (§15) are the first to come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {}
+
+impl Endpoint {
+    /// The endpoint at `rest` (the path after [`PROXY_PREFIX`]).
+    fn at(_rest: &str) -> Option<Endpoint> {
+        None
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RouteError {
     #[error("no Apple API is served under this path")]
     NoRoute,
+    #[error("the proxy has no endpoint at this path")]
+    NoEndpoint,
     #[error("{0} has no sandbox environment")]
     NoSandbox(Api),
 }
@@ -103,13 +124,24 @@ impl Table {
         Table { upstreams }
     }
 
-    /// Resolves an already-validated path (see [`check_path`]).
+    /// What an already-validated path (see [`check_path`]) names: the proxy's own endpoints
+    /// first, so no Apple route can shadow one, then Apple's table.
+    pub fn destination<'a>(&'a self, path: &'a str) -> Result<Destination<'a>, RouteError> {
+        match path.strip_prefix(PROXY_PREFIX) {
+            Some(rest) => Endpoint::at(rest)
+                .map(Destination::Own)
+                .ok_or(RouteError::NoEndpoint),
+            None => self.resolve(path).map(Destination::Apple),
+        }
+    }
+
+    /// Resolves an already-validated path (see [`check_path`]) in Apple's table.
     pub fn resolve<'a>(&'a self, path: &'a str) -> Result<Route<'a>, RouteError> {
         let (environment, rest) = match path.strip_prefix(SANDBOX_PREFIX) {
             Some(rest) if rest.starts_with('/') => (Environment::Sandbox, rest),
             _ => (Environment::Production, path),
         };
-        let api = Api::for_path(rest).ok_or(RouteError::NoRoute)?;
+        let (api, rest) = Api::locate(rest).ok_or(RouteError::NoRoute)?;
         let upstream = self
             .upstreams
             .get(&(api, environment.into()))
@@ -236,6 +268,33 @@ mod tests {
 
     fn table(extra: &str) -> Table {
         Table::new(&Config::parse(extra, "t.toml", Path::new(".")).unwrap())
+    }
+
+    #[test]
+    fn the_proxys_own_namespace_is_resolved_before_apples_table() {
+        let t = table("");
+        for path in [
+            "/proxy/v1/",
+            "/proxy/v1/signatures/promotional-offer",
+            "/proxy/v1/v1/apps",
+        ] {
+            assert_eq!(
+                t.destination(path).unwrap_err(),
+                RouteError::NoEndpoint,
+                "{path}"
+            );
+        }
+        assert!(matches!(
+            t.destination("/v1/apps"),
+            Ok(Destination::Apple(Route {
+                api: Api::AppStoreConnect,
+                ..
+            }))
+        ));
+        assert_eq!(
+            t.destination("/proxy/v2/x").unwrap_err(),
+            RouteError::NoRoute
+        );
     }
 
     #[test]

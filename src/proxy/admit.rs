@@ -19,9 +19,18 @@ use http::Method;
 
 use crate::apple::{Api, Environment};
 use crate::client::{CertIdentity, Identity};
-use crate::route;
+use crate::route::{self, Destination, Endpoint};
 
 use super::{Exchange, Proxy, Refusal, MAX_TARGET_BYTES};
+
+/// What admission lets through.
+pub(super) enum Admission<'a> {
+    /// A request for Apple.
+    Apple(Admitted<'a>),
+    /// A request for one of the proxy's own endpoints (DESIGN §14): authenticated, audited
+    /// and allowed exactly like a forwarded one.
+    Own(Endpoint),
+}
 
 /// A request the proxy will forward: who asks, where it goes, which key signs.
 pub(super) struct Admitted<'a> {
@@ -37,7 +46,7 @@ impl Proxy {
         parts: &'a Parts,
         cert: Option<&CertIdentity>,
         ex: &mut Exchange,
-    ) -> Result<Admitted<'a>, Refusal> {
+    ) -> Result<Admission<'a>, Refusal> {
         ex.permit = Some(
             self.shared
                 .in_flight
@@ -77,9 +86,11 @@ impl Proxy {
             });
         }
         route::check_path(path).map_err(Refusal::BadPath)?;
-        let route = self.routes.resolve(path).map_err(Refusal::NoRoute)?;
-        ex.api = Some(route.api);
-        ex.environment = Some(route.environment);
+        let destination = self.routes.destination(path).map_err(Refusal::NoRoute)?;
+        if let Destination::Apple(route) = &destination {
+            ex.api = Some(route.api);
+            ex.environment = Some(route.environment);
+        }
 
         if !self.clients.allows(&who, parts.method.as_str(), path) {
             return Err(Refusal::Forbidden {
@@ -92,6 +103,10 @@ impl Proxy {
                 retry_after: wait,
             });
         }
+        let route = match destination {
+            Destination::Apple(route) => route,
+            Destination::Own(endpoint) => return Ok(Admission::Own(endpoint)),
+        };
         let key = self.key_for(&who, route.api)?;
         self.check_apple_limits(&who, &route, key, parts.method.as_str())?;
 
@@ -106,7 +121,7 @@ impl Proxy {
         if declared.is_some_and(|len| len > max_body) {
             return Err(Refusal::BodyTooLarge { limit: max_body });
         }
-        Ok(Admitted { who, route, key })
+        Ok(Admission::Apple(Admitted { who, route, key }))
     }
 
     /// The key that signs: the client's pinned key, else the first key configured for the API.

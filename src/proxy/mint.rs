@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use http::request::Parts;
 
+use crate::apple::TokenStrategy;
 use crate::token::{self, Token};
 
 use super::admit::Admitted;
@@ -45,11 +46,21 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<Arc<Token>, Refusal> {
         let now = SystemTime::now();
-        let token = match freshness {
-            Freshness::Cached => self.minter.token(request, now),
-            Freshness::Fresh => self.minter.remint(request, now),
+        let token = match (request.api.token_strategy(), freshness) {
+            (TokenStrategy::PerRequest, Freshness::Cached) => self.minter.token(request, now),
+            (TokenStrategy::PerRequest, Freshness::Fresh) => self.minter.remint(request, now),
         }
-        .map_err(|e| Refusal::internal("mint", e))?;
+        .map_err(|e| match e {
+            // An HSM or KMS that does not answer: 503, nothing sent to Apple (DESIGN §16).
+            token::MintError::Sign {
+                key,
+                source: source @ token::SignError::Unavailable(_),
+            } => Refusal::SignerUnavailable {
+                key,
+                source: Box::new(source),
+            },
+            e => Refusal::internal("mint", e),
+        })?;
         tracing::debug!(key = %token.key_name, api = %request.api, "minted");
         ex.key = Some(token.key_name.clone());
         ex.key_id = Some(token.key_id.clone());

@@ -43,6 +43,7 @@ use crate::forward::{self, ProxyBody};
 pub use refusal::{codes, error_chain, Fault, Refusal, Waited};
 pub use state::{Proxy, StartError};
 
+use admit::Admission;
 use attempt::Upstream;
 use fallback::Fallback;
 use mint::Freshness;
@@ -121,7 +122,11 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Refusal> {
         let (parts, body) = req.into_parts();
-        let admitted = self.admit(&parts, cert, ex)?;
+        let admitted = match self.admit(&parts, cert, ex)? {
+            Admission::Apple(admitted) => admitted,
+            // The proxy's own endpoints (DESIGN §14) answer here; finish audits them.
+            Admission::Own(endpoint) => match endpoint {},
+        };
 
         let request = self.token_request(&admitted, &parts);
         let token = self.mint(&request, Freshness::Cached, ex)?;

@@ -1,4 +1,4 @@
-//! Loading Apple's `.p8` private keys into a `ring` signer.
+//! Loading Apple's `.p8` private keys into a `ring` signer ([`MemoryKey`]).
 //!
 //! Accepts what people actually have: PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`, Apple's
 //! download), SEC1 PEM (`-----BEGIN EC PRIVATE KEY-----`, what `openssl ecparam` makes, with
@@ -7,12 +7,12 @@
 //! the armour lines. P-256 only. Every failure names the source and says what was found
 //! instead (RSA, another curve, an encrypted key, a certificate, …) — never the key bytes.
 
-use std::fmt;
-
 use base64::Engine as _;
 use p256::elliptic_curve::sec1::ToEncodedPoint as _;
 use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+
+use super::signer::MemoryKey;
 
 use crate::config::KeySource;
 
@@ -48,57 +48,24 @@ pub enum KeyError {
     },
 }
 
-/// A loaded P-256 signing key. Its `Debug` never shows key material.
-pub struct SigningKey {
-    pair: EcdsaKeyPair,
-    rng: SystemRandom,
-}
-
-impl fmt::Debug for SigningKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SigningKey")
-            .field(
-                "public_key_sha256",
-                &crate::hex(&crate::sha256(self.public_key())[..8]),
-            )
-            .finish_non_exhaustive()
-    }
-}
-
-impl SigningKey {
-    /// Signs `message` with ES256: the fixed 64-byte `r || s` form JWS requires (RFC 7518
-    /// §3.4), never DER.
-    pub fn sign(&self, message: &[u8]) -> Result<[u8; 64], ring::error::Unspecified> {
-        let sig = self.pair.sign(&self.rng, message)?;
-        sig.as_ref()
-            .try_into()
-            .map_err(|_| ring::error::Unspecified)
-    }
-
-    /// The uncompressed SEC1 public point (65 bytes, `0x04 || X || Y`).
-    pub fn public_key(&self) -> &[u8] {
-        self.pair.public_key().as_ref()
-    }
-
-    /// Builds a signer from a PKCS#8 or SEC1 DER document (for callers that already hold DER).
-    pub fn from_der(der: &[u8], source_name: &str) -> Result<SigningKey, KeyError> {
-        match pkcs8::PrivateKeyInfo::try_from(der) {
-            Ok(info) => from_pkcs8(info, source_name),
-            Err(_) => match sec1::EcPrivateKey::try_from(der) {
-                Ok(ec) => from_sec1(ec, source_name),
-                Err(_) => Err(KeyError::Malformed {
-                    source_name: source_name.to_string(),
-                    problem: "neither a PKCS#8 nor a SEC1 structure".into(),
-                }),
-            },
-        }
+/// A key in memory from a PKCS#8 or SEC1 DER document.
+fn from_der(der: &[u8], source_name: &str) -> Result<MemoryKey, KeyError> {
+    match pkcs8::PrivateKeyInfo::try_from(der) {
+        Ok(info) => from_pkcs8(info, source_name),
+        Err(_) => match sec1::EcPrivateKey::try_from(der) {
+            Ok(ec) => from_sec1(ec, source_name),
+            Err(_) => Err(KeyError::Malformed {
+                source_name: source_name.to_string(),
+                problem: "neither a PKCS#8 nor a SEC1 structure".into(),
+            }),
+        },
     }
 }
 
 /// A key plus what an operator should hear about it (e.g. loose file permissions).
 #[derive(Debug)]
 pub struct Loaded {
-    pub key: SigningKey,
+    pub key: MemoryKey,
     pub warnings: Vec<String>,
 }
 
@@ -133,7 +100,7 @@ pub fn load(source: &KeySource) -> Result<Loaded, KeyError> {
 }
 
 /// Parses key text in any of the tolerated forms.
-pub fn parse(text: &str, source_name: &str) -> Result<SigningKey, KeyError> {
+pub fn parse(text: &str, source_name: &str) -> Result<MemoryKey, KeyError> {
     let text = normalise(text);
     if text.contains("-----BEGIN") {
         return parse_pem(&text, source_name);
@@ -148,7 +115,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<SigningKey, KeyError> {
         })?;
     match std::str::from_utf8(&decoded) {
         Ok(inner) if inner.contains("-----BEGIN") => parse_pem(&normalise(inner), source_name),
-        _ if decoded.first() == Some(&0x30) => SigningKey::from_der(&decoded, source_name),
+        _ if decoded.first() == Some(&0x30) => from_der(&decoded, source_name),
         _ => Err(KeyError::NotPem {
             source_name: source_name.to_string(),
         }),
@@ -166,7 +133,7 @@ fn normalise(text: &str) -> String {
         .to_string()
 }
 
-fn parse_pem(text: &str, source_name: &str) -> Result<SigningKey, KeyError> {
+fn parse_pem(text: &str, source_name: &str) -> Result<MemoryKey, KeyError> {
     let blocks = pem::parse_many(text).map_err(|_| KeyError::NotPem {
         source_name: source_name.to_string(),
     })?;
@@ -222,7 +189,7 @@ fn parse_pem(text: &str, source_name: &str) -> Result<SigningKey, KeyError> {
     }
 }
 
-fn from_pkcs8(info: pkcs8::PrivateKeyInfo<'_>, source_name: &str) -> Result<SigningKey, KeyError> {
+fn from_pkcs8(info: pkcs8::PrivateKeyInfo<'_>, source_name: &str) -> Result<MemoryKey, KeyError> {
     let oid = info.algorithm.oid.to_string();
     match oid.as_str() {
         OID_EC_PUBLIC_KEY => {}
@@ -247,7 +214,7 @@ fn from_pkcs8(info: pkcs8::PrivateKeyInfo<'_>, source_name: &str) -> Result<Sign
     from_sec1(ec, source_name)
 }
 
-fn from_sec1(ec: sec1::EcPrivateKey<'_>, source_name: &str) -> Result<SigningKey, KeyError> {
+fn from_sec1(ec: sec1::EcPrivateKey<'_>, source_name: &str) -> Result<MemoryKey, KeyError> {
     if let Some(params) = &ec.parameters {
         let curve = params.named_curve().map(|o| o.to_string());
         check_curve(curve.as_deref(), source_name)?;
@@ -287,7 +254,7 @@ fn from_sec1(ec: sec1::EcPrivateKey<'_>, source_name: &str) -> Result<SigningKey
         &rng,
     )
     .map_err(|e| malformed(&format!("rejected by the signer ({e})")))?;
-    Ok(SigningKey { pair, rng })
+    Ok(MemoryKey::new(pair, rng))
 }
 
 fn check_curve(curve_oid: Option<&str>, source_name: &str) -> Result<(), KeyError> {
@@ -343,6 +310,7 @@ fn permission_warning(_path: &std::path::Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::Signer as _;
     use ring::signature::{EcdsaKeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
 
     fn pkcs8_p256() -> Vec<u8> {
@@ -429,7 +397,7 @@ mod tests {
         let key = parse(&pem_of("PRIVATE KEY", &der), "t").unwrap();
         let shown = format!("{key:?}");
         assert!(!shown.contains(&crate::hex(&der[36..68])));
-        assert!(shown.starts_with("SigningKey"));
+        assert!(shown.starts_with("MemoryKey"));
         let src = KeySource::Inline(pem_of("PRIVATE KEY", &der));
         assert!(!format!("{src:?}").contains("BEGIN"));
     }

@@ -14,13 +14,17 @@
 //! - `iat` is Apple's "now" (our clock corrected by the offset learned from Apple's `Date`
 //!   header) minus a leeway; `exp - iat` is the key's lifetime, never above Apple's cap.
 
+mod cache;
+mod clock;
+mod file_name;
 pub mod key;
+mod scope;
+pub mod signer;
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -29,7 +33,13 @@ use serde::Serialize;
 use crate::apple::{self, Api, KeyKind, TokenFamily};
 use crate::config::{Config, KeyConfig};
 
-pub use key::{KeyError, SigningKey};
+pub use clock::{unix_secs, AppleClock};
+pub use file_name::{file_name_hints, key_file_name};
+pub use key::KeyError;
+pub use scope::scope_entry;
+pub use signer::{SignError, Signer};
+
+use cache::{Cache, CacheKey};
 
 /// A token is re-minted when less than this remains before `exp` (APPLE.md §5: "refresh
 /// when under 60 s remain").
@@ -132,57 +142,19 @@ pub enum MintError {
     WrongApi { key: String, api: Api },
     #[error("key `{0}` has no bundle id for a storekit token")]
     NoBundleId(String),
-    #[error("signing failed")]
-    Sign,
-}
-
-/// Apple's clock, as learned from the `Date` header of its responses.
-///
-/// Apple rejects an `iat` in its future, so a proxy host whose clock runs fast would be
-/// locked out; the offset corrects for that. `Date` has one-second resolution, so the offset
-/// is good to about a second — well inside the `iat` leeway.
-#[derive(Debug, Default)]
-pub struct AppleClock {
-    offset_secs: AtomicI64,
-    observed: AtomicBool,
-}
-
-impl AppleClock {
-    /// Seconds to add to the local clock to get Apple's.
-    pub fn offset_secs(&self) -> i64 {
-        self.offset_secs.load(Ordering::Relaxed)
-    }
-
-    /// Whether any Apple `Date` has been seen yet.
-    pub fn observed(&self) -> bool {
-        self.observed.load(Ordering::Relaxed)
-    }
-
-    /// Records Apple's `Date` against the local time the response head arrived.
-    /// Returns the measured offset.
-    pub fn observe(&self, apple: SystemTime, local: SystemTime) -> i64 {
-        let offset = unix_secs(apple) - unix_secs(local);
-        self.offset_secs.store(offset, Ordering::Relaxed);
-        self.observed.store(true, Ordering::Relaxed);
-        offset
-    }
-
-    /// Apple's "now", in UNIX seconds.
-    pub fn apple_now(&self, local: SystemTime) -> i64 {
-        unix_secs(local) + self.offset_secs()
-    }
-}
-
-pub fn unix_secs(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    }
+    #[error("cannot encode the token")]
+    Encode,
+    #[error("key `{key}`")]
+    Sign {
+        key: String,
+        #[source]
+        source: SignError,
+    },
 }
 
 struct LoadedKey {
     config: KeyConfig,
-    signer: SigningKey,
+    signer: Box<dyn Signer>,
     /// base64url of the JOSE header, fixed per key.
     header_b64: String,
     /// The key's name, Apple key id and (team and in-app purchase keys) issuer, shared by
@@ -255,7 +227,10 @@ impl Minter {
             })?;
             warnings.extend(loaded.warnings);
             warnings.extend(file_name_hints(kc));
-            keys.insert(kc.name.clone(), Minter::prepare(kc.clone(), loaded.key));
+            keys.insert(
+                kc.name.clone(),
+                Minter::prepare(kc.clone(), Box::new(loaded.key)),
+            );
         }
         let minter = Minter {
             keys,
@@ -269,7 +244,7 @@ impl Minter {
         Ok((minter, warnings))
     }
 
-    fn prepare(config: KeyConfig, signer: SigningKey) -> LoadedKey {
+    fn prepare(config: KeyConfig, signer: Box<dyn Signer>) -> LoadedKey {
         let header = serde_json::json!({"alg": "ES256", "kid": config.key_id, "typ": "JWT"});
         let header_b64 = URL_SAFE_NO_PAD.encode(header.to_string());
         LoadedKey {
@@ -438,7 +413,7 @@ impl Minter {
 
     fn sign(&self, key: &LoadedKey, claims: Claims, clock_offset: i64) -> Result<Token, MintError> {
         let mut payload = Vec::with_capacity(256);
-        serde_json::to_writer(&mut payload, &claims).map_err(|_| MintError::Sign)?;
+        serde_json::to_writer(&mut payload, &claims).map_err(|_| MintError::Encode)?;
         // `Bearer ` + header.payload.signature, built in place: the header value is the
         // token's only copy of the JWT.
         let mut value = String::with_capacity(
@@ -451,12 +426,15 @@ impl Minter {
         let signature = key
             .signer
             .sign(&value.as_bytes()[BEARER.len()..])
-            .map_err(|_| MintError::Sign)?;
+            .map_err(|source| MintError::Sign {
+                key: key.config.name.clone(),
+                source,
+            })?;
         value.push('.');
         URL_SAFE_NO_PAD.encode_string(signature, &mut value);
         let fingerprint = crate::sha256(&value.as_bytes()[BEARER.len()..]);
         let mut authorization = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
-            .map_err(|_| MintError::Sign)?;
+            .map_err(|_| MintError::Encode)?;
         authorization.set_sensitive(true);
         Ok(Token {
             authorization,
@@ -469,238 +447,13 @@ impl Minter {
     }
 }
 
-/// `"GET /v1/apps?filter[platform]=IOS"` from the forwarded method, path and raw query.
-///
-/// - Query parameters Apple ignores when matching (`limit`, `cursor`, `sort`) are left out.
-/// - The remaining parameters keep the client's order and bytes, except that percent-encoded
-///   brackets (`%5B`/`%5D`) are written as literal `[`/`]`, the form of Apple's documented
-///   example (`filter[platform]=IOS`). How Apple matches encoded brackets is UNCONFIRMED
-///   (APPLE.md §2); this one form is what the proxy uses and what diagnoses name.
-pub fn scope_entry(method: &str, path: &str, query: Option<&str>) -> String {
-    let mut entry =
-        String::with_capacity(method.len() + 1 + path.len() + query.map_or(0, str::len) + 1);
-    push_scope_entry(&mut entry, method, path, query);
-    entry
-}
-
-/// [`scope_entry`], appended to `entry`.
-fn push_scope_entry(entry: &mut String, method: &str, path: &str, query: Option<&str>) {
-    entry.push_str(method);
-    entry.push(' ');
-    entry.push_str(path);
-    let mut first = true;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let name = pair.split('=').next().unwrap_or("");
-        if apple::SCOPE_IGNORED_PARAMS.contains(&name) {
-            continue;
-        }
-        entry.push(if first { '?' } else { '&' });
-        first = false;
-        push_literal_brackets(entry, pair);
-    }
-}
-
-fn push_literal_brackets(out: &mut String, s: &str) {
-    let mut rest = s;
-    while let Some(i) = rest.find('%') {
-        out.push_str(&rest[..i]);
-        let code = rest.get(i + 1..i + 3);
-        match code.map(str::to_ascii_uppercase).as_deref() {
-            Some("5B") => out.push('['),
-            Some("5D") => out.push(']'),
-            _ => {
-                out.push('%');
-                rest = &rest[i + 1..];
-                continue;
-            }
-        }
-        rest = &rest[i + 3..];
-    }
-    out.push_str(rest);
-}
-
-/// What the key file's name says, as Apple names its downloads: `AuthKey_<ID>.p8` (an App
-/// Store Connect key, returned as [`KeyKind::Team`]) or `SubscriptionKey_<ID>.p8` (an
-/// in-app purchase key), with the id. `None` for other names and non-file sources.
-pub fn key_file_name(kc: &KeyConfig) -> Option<(KeyKind, &str)> {
-    let crate::config::KeySource::File(path) = &kc.source else {
-        return None;
-    };
-    let stem = path.file_stem()?.to_str()?;
-    stem.strip_prefix("AuthKey_")
-        .map(|id| (KeyKind::Team, id))
-        .or_else(|| {
-            stem.strip_prefix("SubscriptionKey_")
-                .map(|id| (KeyKind::InAppPurchase, id))
-        })
-}
-
-/// Warnings `check` prints when the key file's name disagrees with the config
-/// (`AuthKey_<ID>.p8` for App Store Connect keys, `SubscriptionKey_<ID>.p8` for in-app
-/// purchase keys). Apple's file name is a hint only; the key id and Apple's answer rule.
-pub fn file_name_hints(kc: &KeyConfig) -> Vec<String> {
-    let mut hints = Vec::new();
-    if let Some((named_kind, id)) = key_file_name(kc) {
-        let named_iap = named_kind == KeyKind::InAppPurchase;
-        if named_iap != (kc.kind == KeyKind::InAppPurchase) {
-            let kinds = if named_iap {
-                "in-app-purchase"
-            } else {
-                "team or individual"
-            };
-            let file = match &kc.source {
-                crate::config::KeySource::File(path) => path.display().to_string(),
-                _ => String::new(),
-            };
-            hints.push(format!(
-                "key `{}`: file {file} looks like a {kinds} key but kind = \"{}\"; Apple rejects a key used for the wrong API family",
-                kc.name,
-                kc.kind.id()
-            ));
-        }
-        if id != kc.key_id {
-            hints.push(format!(
-                "key `{}`: file name says key id {id} but key_id = \"{}\"; a kid that doesn't match the signing key gets 401",
-                kc.name, kc.key_id
-            ));
-        }
-    }
-    if !apple::is_plausible_key_id(&kc.key_id) {
-        hints.push(format!(
-            "key `{}`: key_id \"{}\" is not 10 upper-case letters/digits like Apple's",
-            kc.name, kc.key_id
-        ));
-    }
-    if let Some(iss) = &kc.issuer_id {
-        if !apple::is_plausible_issuer_id(iss) {
-            hints.push(format!(
-                "key `{}`: issuer_id \"{iss}\" is not a UUID like Apple's",
-                kc.name
-            ));
-        }
-    }
-    hints
-}
-
-// ---------------------------------------------------------------------------------------
-// The cache: sharded maps behind short-lived locks.
-
-/// What tells cached tokens apart — key, scope entry, bundle id, and whether an App Store
-/// Connect token is unscoped — as one string, the scope entry kept addressable inside it.
-struct CacheKey {
-    text: String,
-    /// Where the scope entry is in `text`, when the request is scoped.
-    scope: Option<std::ops::Range<usize>>,
-}
-
-impl CacheKey {
-    fn new(req: &Request<'_>, scoped: bool, bid: Option<&str>) -> CacheKey {
-        let scope_len = if scoped {
-            req.method.len() + req.path.len() + req.query.map_or(0, str::len) + 2
-        } else {
-            0
-        };
-        let bid = bid.unwrap_or("");
-        let mut text = String::with_capacity(req.key.len() + scope_len + bid.len() + 5);
-        text.push_str(req.key);
-        text.push('\u{0}');
-        let scope = scoped.then(|| {
-            let start = text.len();
-            push_scope_entry(&mut text, req.method, req.path, req.query);
-            start..text.len()
-        });
-        text.push('\u{0}');
-        text.push_str(bid);
-        text.push('\u{0}');
-        // An unscoped App Store Connect token has a shorter life than a scoped one.
-        let unscoped_connect = req.api.token_family() == TokenFamily::Connect && !scoped;
-        text.push(if unscoped_connect { '1' } else { '0' });
-        CacheKey { text, scope }
-    }
-
-    fn scope(&self) -> Option<&str> {
-        self.scope.clone().and_then(|r| self.text.get(r))
-    }
-}
-
-const SHARDS: usize = 16;
-
-struct Cache {
-    shards: Vec<Mutex<HashMap<String, Arc<Token>>>>,
-    per_shard: usize,
-    hasher: std::collections::hash_map::RandomState,
-}
-
-impl Cache {
-    fn new(capacity: usize) -> Cache {
-        Cache {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            per_shard: capacity.div_ceil(SHARDS).max(1),
-            hasher: Default::default(),
-        }
-    }
-
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Arc<Token>>> {
-        // Truncation is the point: any bits pick a shard.
-        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
-    }
-
-    fn usable(token: &Token, apple_now: i64, offset: i64) -> bool {
-        token.claims.exp - apple_now >= REFRESH_MARGIN.as_secs() as i64
-            && (token.clock_offset - offset).abs() < OFFSET_TOLERANCE_SECS
-    }
-
-    fn get(&self, key: &str, apple_now: i64, offset: i64) -> Option<Arc<Token>> {
-        let shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
-        shard
-            .get(key)
-            .filter(|t| Cache::usable(t, apple_now, offset))
-            .cloned()
-    }
-
-    fn insert(&self, k: String, token: Arc<Token>, apple_now: i64) {
-        let mut shard = self.shard(&k).lock().unwrap_or_else(|p| p.into_inner());
-        if shard.len() >= self.per_shard && !shard.contains_key(&k) {
-            // Drop every token too close to expiry to be served; if the live ones still fill
-            // the shard, drop an arbitrary eighth of them too (HashMap order is random): the
-            // bound kept without an LRU's per-hit bookkeeping, nothing copied or re-hashed.
-            let live = shard
-                .values()
-                .filter(|t| t.claims.exp - apple_now >= REFRESH_MARGIN.as_secs() as i64)
-                .count();
-            let mut surplus = if live >= self.per_shard {
-                self.per_shard.div_ceil(8)
-            } else {
-                0
-            };
-            shard.retain(|_, t| {
-                if t.claims.exp - apple_now < REFRESH_MARGIN.as_secs() as i64 {
-                    false
-                } else if surplus > 0 {
-                    surplus -= 1;
-                    false
-                } else {
-                    true
-                }
-            });
-        }
-        shard.insert(k, token);
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
-            .sum()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::KeySource;
+    use cache::SHARDS;
     use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+    use std::time::UNIX_EPOCH;
 
     const ISS: &str = "57246542-96fe-1a63-e053-0824d011072a";
 
