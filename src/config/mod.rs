@@ -1,0 +1,526 @@
+//! `proxy.toml` → `raw` (serde, unknown fields rejected) → `validate` → [`Config`], the
+//! validated settings the runtime is built from.
+//!
+//! Owns the configuration's shape, its defaults and every rule that can be checked without
+//! I/O beyond reading the file itself. Every error names the file, the field and a fix, so an
+//! operator can act on `apple-api-proxy check` output without reading code. Loading key
+//! material is `token::key`'s job; this module only records where each key comes from.
+//!
+//! Relative paths in the file (`private_key_file`, `ca_file`, …) are resolved against the
+//! directory holding the config file, so `--config /etc/aap/proxy.toml` finds
+//! `keys/AuthKey_X.p8` next to it whatever the working directory.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use serde::Deserialize;
+
+use crate::apple::{self, Api, KeyKind};
+
+mod raw;
+mod validate;
+
+use raw::RawConfig;
+use validate::Validator;
+
+/// A configuration problem: where it is and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the config file: {error} (fix: check the path given to --config and its permissions)")]
+    Read { file: String, error: std::io::Error },
+    #[error("{file}: {message}(fix: correct or remove the field; proxy.toml in the repository documents every field)")]
+    Syntax { file: String, message: String },
+    #[error("{file}: field `{field}`: {problem} (fix: {fix})")]
+    Invalid {
+        file: String,
+        field: String,
+        problem: String,
+        fix: String,
+    },
+}
+
+/// Where a key's PEM comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum KeySource {
+    File(PathBuf),
+    Env(String),
+    /// Key material handed over in memory (the `demo` command and tests); never from TOML.
+    Inline(String),
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::File(p) => write!(f, "File({})", p.display()),
+            KeySource::Env(v) => write!(f, "Env({v})"),
+            KeySource::Inline(_) => f.write_str("Inline(<redacted>)"),
+        }
+    }
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::File(p) => write!(f, "file {}", p.display()),
+            KeySource::Env(v) => write!(f, "environment variable {v}"),
+            KeySource::Inline(_) => f.write_str("in-memory key"),
+        }
+    }
+}
+
+/// What to do when an audit record cannot be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnAuditFailure {
+    Reject,
+    Serve,
+}
+
+/// The validated configuration. Built only by [`Config::parse`] / [`Config::load`] or by code
+/// (demo, tests) that fills every field itself.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from, for messages (`<built-in>` for the demo).
+    pub source: String,
+    pub server: Server,
+    pub audit: Audit,
+    pub upstream: Upstream,
+    pub tokens: Tokens,
+    pub apis: BTreeMap<Api, ApiSettings>,
+    pub keys: Vec<KeyConfig>,
+    pub clients: Vec<ClientConfig>,
+    pub log: Log,
+}
+
+/// Operational logs (`tracing`). The `--log-format` flag and `RUST_LOG` override these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Log {
+    /// `"text"` or `"json"`.
+    pub format: String,
+    /// A `RUST_LOG`-style filter, e.g. `"info"` or `"info,apple_api_proxy=debug"`.
+    pub filter: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub allow_anonymous: bool,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub client_ca_file: Option<PathBuf>,
+    pub max_request_body: u64,
+    pub max_concurrent_requests: usize,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// How long a client may take to send a request's header block (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// How long a body may go without data, in either direction, before it is cut off.
+    pub body_idle_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Audit {
+    /// `None` = stdout (`path = "-"`).
+    pub path: Option<PathBuf>,
+    pub on_failure: OnAuditFailure,
+    pub fsync: Fsync,
+}
+
+/// When the audit log is forced to disk. Every record is written (flushed to the OS) at once
+/// whatever this says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    /// After every record: nothing acknowledged is lost in a power cut; slowest.
+    Always,
+    /// At most this long after a record (default 1 s).
+    Interval(Duration),
+    /// Leave it to the OS.
+    Off,
+}
+
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// Extra trust anchors (PEM), added to the host's roots.
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub egress_proxy: Option<String>,
+}
+
+/// Token minting policy common to all keys.
+#[derive(Clone, Debug)]
+pub struct Tokens {
+    /// How far `iat` is back-dated (counted inside the lifetime). Apple rejects an `iat` in
+    /// its future; fastlane uses 60 s. [APPLE.md §5]
+    pub iat_leeway: Duration,
+    /// Methods whose App Store Connect tokens carry a `scope`. Apple documents only GET.
+    pub scope_methods: Vec<String>,
+    /// Lifetime of unscoped App Store Connect tokens (non-GET requests), capped by the key's.
+    pub unscoped_lifetime: Duration,
+    /// How many tokens the cache holds at most.
+    pub cache_capacity: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct ApiSettings {
+    pub base_url: Option<Uri>,
+    pub sandbox_base_url: Option<Uri>,
+    pub sandbox_fallback: bool,
+    /// Enforce Apple's documented per-endpoint limits locally (storekit APIs).
+    pub enforce_apple_limits: bool,
+    /// This replica's part of each limit (e.g. 0.5 with two replicas).
+    pub apple_limit_fraction: f64,
+}
+
+impl Default for ApiSettings {
+    fn default() -> ApiSettings {
+        ApiSettings {
+            base_url: None,
+            sandbox_base_url: None,
+            sandbox_fallback: false,
+            enforce_apple_limits: false,
+            apple_limit_fraction: 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyConfig {
+    pub name: String,
+    pub kind: KeyKind,
+    pub key_id: String,
+    pub issuer_id: Option<String>,
+    pub bundle_id: Option<String>,
+    pub source: KeySource,
+    pub apis: Vec<Api>,
+    /// Already capped at the kind's Apple maximum.
+    pub token_lifetime: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub name: String,
+    pub secret_sha256: Option<[u8; 32]>,
+    pub tls_subject: Option<String>,
+    pub allow: Vec<String>,
+    pub key: Option<String>,
+    pub bundle_id: Option<String>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `"20/s"`: at most `count` requests per `per`, with bursts up to `count`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl RateLimit {
+    /// `"20/s"`, `"100/m"`, `"1000/h"`, `"5/10s"`.
+    pub fn parse(s: &str) -> Option<RateLimit> {
+        let (count, per) = s.trim().split_once('/')?;
+        let count: u32 = count.trim().parse().ok().filter(|c| *c > 0)?;
+        let per = match per.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => parse_duration(other).filter(|d| !d.is_zero())?,
+        };
+        Some(RateLimit { count, per })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Defaults (also documented in proxy.toml).
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 10 * 1024 * 1024;
+pub const DEFAULT_MAX_CONCURRENT: usize = 1024;
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(5 * 60);
+pub const DEFAULT_IAT_LEEWAY: Duration = Duration::from_secs(60);
+pub const DEFAULT_UNSCOPED_LIFETIME: Duration = Duration::from_secs(3 * 60);
+pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+/// A token is re-minted when less than this remains; it must also outlive the request.
+pub const MIN_USEFUL_LIFETIME: Duration = Duration::from_secs(90);
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            file: file.clone(),
+            error,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, &file, base)
+    }
+
+    /// Parses and validates TOML text; `file` names it in errors, `base_dir` anchors relative
+    /// paths.
+    pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_string(),
+            message: e.to_string(),
+        })?;
+        Validator { file, base_dir }.validate(raw)
+    }
+
+    /// Settings for `api` (all defaults when the file has no `[apis.<id>]` table).
+    pub fn api(&self, api: Api) -> ApiSettings {
+        self.apis.get(&api).cloned().unwrap_or_default()
+    }
+
+    pub fn key(&self, name: &str) -> Option<&KeyConfig> {
+        self.keys.iter().find(|k| k.name == name)
+    }
+
+    /// The key that signs for `api` when the client pins none: the first listed for it.
+    pub fn default_key_for(&self, api: Api) -> Option<&KeyConfig> {
+        self.keys.iter().find(|k| k.apis.contains(&api))
+    }
+}
+
+/// Apple's lifetime cap for the family a key kind signs for.
+pub fn kind_max_lifetime(kind: KeyKind) -> Duration {
+    match kind {
+        KeyKind::InAppPurchase => apple::STOREKIT_MAX_LIFETIME,
+        KeyKind::Team | KeyKind::Individual => apple::CONNECT_MAX_LIFETIME,
+    }
+}
+
+/// `"30s"`, `"5m"`, `"1h 30m"`, `"250ms"`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    humantime::parse_duration(s.trim()).ok()
+}
+
+/// `"10MiB"`, `"512 KiB"`, `"1GB"`, `"1000"` → bytes. Binary (KiB) and decimal (KB) units.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Expands `${NAME}` from the environment; `Err(NAME)` when one is unset.
+pub(super) fn expand_env(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let name = &after[..end];
+        out.push_str(&std::env::var(name).map_err(|_| name.to_string())?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+pub(super) fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ISS: &str = "57246542-96fe-1a63-e053-0824d011072a";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", Path::new("/etc/aap"))
+    }
+
+    fn key_block(extra: &str) -> String {
+        format!(
+            "[[keys]]\nname = \"connect\"\nkind = \"team\"\nkey_id = \"2X9R4HXF34\"\nissuer_id = \"{ISS}\"\nprivate_key_file = \"keys/AuthKey_2X9R4HXF34.p8\"\napis = [\"app-store-connect\"]\n{extra}"
+        )
+    }
+
+    #[test]
+    fn empty_file_gets_the_documented_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.server.max_request_body, 10 * 1024 * 1024);
+        assert!(!c.server.allow_anonymous);
+        assert_eq!(
+            c.audit.path.as_deref(),
+            Some(Path::new("/etc/aap/audit.jsonl"))
+        );
+        assert_eq!(c.tokens.iat_leeway, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_that_name_the_file_and_field() {
+        let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:"), "{err}");
+        assert!(err.contains("lisen"), "{err}");
+        assert!(err.contains("fix:"), "{err}");
+        let err = parse("[apis.app-store-conect]\n").unwrap_err().to_string();
+        assert!(err.contains("app-store-conect"), "{err}");
+    }
+
+    #[test]
+    fn relative_key_paths_resolve_against_the_config_directory() {
+        let c = parse(&key_block("")).unwrap();
+        assert_eq!(
+            c.keys[0].source,
+            KeySource::File(PathBuf::from("/etc/aap/keys/AuthKey_2X9R4HXF34.p8"))
+        );
+    }
+
+    #[test]
+    fn paths_expand_environment_variables_such_as_systemds_credentials_directory() {
+        std::env::set_var(
+            "AAP_TEST_CREDS_DIR",
+            "/run/credentials/apple-api-proxy.service",
+        );
+        let text = key_block("").replace(
+            "keys/AuthKey_2X9R4HXF34.p8",
+            "${AAP_TEST_CREDS_DIR}/AuthKey_2X9R4HXF34.p8",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(
+            c.keys[0].source,
+            KeySource::File(PathBuf::from(
+                "/run/credentials/apple-api-proxy.service/AuthKey_2X9R4HXF34.p8"
+            ))
+        );
+        let err = parse(&key_block("").replace("keys/", "${AAP_TEST_SURELY_UNSET}/"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("keys[0].private_key_file") && err.contains("AAP_TEST_SURELY_UNSET"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lifetimes_are_capped_at_apples_maximum_whatever_the_config_says() {
+        let c = parse(&key_block("token_lifetime = \"2h\"")).unwrap();
+        assert_eq!(c.keys[0].token_lifetime, apple::CONNECT_MAX_LIFETIME);
+    }
+
+    #[test]
+    fn field_errors_name_the_field_and_a_fix() {
+        let cases = [
+            (
+                key_block("token_lifetime = \"soon\""),
+                "keys[0].token_lifetime",
+            ),
+            (
+                key_block("").replace("\"team\"", "\"teem\""),
+                "keys[0].kind",
+            ),
+            (
+                key_block("").replace("app-store-connect", "app-store-server"),
+                "keys[0].apis",
+            ),
+            (
+                key_block("").replace(&format!("issuer_id = \"{ISS}\"\n"), ""),
+                "keys[0].issuer_id",
+            ),
+            (
+                "[server]\nlisten = \"localhost\"\n".to_string(),
+                "server.listen",
+            ),
+            (
+                "[server]\nmax_request_body = \"ten\"\n".to_string(),
+                "server.max_request_body",
+            ),
+            (
+                "[apis.app-store-connect]\nbase_url = \"http://x\"\n".to_string(),
+                "apis.app-store-connect.base_url",
+            ),
+            (
+                "[apis.notary]\nsandbox_fallback = true\n".to_string(),
+                "apis.notary.sandbox_fallback",
+            ),
+            (
+                format!("{}{}", key_block(""), key_block("")),
+                "keys[1].name",
+            ),
+            (
+                "[[clients]]\nname = \"ci\"\nallow = [\"GET /v1/*\"]\n".to_string(),
+                "clients[0].secret_sha256",
+            ),
+            (
+                format!(
+                    "[[clients]]\nname = \"ci\"\nsecret_sha256 = \"{}\"\nrate_limit = \"fast\"\n",
+                    "ab".repeat(32)
+                ),
+                "clients[0].rate_limit",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(&format!("field `{field}`")), "{field}: {err}");
+            assert!(err.contains("fix:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn rate_limits_parse() {
+        let r = |count, secs| {
+            Some(RateLimit {
+                count,
+                per: Duration::from_secs(secs),
+            })
+        };
+        assert_eq!(RateLimit::parse("20/s"), r(20, 1));
+        assert_eq!(RateLimit::parse("600/m"), r(600, 60));
+        assert_eq!(RateLimit::parse("5/10s"), r(5, 10));
+        assert_eq!(RateLimit::parse("1000 / h"), r(1000, 3600));
+        for bad in ["", "20", "0/s", "x/s", "20/fortnight", "20/0s", "-1/s"] {
+            assert_eq!(RateLimit::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("10MiB"), Some(10 << 20));
+        assert_eq!(parse_size("512 KiB"), Some(512 << 10));
+        assert_eq!(parse_size("1GB"), Some(1_000_000_000));
+        assert_eq!(parse_size("77"), Some(77));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size("99999999999999GiB"), None);
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h 30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("soon"), None);
+    }
+}

@@ -1,0 +1,612 @@
+//! Raw → validated: every rule that can be checked without I/O beyond reading the file, each
+//! failure naming the file, the field and a fix.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+
+use crate::apple::{Api, KeyKind};
+
+use super::raw::*;
+use super::*;
+
+pub(super) struct Validator<'a> {
+    pub file: &'a str,
+    pub base_dir: &'a Path,
+}
+
+impl Validator<'_> {
+    fn invalid(
+        &self,
+        field: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            field: field.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// A path from the file: `${VAR}` expanded from the environment (e.g.
+    /// `${CREDENTIALS_DIRECTORY}/AuthKey_X.p8` under systemd's `LoadCredential=`), then
+    /// resolved against the config file's directory when relative.
+    fn path(&self, field: &str, p: &str) -> Result<PathBuf, ConfigError> {
+        let expanded = expand_env(p).map_err(|var| {
+            self.invalid(
+                field,
+                format!("`{p}` uses ${{{var}}}, which is not set"),
+                format!("set {var} in the proxy's environment (systemd sets CREDENTIALS_DIRECTORY for LoadCredential=), or write the path out"),
+            )
+        })?;
+        let p = Path::new(&expanded);
+        Ok(if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        })
+    }
+
+    fn addr(&self, field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+        value.parse().map_err(|_| {
+            self.invalid(
+                field,
+                format!("`{value}` is not an IP address with a port"),
+                "write it as \"127.0.0.1:8080\" or \"[::]:8080\"",
+            )
+        })
+    }
+
+    fn duration(
+        &self,
+        field: &str,
+        value: Option<&str>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) => parse_duration(v).ok_or_else(|| {
+                self.invalid(
+                    field,
+                    format!("`{v}` is not a duration"),
+                    "write a number with a unit, e.g. \"30s\", \"5m\", \"1h\"",
+                )
+            }),
+        }
+    }
+
+    fn base_url(&self, field: &str, value: &str) -> Result<Uri, ConfigError> {
+        let uri: Uri = value.parse().map_err(|_| {
+            self.invalid(
+                field,
+                format!("`{value}` is not a URL"),
+                "write it as \"https://host[:port]\"",
+            )
+        })?;
+        if uri.scheme_str() != Some("https") || uri.authority().is_none() {
+            return Err(self.invalid(
+                field,
+                format!("`{value}` is not an https:// URL"),
+                "Apple is only reached over TLS; write \"https://host[:port]\" (add the stand-in's CA with [upstream] ca_file)",
+            ));
+        }
+        if uri.query().is_some() {
+            return Err(self.invalid(
+                field,
+                "a base URL cannot carry a query",
+                "remove the `?…` part",
+            ));
+        }
+        Ok(uri)
+    }
+
+    pub fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let server = self.server(raw.server)?;
+        let audit = self.audit(raw.audit)?;
+        let upstream = self.upstream(raw.upstream)?;
+        let tokens = self.tokens(raw.tokens)?;
+        let apis = self.apis(raw.apis)?;
+        let mut keys = Vec::with_capacity(raw.keys.len());
+        let mut names = HashSet::new();
+        for (i, k) in raw.keys.into_iter().enumerate() {
+            let key = self.key(i, k, &tokens)?;
+            if !names.insert(key.name.clone()) {
+                return Err(self.invalid(
+                    format!("keys[{i}].name"),
+                    format!("a key named `{}` is already defined", key.name),
+                    "give every key a unique name",
+                ));
+            }
+            keys.push(key);
+        }
+
+        let mut clients = Vec::with_capacity(raw.clients.len());
+        let mut client_names = HashSet::new();
+        for (i, c) in raw.clients.into_iter().enumerate() {
+            let client = self.client(i, c, &keys)?;
+            if !client_names.insert(client.name.clone()) {
+                return Err(self.invalid(
+                    format!("clients[{i}].name"),
+                    format!("a client named `{}` is already defined", client.name),
+                    "give every client a unique name",
+                ));
+            }
+            clients.push(client);
+        }
+
+        if server.allow_anonymous && !clients.is_empty() {
+            return Err(self.invalid(
+                "server.allow_anonymous",
+                "anonymous access would let any caller bypass the [[clients]] allow rules",
+                "set allow_anonymous = false when clients are configured (anonymous is for local use without clients)",
+            ));
+        }
+        let log = Log {
+            format: match raw.log.format.as_deref() {
+                None | Some("text") => "text".to_string(),
+                Some("json") => "json".to_string(),
+                Some(other) => {
+                    return Err(self.invalid(
+                        "log.format",
+                        format!("unknown format `{other}`"),
+                        "use \"text\" or \"json\"",
+                    ))
+                }
+            },
+            filter: raw.log.filter.unwrap_or_else(|| "info".to_string()),
+        };
+        Ok(Config {
+            log,
+            source: self.file.to_string(),
+            server,
+            audit,
+            upstream,
+            tokens,
+            apis,
+            keys,
+            clients,
+        })
+    }
+
+    fn server(&self, s: RawServer) -> Result<Server, ConfigError> {
+        let server = Server {
+            listen: self.addr("server.listen", s.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?,
+            admin_listen: match s.admin_listen.as_deref() {
+                Some("") | Some("off") => None,
+                other => Some(self.addr("server.admin_listen", other.unwrap_or(DEFAULT_ADMIN_LISTEN))?),
+            },
+            allow_anonymous: s.allow_anonymous.unwrap_or(false),
+            tls_cert_file: s.tls_cert_file.as_deref().map(|p| self.path("server.tls_cert_file", p)).transpose()?,
+            tls_key_file: s.tls_key_file.as_deref().map(|p| self.path("server.tls_key_file", p)).transpose()?,
+            client_ca_file: s.client_ca_file.as_deref().map(|p| self.path("server.client_ca_file", p)).transpose()?,
+            max_request_body: match s.max_request_body.as_deref() {
+                None => DEFAULT_MAX_REQUEST_BODY,
+                Some(v) => parse_size(v).ok_or_else(|| {
+                    self.invalid(
+                        "server.max_request_body",
+                        format!("`{v}` is not a size"),
+                        "write bytes with an optional unit, e.g. \"10MiB\", \"512KiB\", \"1000000\"",
+                    )
+                })?,
+            },
+            max_concurrent_requests: s.max_concurrent_requests.unwrap_or(DEFAULT_MAX_CONCURRENT),
+            request_timeout: self.duration("server.request_timeout", s.request_timeout.as_deref(), DEFAULT_REQUEST_TIMEOUT)?,
+            shutdown_grace: self.duration("server.shutdown_grace", s.shutdown_grace.as_deref(), DEFAULT_SHUTDOWN_GRACE)?,
+            header_read_timeout: self.duration(
+                "server.header_read_timeout",
+                s.header_read_timeout.as_deref(),
+                DEFAULT_HEADER_READ_TIMEOUT,
+            )?,
+            body_idle_timeout: self.duration(
+                "server.body_idle_timeout",
+                s.body_idle_timeout.as_deref(),
+                DEFAULT_BODY_IDLE_TIMEOUT,
+            )?,
+        };
+        if server.tls_cert_file.is_some() != server.tls_key_file.is_some() {
+            return Err(self.invalid(
+                "server.tls_cert_file",
+                "tls_cert_file and tls_key_file must be set together",
+                "set both to serve HTTPS, or neither to serve plain HTTP",
+            ));
+        }
+        if server.client_ca_file.is_some() && server.tls_cert_file.is_none() {
+            return Err(self.invalid(
+                "server.client_ca_file",
+                "client certificates need inbound TLS",
+                "set tls_cert_file and tls_key_file too, or remove client_ca_file",
+            ));
+        }
+        if server.max_concurrent_requests == 0 {
+            return Err(self.invalid(
+                "server.max_concurrent_requests",
+                "must be at least 1",
+                "remove it for the default (1024)",
+            ));
+        }
+        Ok(server)
+    }
+
+    fn audit(&self, a: RawAudit) -> Result<Audit, ConfigError> {
+        let audit = Audit {
+            path: match a.path.as_deref() {
+                Some("-") => None,
+                Some(p) => Some(self.path("audit.path", p)?),
+                None => Some(self.path("audit.path", "audit.jsonl")?),
+            },
+            on_failure: a.on_failure.unwrap_or(OnAuditFailure::Reject),
+            fsync: match a.fsync.as_deref() {
+                None => Fsync::Interval(DEFAULT_FSYNC_INTERVAL),
+                Some("always") => Fsync::Always,
+                Some("off") => Fsync::Off,
+                Some(v) => Fsync::Interval(parse_duration(v).filter(|d| !d.is_zero()).ok_or_else(
+                    || {
+                        self.invalid(
+                        "audit.fsync",
+                        format!("`{v}` is neither \"always\", \"off\" nor an interval"),
+                        "write \"always\" (every record), an interval such as \"1s\", or \"off\"",
+                    )
+                    },
+                )?),
+            },
+        };
+        Ok(audit)
+    }
+
+    fn upstream(&self, u: RawUpstream) -> Result<Upstream, ConfigError> {
+        let upstream = Upstream {
+            ca_file: u
+                .ca_file
+                .as_deref()
+                .map(|p| self.path("upstream.ca_file", p))
+                .transpose()?,
+            connect_timeout: self.duration(
+                "upstream.connect_timeout",
+                u.connect_timeout.as_deref(),
+                DEFAULT_CONNECT_TIMEOUT,
+            )?,
+            egress_proxy: u.egress_proxy,
+        };
+        Ok(upstream)
+    }
+
+    fn tokens(&self, t: RawTokens) -> Result<Tokens, ConfigError> {
+        let tokens = Tokens {
+            iat_leeway: self.duration(
+                "tokens.iat_leeway",
+                t.iat_leeway.as_deref(),
+                DEFAULT_IAT_LEEWAY,
+            )?,
+            scope_methods: t
+                .scope_methods
+                .unwrap_or_else(|| vec!["GET".to_string()])
+                .into_iter()
+                .map(|m| m.to_ascii_uppercase())
+                .collect(),
+            unscoped_lifetime: self.duration(
+                "tokens.unscoped_lifetime",
+                t.unscoped_lifetime.as_deref(),
+                DEFAULT_UNSCOPED_LIFETIME,
+            )?,
+            cache_capacity: t.cache_capacity.unwrap_or(DEFAULT_CACHE_CAPACITY).max(1),
+        };
+        if tokens.iat_leeway > Duration::from_secs(5 * 60) {
+            return Err(self.invalid(
+                "tokens.iat_leeway",
+                "a back-dating of more than 5 minutes eats most of a token's life",
+                "use the default (60s) unless Apple's clock is far off; the proxy also learns Apple's clock from its Date header",
+            ));
+        }
+        if tokens.unscoped_lifetime < tokens.iat_leeway + MIN_USEFUL_LIFETIME {
+            return Err(self.invalid(
+                "tokens.unscoped_lifetime",
+                format!(
+                    "must exceed iat_leeway ({}) by at least {}",
+                    humantime::format_duration(tokens.iat_leeway),
+                    humantime::format_duration(MIN_USEFUL_LIFETIME)
+                ),
+                "raise it (default 3m) or lower tokens.iat_leeway",
+            ));
+        }
+        Ok(tokens)
+    }
+
+    fn apis(&self, a: RawApis) -> Result<BTreeMap<Api, ApiSettings>, ConfigError> {
+        let mut apis = BTreeMap::new();
+        for (api, settings) in [
+            (Api::AppStoreConnect, a.app_store_connect),
+            (Api::AppStoreServer, a.app_store_server),
+            (Api::AdvancedCommerce, a.advanced_commerce),
+            (Api::ExternalPurchase, a.external_purchase),
+            (Api::Notary, a.notary),
+        ] {
+            let Some(settings) = settings else { continue };
+            let prefix = format!("apis.{}", api.id());
+            if !api.has_sandbox() {
+                if settings.sandbox_base_url.is_some() {
+                    return Err(self.invalid(
+                        format!("{prefix}.sandbox_base_url"),
+                        format!("{} has no sandbox environment", api.id()),
+                        "remove the field",
+                    ));
+                }
+                if settings.enforce_apple_limits == Some(true) {
+                    return Err(self.invalid(
+                        format!("{prefix}.enforce_apple_limits"),
+                        format!("Apple documents per-endpoint limits only for the storekit APIs, not {}", api.id()),
+                        "remove the field",
+                    ));
+                }
+                if settings.sandbox_fallback == Some(true) {
+                    return Err(self.invalid(
+                        format!("{prefix}.sandbox_fallback"),
+                        format!("{} has no sandbox environment", api.id()),
+                        "remove the field",
+                    ));
+                }
+            }
+            apis.insert(
+                api,
+                ApiSettings {
+                    base_url: settings
+                        .base_url
+                        .as_deref()
+                        .map(|u| self.base_url(&format!("{prefix}.base_url"), u))
+                        .transpose()?,
+                    sandbox_base_url: settings
+                        .sandbox_base_url
+                        .as_deref()
+                        .map(|u| self.base_url(&format!("{prefix}.sandbox_base_url"), u))
+                        .transpose()?,
+                    sandbox_fallback: settings.sandbox_fallback.unwrap_or(false),
+                    enforce_apple_limits: settings.enforce_apple_limits.unwrap_or(false),
+                    apple_limit_fraction: match settings.apple_limit_fraction {
+                        None => 1.0,
+                        Some(f) if f > 0.0 && f <= 1.0 => f,
+                        Some(f) => return Err(self.invalid(
+                            format!("{prefix}.apple_limit_fraction"),
+                            format!("{f} is not in (0, 1]"),
+                            "set this replica's part of Apple's limits, e.g. 0.5 with two replicas",
+                        )),
+                    },
+                },
+            );
+        }
+        Ok(apis)
+    }
+
+    fn key(&self, i: usize, k: RawKey, tokens: &Tokens) -> Result<KeyConfig, ConfigError> {
+        let field = |name: &str| format!("keys[{i}].{name}");
+        if k.name.is_empty() {
+            return Err(self.invalid(field("name"), "is empty", "name the key, e.g. \"connect\""));
+        }
+        let kind = match k.kind.as_str() {
+            "team" => KeyKind::Team,
+            "individual" => KeyKind::Individual,
+            "in-app-purchase" => KeyKind::InAppPurchase,
+            other => {
+                return Err(self.invalid(
+                    field("kind"),
+                    format!("unknown key kind `{other}`"),
+                    "use \"team\" or \"individual\" (App Store Connect keys, AuthKey_….p8) or \"in-app-purchase\" (SubscriptionKey_….p8)",
+                ))
+            }
+        };
+        if k.key_id.is_empty() || !k.key_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(self.invalid(
+                field("key_id"),
+                format!("`{}` is not a key id", k.key_id),
+                "copy the Key ID from App Store Connect → Users and Access → Integrations (10 characters, e.g. 2X9R4HXF34)",
+            ));
+        }
+        match (kind, &k.issuer_id) {
+            (KeyKind::Individual, Some(_)) => {
+                return Err(self.invalid(
+                    field("issuer_id"),
+                    "individual keys don't use an issuer id (Apple expects `sub: \"user\"` instead)",
+                    "remove issuer_id, or set kind = \"team\" if this is a team key",
+                ))
+            }
+            (KeyKind::Team | KeyKind::InAppPurchase, None) => {
+                return Err(self.invalid(
+                    field("issuer_id"),
+                    format!("{} keys need the issuer id", kind.id()),
+                    "copy the Issuer ID (a UUID) from App Store Connect → Users and Access → Integrations",
+                ))
+            }
+            (_, Some(iss)) if iss.is_empty() => {
+                return Err(self.invalid(field("issuer_id"), "is empty", "copy the Issuer ID (a UUID) from App Store Connect"))
+            }
+            _ => {}
+        }
+        let source = match (&k.private_key_file, &k.private_key_env) {
+            (Some(p), None) => KeySource::File(self.path(&field("private_key_file"), p)?),
+            (None, Some(v)) if !v.is_empty() => KeySource::Env(v.clone()),
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    field("private_key_file"),
+                    "both private_key_file and private_key_env are set",
+                    "keep exactly one",
+                ))
+            }
+            _ => return Err(self.invalid(
+                field("private_key_file"),
+                "the key has no private key source",
+                "set private_key_file = \"keys/AuthKey_<ID>.p8\" or private_key_env = \"VAR_NAME\"",
+            )),
+        };
+        if k.apis.is_empty() {
+            return Err(self.invalid(
+                field("apis"),
+                "lists no API",
+                format!(
+                    "list the APIs this key signs for, e.g. apis = [\"{}\"]",
+                    default_api(kind).id()
+                ),
+            ));
+        }
+        let mut apis = Vec::with_capacity(k.apis.len());
+        for id in &k.apis {
+            let api = Api::from_id(id).ok_or_else(|| {
+                self.invalid(
+                    field("apis"),
+                    format!("unknown API `{id}`"),
+                    format!(
+                        "use some of: {}",
+                        Api::ALL
+                            .iter()
+                            .map(|a| a.id())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?;
+            if !kind.serves(api) {
+                return Err(self.invalid(
+                    field("apis"),
+                    format!("a {} key cannot sign for {} (Apple rejects it)", kind.id(), api.id()),
+                    match kind {
+                        KeyKind::InAppPurchase => "in-app-purchase keys serve app-store-server, advanced-commerce and external-purchase; use a team key for App Store Connect and notary".to_string(),
+                        KeyKind::Individual if api == Api::Notary => "notary needs a team key with the Developer role".to_string(),
+                        _ => "the storekit APIs need an In-App Purchase key (App Store Connect → Users and Access → Integrations → In-App Purchase)".to_string(),
+                    },
+                ));
+            }
+            if !apis.contains(&api) {
+                apis.push(api);
+            }
+        }
+        if kind == KeyKind::InAppPurchase && k.bundle_id.as_deref().unwrap_or("").is_empty() {
+            return Err(self.invalid(
+                field("bundle_id"),
+                "in-app-purchase keys need the app's bundle id (the token's `bid` claim)",
+                "set bundle_id = \"com.example.app\" (case-sensitive, as in App Store Connect)",
+            ));
+        }
+        let cap = kind_max_lifetime(kind);
+        let requested = self.duration(
+            &field("token_lifetime"),
+            k.token_lifetime.as_deref(),
+            DEFAULT_TOKEN_LIFETIME,
+        )?;
+        if requested < tokens.iat_leeway + MIN_USEFUL_LIFETIME {
+            return Err(self.invalid(
+                field("token_lifetime"),
+                format!(
+                    "{} leaves too little after the {} iat back-dating",
+                    humantime::format_duration(requested),
+                    humantime::format_duration(tokens.iat_leeway)
+                ),
+                "use at least 3m; the default is 5m",
+            ));
+        }
+        if requested > cap {
+            tracing::warn!(
+                file = self.file,
+                key = %k.name,
+                requested = %humantime::format_duration(requested),
+                cap = %humantime::format_duration(cap),
+                "token_lifetime exceeds Apple's maximum for this key kind; capping it"
+            );
+        }
+        Ok(KeyConfig {
+            name: k.name,
+            kind,
+            key_id: k.key_id,
+            issuer_id: k.issuer_id,
+            bundle_id: k.bundle_id.filter(|b| !b.is_empty()),
+            source,
+            apis,
+            token_lifetime: requested.min(cap),
+        })
+    }
+
+    fn client(
+        &self,
+        i: usize,
+        c: RawClient,
+        keys: &[KeyConfig],
+    ) -> Result<ClientConfig, ConfigError> {
+        let field = |name: &str| format!("clients[{i}].{name}");
+        if c.name.is_empty() {
+            return Err(self.invalid(field("name"), "is empty", "name the client, e.g. \"ci\""));
+        }
+        let secret_sha256 = c
+            .secret_sha256
+            .as_deref()
+            .map(|hex| {
+                parse_sha256_hex(hex).ok_or_else(|| {
+                    self.invalid(
+                        field("secret_sha256"),
+                        "is not 64 hex digits",
+                        format!(
+                            "paste the line printed by `apple-api-proxy client-secret {}`",
+                            c.name
+                        ),
+                    )
+                })
+            })
+            .transpose()?;
+        if secret_sha256.is_none() && c.tls_subject.is_none() {
+            return Err(self.invalid(
+                field("secret_sha256"),
+                "the client has no way to authenticate",
+                format!("run `apple-api-proxy client-secret {}` and paste its secret_sha256 line, or set tls_subject", c.name),
+            ));
+        }
+        for (j, rule) in c.allow.iter().enumerate() {
+            let mut parts = rule.split_whitespace();
+            let ok = matches!((parts.next(), parts.next(), parts.next()), (Some(m), Some(p), None)
+                if (m == "*" || m.bytes().all(|b| b.is_ascii_uppercase())) && p.starts_with('/'));
+            if !ok {
+                return Err(self.invalid(
+                    format!("clients[{i}].allow[{j}]"),
+                    format!("`{rule}` is not `METHOD /path-glob`"),
+                    "write e.g. \"GET /v1/apps*\" or \"* /inApps/*\"",
+                ));
+            }
+        }
+        if let Some(key) = &c.key {
+            if !keys.iter().any(|k| &k.name == key) {
+                return Err(self.invalid(
+                    field("key"),
+                    format!("no key named `{key}`"),
+                    "use the name of a [[keys]] entry",
+                ));
+            }
+        }
+        Ok(ClientConfig {
+            name: c.name,
+            secret_sha256,
+            tls_subject: c.tls_subject,
+            allow: c.allow,
+            key: c.key,
+            bundle_id: c.bundle_id,
+            rate_limit: c
+                .rate_limit
+                .as_deref()
+                .map(|r| {
+                    RateLimit::parse(r).ok_or_else(|| {
+                        self.invalid(
+                            field("rate_limit"),
+                            format!("`{r}` is not a rate"),
+                            "write requests per period, e.g. \"20/s\", \"600/m\", \"5/10s\"",
+                        )
+                    })
+                })
+                .transpose()?,
+        })
+    }
+}
+
+fn default_api(kind: KeyKind) -> Api {
+    match kind {
+        KeyKind::InAppPurchase => Api::AppStoreServer,
+        _ => Api::AppStoreConnect,
+    }
+}
