@@ -1,0 +1,123 @@
+//! The record: one request as the security team reads it (each field documented here and in
+//! the README), and the line it becomes — the record spliced between the chain's `version`
+//! and `seq` and its `prev_sha256`.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::VERSION;
+
+/// What happened to a request, for the reviewer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Sent to Apple (whatever Apple answered).
+    Forwarded,
+    /// Refused by policy, limits or input checks.
+    Denied,
+    /// No valid client credential.
+    Unauthenticated,
+    /// No API under the path (or no key for it).
+    NoRoute,
+    /// The proxy or Apple failed (unreachable, timeout, internal).
+    Error,
+}
+
+impl Decision {
+    /// The record's (and the metrics label's) spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Forwarded => "forwarded",
+            Decision::Denied => "denied",
+            Decision::Unauthenticated => "unauthenticated",
+            Decision::NoRoute => "no_route",
+            Decision::Error => "error",
+        }
+    }
+}
+
+/// One request, as the security team reads it. Field order is the line's order.
+#[derive(Clone, Debug, Serialize)]
+pub struct Record {
+    /// RFC 3339 UTC with milliseconds, when the response ended.
+    pub time: String,
+    pub request_id: String,
+    /// The client's configured name; `null` when unauthenticated.
+    pub client: Option<Arc<str>>,
+    /// `secret`, `mtls`, `anonymous`, or `none`.
+    pub client_auth: &'static str,
+    pub client_addr: Arc<str>,
+    pub method: Cow<'static, str>,
+    /// The path as the client sent it, secret-looking segments redacted.
+    pub path: String,
+    /// The raw query without `?`, secret-looking values redacted; `null` when absent.
+    pub query: Option<String>,
+    pub api: Option<&'static str>,
+    pub environment: Option<&'static str>,
+    /// The configured key name that signed, and its Apple key id.
+    pub key: Option<Arc<str>>,
+    pub key_id: Option<Arc<str>>,
+    /// Hex SHA-256 of the compact JWT sent to Apple (the last one, after a retry).
+    pub token_sha256: Option<Arc<str>>,
+    pub decision: Decision,
+    /// The status the client got.
+    pub status: u16,
+    /// Apple's status, when Apple answered.
+    pub upstream_status: Option<u16>,
+    /// The first likely cause when Apple refused (or the note on a retried success).
+    pub diagnosis: Option<&'static str>,
+    /// Whether the proxy re-minted and retried after Apple's 401.
+    pub retried: bool,
+    /// How many times the connection to Apple failed before anything was sent and the
+    /// (body-less, idempotent) request was sent again.
+    pub connect_retries: u32,
+    /// Whether sandbox answered a production request (sandbox fallback); `environment`
+    /// then says `sandbox`.
+    pub sandbox_fallback: bool,
+    /// Apple's `x-apple-request-uuid`.
+    pub apple_request_id: Option<String>,
+    /// Apple's `X-Rate-Limit` `user-hour-rem`.
+    pub rate_limit_remaining: Option<u64>,
+    /// Request body bytes read from the client, and response body bytes sent to it.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration_ms: u64,
+    /// Whether the response body was sent to the end (false: the client went away).
+    pub completed: bool,
+    /// The proxy's error kind when it answered itself.
+    pub error: Option<&'static str>,
+}
+
+/// Appends one line's JSON (without the newline) to `buf`: the chain fields around the
+/// record, `{"version":…,"seq":…,<the record's fields>,"prev_sha256":"…"}`. The record is
+/// serialised by its own derive and spliced in, which is what `#[serde(flatten)]` would
+/// write, without flatten's per-field map detour.
+pub(super) fn write_line(
+    buf: &mut Vec<u8>,
+    seq: u64,
+    record: &Record,
+    prev_sha256: &str,
+) -> serde_json::Result<()> {
+    let start = buf.len();
+    buf.extend_from_slice(b"{\"version\":");
+    serde_json::to_writer(&mut *buf, &VERSION)?;
+    buf.extend_from_slice(b",\"seq\":");
+    serde_json::to_writer(&mut *buf, &seq)?;
+    let at = buf.len();
+    serde_json::to_writer(&mut *buf, record)?;
+    // The record is a non-empty object: its `{` becomes the separator and its `}` moves
+    // after the last chain field.
+    if buf.get(at) != Some(&b'{') || buf.pop() != Some(b'}') {
+        buf.truncate(start);
+        return Err(serde::ser::Error::custom(
+            "an audit record is not a JSON object",
+        ));
+    }
+    buf[at] = b',';
+    buf.extend_from_slice(b",\"prev_sha256\":");
+    serde_json::to_writer(&mut *buf, prev_sha256)?;
+    buf.push(b'}');
+    Ok(())
+}

@@ -1,0 +1,384 @@
+//! The writer thread, the only code that touches the log file: the chain's position (resumed
+//! from the file's last line, or its `.chain` state file after a rotation), the sink (a
+//! file re-opened on SIGHUP, or stdout), group commit, the fsync policy, and the bounded
+//! backlog kept, in order, while the sink fails.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Fsync;
+
+use super::record::write_line;
+use super::{
+    AuditError, Health, Message, Record, BACKLOG_CAPACITY, BATCH_LINGER, BATCH_MAX, GENESIS,
+    RETRY_EVERY,
+};
+
+/// The chain's position: the next seq and the hash the next line must carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Chain {
+    next_seq: u64,
+    prev_sha256: String,
+}
+
+impl Chain {
+    pub(super) fn new() -> Chain {
+        Chain {
+            next_seq: 1,
+            prev_sha256: GENESIS.to_string(),
+        }
+    }
+
+    /// Continues from the file's last line, or — when the file is empty (just rotated) —
+    /// from the `.chain` state file written at the last rotation or shutdown.
+    pub(super) fn resume(path: &Path) -> Result<Chain, AuditError> {
+        let err = |error| AuditError::Resume {
+            path: path.display().to_string(),
+            error,
+        };
+        if let Some(last) = last_line(path).map_err(err)? {
+            let seq = serde_json::from_slice::<serde_json::Value>(&last)
+                .ok()
+                .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64))
+                .ok_or_else(|| err(io::Error::new(io::ErrorKind::InvalidData, "the last line is not an audit record; run `apple-api-proxy audit verify` on it")))?;
+            return Ok(Chain {
+                next_seq: seq + 1,
+                prev_sha256: crate::hex(&crate::sha256(&last)),
+            });
+        }
+        match std::fs::read(state_path(path)) {
+            Ok(bytes) => {
+                let v: serde_json::Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+                match (
+                    v.get("next_seq").and_then(|s| s.as_u64()),
+                    v.get("prev_sha256").and_then(|s| s.as_str()),
+                ) {
+                    (Some(next_seq), Some(prev)) => Ok(Chain {
+                        next_seq,
+                        prev_sha256: prev.to_string(),
+                    }),
+                    _ => Err(err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the .chain state file is damaged",
+                    ))),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Chain::new()),
+            Err(e) => Err(err(e)),
+        }
+    }
+}
+
+/// `<log>.chain`: where the chain continues when the log itself is empty after a rotation.
+pub fn state_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".chain");
+    PathBuf::from(p)
+}
+
+/// The last complete line of `path` (without its newline), reading only the file's tail.
+fn last_line(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    // Records are a few hundred bytes; read a generous tail.
+    let start = len.saturating_sub(256 * 1024);
+    file.seek(io::SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    io::Read::read_to_end(&mut file, &mut tail)?;
+    if tail.last() != Some(&b'\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the log ends with a partial line; run `apple-api-proxy audit verify` and move the file aside",
+        ));
+    }
+    tail.pop();
+    Ok(tail.rsplit(|b| *b == b'\n').next().map(<[u8]>::to_vec))
+}
+
+pub(super) enum Sink {
+    File { path: PathBuf, file: File },
+    Stdout,
+}
+
+impl Sink {
+    pub(super) fn open(path: Option<&Path>) -> Result<Sink, AuditError> {
+        match path {
+            None => Ok(Sink::Stdout),
+            Some(path) => Ok(Sink::File {
+                path: path.to_path_buf(),
+                file: open_append(path).map_err(|error| AuditError::Open {
+                    path: path.display().to_string(),
+                    error,
+                })?,
+            }),
+        }
+    }
+
+    /// Writes one whole line; on failure, cuts the file back so no partial line stays.
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(line)?;
+                out.flush()
+            }
+            Sink::File { file, .. } => {
+                let before = file.metadata().map(|m| m.len()).ok();
+                let result = file.write_all(line);
+                if result.is_err() {
+                    if let Some(len) = before {
+                        let _ = file.set_len(len);
+                    }
+                }
+                result
+            }
+        }
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Stdout => Ok(()),
+            Sink::File { file, .. } => file.sync_data(),
+        }
+    }
+
+    fn reopen(&mut self) -> io::Result<()> {
+        if let Sink::File { path, file } = self {
+            *file = open_append(path)?;
+        }
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    options.open(path)
+}
+
+pub(super) struct WriterTask {
+    pub(super) sink: Sink,
+    pub(super) chain: Chain,
+    /// Records not yet written because the sink failed, oldest first.
+    pub(super) backlog: Vec<Record>,
+    pub(super) health: Arc<Health>,
+    pub(super) fsync: Fsync,
+    pub(super) last_sync: Instant,
+    pub(super) dirty: bool,
+    /// The batch being written, kept between batches (up to [`MAX_KEPT_BUFFER`]).
+    pub(super) buf: Vec<u8>,
+}
+
+/// A batch buffer grown past this (a long backlog after an outage) is not kept.
+const MAX_KEPT_BUFFER: usize = 1 << 20;
+
+impl WriterTask {
+    pub(super) fn run(&mut self, rx: mpsc::Receiver<Message>) {
+        loop {
+            let timeout = if self.backlog.is_empty() {
+                self.sync_wait()
+            } else {
+                RETRY_EVERY
+            };
+            match rx.recv_timeout(timeout) {
+                Ok(Message::Record(r)) => {
+                    self.accept(*r);
+                    // Group commit: let the records of a burst arrive, then write them all
+                    // with one write(2). Under load that is one wake-up of this thread (a
+                    // futex wake and a context switch for the sender) per batch, not per
+                    // record; a record waits at most BATCH_LINGER longer to be written.
+                    std::thread::sleep(BATCH_LINGER);
+                    let mut next = None;
+                    for _ in 1..BATCH_MAX {
+                        match rx.try_recv() {
+                            Ok(Message::Record(r)) => self.accept(*r),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.drain();
+                    if let Some(message) = next {
+                        self.handle(message);
+                    }
+                }
+                Ok(message) => self.handle(message),
+                Err(RecvTimeoutError::Timeout) => {
+                    if !self.backlog.is_empty() {
+                        // The sink failed: try a fresh handle (the disk may be back, or the
+                        // path may point somewhere writable again).
+                        let _ = self.sink.reopen();
+                        self.drain();
+                    }
+                    self.sync_if_due();
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.drain();
+                    self.sync();
+                    self.save_state();
+                    if !self.backlog.is_empty() {
+                        self.health
+                            .lost
+                            .fetch_add(self.backlog.len() as u64, Ordering::Relaxed);
+                        tracing::error!(
+                            lost = self.backlog.len(),
+                            "audit records could not be written before exit"
+                        );
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, record: Record) {
+        if self.backlog.len() >= BACKLOG_CAPACITY {
+            self.health.lost.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.backlog.push(record);
+        }
+    }
+
+    fn handle(&mut self, message: Message) {
+        match message {
+            Message::Record(r) => {
+                self.accept(*r);
+                self.drain();
+            }
+            Message::Reopen => {
+                match self.sink.reopen() {
+                    Ok(()) => tracing::info!("audit log re-opened"),
+                    Err(e) => tracing::error!(error = %e, "audit log re-open failed"),
+                }
+                self.save_state();
+                self.drain();
+            }
+            Message::Flush(done) => {
+                self.drain();
+                self.sync();
+                let _ = done.send(());
+            }
+            Message::Close(done) => {
+                self.drain();
+                self.dirty = true;
+                self.sync();
+                self.save_state();
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Writes the backlog in order, as one write: all of it, or (the sink failing) none of
+    /// it, the chain then not advanced and the sink unhealthy.
+    fn drain(&mut self) {
+        if !self.backlog.is_empty() {
+            // One buffer for the writer's life: a batch allocates nothing once it has grown.
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.clear();
+            let mut seq = self.chain.next_seq;
+            let mut prev = self.chain.prev_sha256.clone();
+            let mut lost = 0u64;
+            self.backlog.retain(|record| {
+                let start = buf.len();
+                if let Err(e) = write_line(&mut buf, seq, record, &prev) {
+                    tracing::error!(error = %e, "audit record could not be serialised");
+                    buf.truncate(start);
+                    lost += 1;
+                    return false;
+                }
+                prev.clear();
+                crate::push_hex(&mut prev, &crate::sha256(&buf[start..]));
+                buf.push(b'\n');
+                seq += 1;
+                true
+            });
+            if lost > 0 {
+                self.health.lost.fetch_add(lost, Ordering::Relaxed);
+            }
+            let written = self.sink.write_line(&buf);
+            if buf.capacity() > MAX_KEPT_BUFFER {
+                buf = Vec::new();
+            }
+            self.buf = buf;
+            if let Err(e) = written {
+                self.health.write_failures.fetch_add(1, Ordering::Relaxed);
+                if self.health.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "audit log write failed: refusing requests until it works (on_failure = reject) or counting losses (serve)");
+                }
+                return;
+            }
+            self.health
+                .written
+                .fetch_add(seq - self.chain.next_seq, Ordering::Relaxed);
+            self.chain.next_seq = seq;
+            self.chain.prev_sha256 = prev;
+            self.backlog.clear();
+            self.dirty = true;
+            if self.fsync == Fsync::Always {
+                self.sync();
+            }
+        }
+        if !self.health.healthy.swap(true, Ordering::Relaxed) {
+            tracing::warn!("audit log writable again");
+        }
+    }
+
+    fn sync_wait(&self) -> Duration {
+        match self.fsync {
+            Fsync::Interval(every) if self.dirty => every
+                .saturating_sub(self.last_sync.elapsed())
+                .max(Duration::from_millis(1)),
+            _ => Duration::from_secs(3600),
+        }
+    }
+
+    fn sync_if_due(&mut self) {
+        if let Fsync::Interval(every) = self.fsync {
+            if self.dirty && self.last_sync.elapsed() >= every {
+                self.sync();
+            }
+        }
+    }
+
+    fn sync(&mut self) {
+        if self.dirty {
+            if let Err(e) = self.sink.sync() {
+                self.health.write_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "audit log fsync failed");
+            }
+            self.dirty = false;
+            self.last_sync = Instant::now();
+        }
+    }
+
+    /// Records where the chain stands, so a proxy restarted on an empty (rotated) log
+    /// continues it.
+    fn save_state(&self) {
+        if let Sink::File { path, .. } = &self.sink {
+            let state = serde_json::json!({"next_seq": self.chain.next_seq, "prev_sha256": self.chain.prev_sha256});
+            if let Err(e) = std::fs::write(state_path(path), state.to_string()) {
+                tracing::warn!(error = %e, "cannot write the audit chain state file");
+            }
+        }
+    }
+}
