@@ -268,14 +268,6 @@ impl KeyKind {
             _ => false,
         }
     }
-
-    /// The file name Apple gives this kind's download, for `check`'s hints.
-    pub fn file_prefix(self) -> &'static str {
-        match self {
-            KeyKind::Team | KeyKind::Individual => "AuthKey_",
-            KeyKind::InAppPurchase => "SubscriptionKey_",
-        }
-    }
 }
 
 /// Apple key ids are 10 upper-case alphanumerics (e.g. `2X9R4HXF34`). [ASC-JWT]
@@ -378,7 +370,7 @@ const fn limit(
 }
 
 /// Apple's published limits for the storekit APIs, most specific first.
-pub const STOREKIT_LIMITS: &[EndpointLimit] = &[
+const STOREKIT_LIMITS: &[EndpointLimit] = &[
     limit(
         "Finish Transaction",
         Some("POST"),

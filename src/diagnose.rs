@@ -46,10 +46,10 @@ pub mod codes {
 }
 
 /// Skew beyond this is reported even when the token was inside Apple's window.
-pub const SKEW_WORTH_REPORTING_S: i64 = 10;
+const SKEW_WORTH_REPORTING_S: i64 = 10;
 
 /// App Store Connect paths an individual key cannot use (APPLE.md §5).
-pub const INDIVIDUAL_KEY_FORBIDDEN_PREFIXES: [&str; 7] = [
+const INDIVIDUAL_KEY_FORBIDDEN_PREFIXES: [&str; 7] = [
     "/v1/bundleIds",
     "/v1/certificates",
     "/v1/devices",

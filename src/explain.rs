@@ -12,7 +12,7 @@ use crate::apple::{self, Api, TokenFamily};
 
 /// Resources whose GET-only scopes may have long-lived (up to 6 months) tokens (APPLE.md §2,
 /// INFERENCE mapping to path resources).
-pub const LONG_LIVED_RESOURCES: [&str; 15] = [
+const LONG_LIVED_RESOURCES: [&str; 15] = [
     "ciBuildActions",
     "ciBuildRuns",
     "scmGitReferences",
@@ -31,7 +31,7 @@ pub const LONG_LIVED_RESOURCES: [&str; 15] = [
 ];
 
 /// Six months, the longest any App Store Connect token may live (APPLE.md §2).
-pub const LONG_LIVED_MAX_S: i64 = 180 * 24 * 3600;
+const LONG_LIVED_MAX_S: i64 = 180 * 24 * 3600;
 
 /// What `explain` found.
 #[derive(Debug, Default)]

@@ -100,7 +100,7 @@ pub fn client(config: &Config, extra_ca_pem: Option<&str>) -> Result<Client, Cli
 }
 
 /// See [`client`]: resets the proxy may make on one upstream HTTP/2 connection.
-pub const H2_UPSTREAM_MAX_LOCAL_RESETS: usize = 1 << 20;
+const H2_UPSTREAM_MAX_LOCAL_RESETS: usize = 1 << 20;
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = Result<T, BoxError>> + Send>>;
 

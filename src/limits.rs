@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::apple::{EndpointLimit, SANDBOX_LIMIT_FRACTION};
 
 /// A client that used an endpoint within this window counts toward its fair share.
-pub const ACTIVE_WINDOW: Duration = Duration::from_secs(10);
+const ACTIVE_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct Bucket {

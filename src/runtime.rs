@@ -36,7 +36,7 @@ impl std::fmt::Debug for Live {
 }
 
 /// How often the config and key files are checked for changes.
-pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 impl Live {
     pub fn new(proxy: Arc<Proxy>) -> Arc<Live> {

@@ -24,13 +24,13 @@ use crate::proxy::{Peer, Proxy, StartError};
 use crate::runtime::{self, Live};
 
 /// HTTP/1 read buffer, which bounds the header block (hyper answers 431 beyond it).
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// How long a client may take to finish the TLS handshake.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 limits, set deliberately rather than inherited.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
-pub const H2_MAX_PENDING_RESETS: usize = 20;
+const H2_MAX_PENDING_RESETS: usize = 20;
 
 /// The listeners the proxy serves: bound by the caller, so tests bind port 0.
 #[derive(Debug)]

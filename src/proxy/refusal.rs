@@ -413,7 +413,7 @@ impl std::error::Error for Refusal {
 }
 
 /// Whole seconds for `Retry-After` (delta-seconds), rounded up and at least 1.
-pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
+fn retry_after_secs(wait: Duration) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 

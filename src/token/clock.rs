@@ -1,7 +1,7 @@
 //! Apple's clock: this host's clock corrected by the offset learned from the `Date` header
 //! of Apple's responses, so a proxy host whose clock runs fast still gets `iat` right.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Apple's clock, as learned from the `Date` header of its responses.
@@ -12,7 +12,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 #[derive(Debug, Default)]
 pub struct AppleClock {
     offset_secs: AtomicI64,
-    observed: AtomicBool,
 }
 
 impl AppleClock {
@@ -21,17 +20,11 @@ impl AppleClock {
         self.offset_secs.load(Ordering::Relaxed)
     }
 
-    /// Whether any Apple `Date` has been seen yet.
-    pub fn observed(&self) -> bool {
-        self.observed.load(Ordering::Relaxed)
-    }
-
     /// Records Apple's `Date` against the local time the response head arrived.
     /// Returns the measured offset.
     pub fn observe(&self, apple: SystemTime, local: SystemTime) -> i64 {
         let offset = unix_secs(apple) - unix_secs(local);
         self.offset_secs.store(offset, Ordering::Relaxed);
-        self.observed.store(true, Ordering::Relaxed);
         offset
     }
 

@@ -47,7 +47,7 @@ pub const REFRESH_MARGIN: Duration = Duration::from_secs(60);
 
 /// Tokens whose scope is longer than this are not cached: the cache is bounded in entries,
 /// and this keeps it bounded in bytes too (unusually long queries are rare and cheap to sign).
-pub const MAX_CACHED_SCOPE: usize = 1024;
+const MAX_CACHED_SCOPE: usize = 1024;
 
 /// A newly measured Apple clock offset this far from the one a cached token was minted with
 /// retires that token.
@@ -312,18 +312,6 @@ impl Minter {
             self.counts.minted.load(Ordering::Relaxed),
             self.counts.cache_hits.load(Ordering::Relaxed),
         )
-    }
-
-    /// The scope entry for a request, or `None` when this request gets an unscoped token.
-    pub fn scope_for(
-        &self,
-        api: Api,
-        method: &str,
-        path: &str,
-        query: Option<&str>,
-    ) -> Option<String> {
-        self.scoped(api, method)
-            .then(|| scope_entry(method, path, query))
     }
 
     /// Whether a request with this method on this API gets a scoped token.

@@ -49,7 +49,7 @@ mod forensics;
 
 /// The longest line accepted (without its newline): far above any real record, low enough
 /// that a hostile file cannot exhaust memory.
-pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
 
 /// `prev_sha256` of the first line of a new chain.
 const ZERO_SHA256: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -90,7 +90,7 @@ pub struct Failure {
 /// Where the chain stands between files: whether it has started, and the seq and
 /// `prev_sha256` the next line must carry. Also collects the figures for the [`Summary`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ChainState {
+struct ChainState {
     last: Option<Link>,
     first_seq: Option<u64>,
     lines: u64,
@@ -111,31 +111,6 @@ impl ChainState {
     /// A state before any line: the next line may start a chain or continue one.
     pub fn new() -> ChainState {
         ChainState::default()
-    }
-
-    /// Whether a line has been accepted, so that the next one must continue it.
-    pub fn started(&self) -> bool {
-        self.last.is_some()
-    }
-
-    /// The seq the next line must carry (`None` before a chain has started).
-    pub fn expected_seq(&self) -> Option<u64> {
-        self.last.as_ref().and_then(|l| l.seq.checked_add(1))
-    }
-
-    /// The `prev_sha256` the next line must carry (`None` before a chain has started).
-    pub fn expected_prev_sha256(&self) -> Option<&str> {
-        self.last.as_ref().map(|l| l.sha256.as_str())
-    }
-
-    /// Lines accepted so far.
-    pub fn lines(&self) -> u64 {
-        self.lines
-    }
-
-    /// Notes gathered so far.
-    pub fn notes(&self) -> &[String] {
-        &self.notes
     }
 
     /// The figures for `files` files verified with this state.
@@ -181,11 +156,7 @@ pub fn verify_files(paths: &[PathBuf]) -> Result<Summary, Failure> {
 /// Verifies one file's lines as the continuation of `state`. `name` is only used in
 /// failures and notes. Returns the number of lines in the file. Call it once per file,
 /// oldest first, with the same `state`.
-pub fn verify_reader(
-    name: &str,
-    input: impl BufRead,
-    state: &mut ChainState,
-) -> Result<u64, Failure> {
+fn verify_reader(name: &str, input: impl BufRead, state: &mut ChainState) -> Result<u64, Failure> {
     let mut lines = Lines {
         input,
         no: 0,
@@ -1121,20 +1092,16 @@ mod tests {
     fn chain_state_reports_where_the_chain_stands() {
         let lines = chain(3);
         let mut state = ChainState::new();
-        assert!(!state.started());
-        assert_eq!(
-            (state.expected_seq(), state.expected_prev_sha256()),
-            (None, None)
-        );
+        assert!(state.last.is_none());
         assert_eq!(
             verify_reader("a", text(&lines).as_slice(), &mut state),
             Ok(3)
         );
-        assert!(state.started());
-        assert_eq!(state.expected_seq(), Some(4));
-        assert_eq!(state.expected_prev_sha256(), Some(h(&lines[2]).as_str()));
-        assert_eq!(state.lines(), 3);
-        assert!(state.notes().is_empty());
+        let summary = state.into_summary(1);
+        assert_eq!(summary.last_seq, Some(3));
+        assert_eq!(summary.last_sha256.as_deref(), Some(h(&lines[2]).as_str()));
+        assert_eq!(summary.lines, 3);
+        assert!(summary.notes.is_empty());
     }
 
     #[test]
