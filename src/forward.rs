@@ -261,7 +261,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// The headers to send upstream: the client's, minus everything in [`NEVER_FORWARDED`]
+/// The headers to send upstream: the client's, minus everything in `NEVER_FORWARDED`
 /// and anything its `Connection` header names, plus our `Authorization`. `Host` is set by
 /// the client from the upstream URL, so it is always the proxy's choice.
 pub fn upstream_headers(client: &HeaderMap, authorization: HeaderValue) -> HeaderMap {

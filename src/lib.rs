@@ -4,37 +4,53 @@
 //! The proxy mints an ES256 JWT for exactly that request with a key that never leaves this
 //! host, and forwards it over TLS, streaming both bodies.
 //!
-//! # Modules, bottom to top (imports point downward only)
+//! # Modules, bottom to top (each imports only modules above it in this list)
 //!
-//! - [`apple`]: what Apple requires, as pure data (APIs, hosts, audiences, lifetime caps).
-//! - [`config`]: `proxy.toml` → validated [`config::Config`].
-//! - [`route`]: path → API, environment and upstream; path checks.
-//! - [`token`]: `.p8` loading, claims, scope, ES256 signing with `ring`, Apple's clock, cache.
-//! - [`audit`]: the hash-chained audit log, its single writer, and `audit verify`.
-//! - [`limits`]: Apple's per-endpoint storekit limits enforced locally, with fair shares.
-//! - [`client`]: who is calling (client secrets) and what they may call (allow rules).
-//! - [`metrics`]: Prometheus counters and histograms with fixed label sets.
+//! - [`apple`]: what Apple requires, as pure data (APIs, hosts, mounts, token strategies,
+//!   audiences, lifetime caps, per-endpoint limits).
+//! - [`config`]: `proxy.toml` → raw (serde) → validated [`config::Config`].
+//! - [`route`]: path → the proxy's own endpoint or Apple's API, environment and upstream;
+//!   path checks.
+//! - [`client`]: who is calling (client secrets, mTLS) and what they may call (allow rules,
+//!   rate limits).
+//! - [`token`]: `.p8` loading, the [`token::Signer`] seam, claims, scope, Apple's clock, the
+//!   cache.
+//! - [`audit`]: the hash-chained audit log, its single writer, redaction, `audit verify`.
+//! - `metrics`: Prometheus counters and histograms with fixed label sets.
+//! - `limits`: Apple's per-endpoint storekit limits enforced locally, with fair shares.
 //! - [`forward`]: the pooled rustls client, header hygiene, streaming bodies.
+//! - `framing`: watches HTTP/1 framing under hyper to refuse request smuggling.
 //! - [`diagnose`]: pure: evidence of an Apple 401/403 → ranked likely causes with fixes.
 //! - [`explain`]: pure: any Apple JWT → every rule it breaks (the `explain` command).
-//! - [`proxy`]: the only module that knows the order of a request's steps.
-//! - [`framing`]: watches HTTP/1 framing under hyper to refuse request smuggling.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener.
-//! - [`server`]: listeners, inbound TLS/mTLS, connection tasks, graceful shutdown.
-//! - [`standin`]: the local Apple stand-in used by `demo` and the tests; it shares no code
-//!   with the minting path (its verifier is RustCrypto's `p256`, not `ring`).
-//! - [`demo`]: wires the stand-in and the proxy together for `apple-api-proxy demo`.
+//! - `tls`: the inbound rustls acceptor (and mTLS) built from config.
+//! - [`proxy`]: the only module that knows the order of a request's steps, one file per
+//!   phase, and the one boundary error, [`proxy::Refusal`].
+//! - [`runtime`]: the live runtime, swapped whole on reload (SIGHUP, file change).
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener, reading the live
+//!   runtime.
+//! - [`server`]: listeners, inbound TLS/mTLS, connection tasks, graceful shutdown, [`run`].
+//!
+//! The Apple stand-in that `demo` and the tests run against is its own crate
+//! (`crates/apple-standin`), which depends on nothing of this one.
 //!
 //! # Life of a request (see [`proxy::Proxy::handle`])
 //!
-//! accept → begin (request id, clock) → authenticate the client → check the path → route →
-//! check policy → mint → forward → inspect → finish (log, exactly once).
+//! accept (`server`: the framing guard, TLS, the runtime current now) → begin (request id,
+//! clock) → **admit** (shed load, authenticate, audit health, method and path checks, route,
+//! policy, rate limits, key, Apple's limits, declared body size) → **mint** → **forward** (one
+//! attempt; one re-mint-and-retry after a 401) → **fallback** (sandbox, where configured) →
+//! **inspect** (401/403 → diagnosis; other statuses stream untouched) → **finish** (audit
+//! record, metrics and one log line, exactly once, whatever happened).
 //!
+//! - Load is shed first and the client authenticated next, so an unauthenticated caller
+//!   learns nothing about routes and every later refusal's record names the client.
 //! - The path is checked before routing so that no path is ever normalised into another.
 //! - Policy is checked before minting so that a denied request never costs a signature and
 //!   never reaches Apple.
-//! - The client's `Authorization` is removed before ours is set, so a client can never choose
-//!   the credential Apple sees.
+//! - The client's `Authorization` is never copied upstream; ours is the only one, so a
+//!   client can never choose the credential Apple sees.
+//! - `finish` rides on the response body, so the record is written when the body ends or
+//!   the client goes away.
 #![forbid(unsafe_code)]
 
 pub mod admin;

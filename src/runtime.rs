@@ -123,7 +123,7 @@ fn fingerprint(config_path: &Path, config: &Config) -> u64 {
 }
 
 /// SIGHUP → reload the configuration and re-open the audit log (logrotate); and every
-/// [`WATCH_INTERVAL`], reload when the config or key files changed (ConfigMap updates).
+/// `WATCH_INTERVAL`, reload when the config or key files changed (ConfigMap updates).
 pub async fn watch(live: Arc<Live>) {
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();

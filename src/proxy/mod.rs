@@ -1,17 +1,17 @@
 //! The life of one request, in order. This is the only module that knows the order of the
 //! steps; each step's rules live in its own module, and each phase in its own file over one
-//! per-request context, [`Exchange`]:
+//! per-request context, `Exchange`:
 //!
-//! 1. [`admit`]: shed load, authenticate, audit health, method and path checks, route,
+//! 1. `admit`: shed load, authenticate, audit health, method and path checks, route,
 //!    policy, rate limits, the key, Apple's per-endpoint limits, a declared oversize body;
-//! 2. [`mint`]: the token for exactly the request forwarded;
-//! 3. [`attempt`] (forward): one attempt at Apple, and one re-mint-and-retry after a 401;
-//! 4. [`fallback`]: production's 404/401 asked again of sandbox, where configured;
-//! 5. [`inspect`]: Apple's 401/403 diagnosed, everything else streamed back untouched;
-//! 6. [`finish`]: rendered, logged, audited and counted exactly once, whatever happened.
+//! 2. `mint`: the token for exactly the request forwarded;
+//! 3. `attempt` (forward): one attempt at Apple, and one re-mint-and-retry after a 401;
+//! 4. `fallback`: production's 404/401 asked again of sandbox, where configured;
+//! 5. `inspect`: Apple's 401/403 diagnosed, everything else streamed back untouched;
+//! 6. `finish`: rendered, logged, audited and counted exactly once, whatever happened.
 //!
 //! [`Proxy::handle`] is the outer handler (it never fails and always finishes);
-//! [`Proxy::process`] is the inner one and returns `Result<_, Refusal>` — the first phase
+//! `Proxy::process` is the inner one and returns `Result<_, Refusal>` — the first phase
 //! that refuses ends the request, and its [`Refusal`] says status, code, kind, whose fault
 //! and the audit decision.
 
@@ -70,7 +70,7 @@ pub const X_REQUEST_ID: &str = "x-request-id";
 
 impl Proxy {
     /// The outer handler: never fails, always stamps the request id, and hands the outcome
-    /// to [`Proxy::finish`], which audits and counts it exactly once when its body ends.
+    /// to `Proxy::finish`, which audits and counts it exactly once when its body ends.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -92,7 +92,7 @@ impl Proxy {
     }
 
     /// The answer to a request whose head carried both `Content-Length` and
-    /// `Transfer-Encoding` (see [`crate::framing`]): 400, and `Connection: close` so hyper
+    /// `Transfer-Encoding` (see `crate::framing`): 400, and `Connection: close` so hyper
     /// drops the connection whose framing can no longer be trusted. Audited like any other.
     pub fn refuse_smuggling(&self, req: &Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
         let started = Instant::now();

@@ -1,5 +1,5 @@
 //! The runtime one request reads: [`Proxy`], built whole from one validated config (keys,
-//! clients, routes, the upstream pool, inbound TLS), and [`Shared`], what outlives a reload
+//! clients, routes, the upstream pool, inbound TLS), and `Shared`, what outlives a reload
 //! (the audit writer, metrics, Apple's clock, the token counters, each key's history, the
 //! request ids, the concurrency limit, Apple's per-endpoint budgets).
 
@@ -97,7 +97,7 @@ impl Proxy {
     }
 
     /// A new runtime from `config` for a reload: keys, clients, routes, inbound TLS and the
-    /// upstream client are built afresh (and checked as at start-up); what [`Shared`] holds
+    /// upstream client are built afresh (and checked as at start-up); what `Shared` holds
     /// carries over, and so does each client's rate-limit bucket. Settings that need a
     /// restart (listeners, audit, max_concurrent_requests) are kept and warned about.
     pub fn reload(&self, config: Config) -> Result<(Proxy, Vec<String>), StartError> {

@@ -2,7 +2,7 @@
 //! whether one log, or a rotated series of logs, is the unbroken hash chain the writer
 //! produced. When it is not, it diagnoses what happened and names the first bad line. It is
 //! pure apart from opening the files it is given ([`verify_files`]); the core,
-//! [`verify_reader`], reads any `BufRead`.
+//! `verify_reader`, reads any `BufRead`.
 //!
 //! # The chain
 //!
