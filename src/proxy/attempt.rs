@@ -97,6 +97,8 @@ impl Proxy {
             client_gone: Some(&ex.received.failed),
         };
         let sent = Instant::now();
+        // From here Apple may have the request, whatever happens to the client.
+        ex.sent = true;
         let response = self.send(up, body, &token, tally).await?;
         self.note_upstream(ex, &response, &token, sent);
         if response.status() != StatusCode::UNAUTHORIZED || !replayable {

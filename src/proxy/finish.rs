@@ -2,7 +2,9 @@
 //! counted — exactly once, whatever happened. The refusal becomes Apple's error shape, every
 //! response gets `X-Request-Id`, the operator's log gets one line (with the refusal's whole
 //! cause chain), and a guard riding on the response body writes the audit record and the
-//! metrics when the body ends or the client goes away.
+//! metrics when the body ends or the client goes away. An exchange that never reaches this
+//! phase (hyper dropped the handler: the client closed its connection or reset its HTTP/2
+//! stream while Apple was being asked) writes its record when it is dropped (DESIGN §13b).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,12 +14,22 @@ use http::header::HeaderValue;
 use http::Response;
 
 use crate::apple::{Api, Environment};
-use crate::audit;
+use crate::audit::{self, Decision};
 use crate::forward::{self, ProxyBody};
 use crate::metrics;
 
 use super::refusal::{error_chain, Fault};
-use super::{Exchange, Head, Proxy, Refusal, X_REQUEST_ID};
+use super::{Exchange, Proxy, Refusal, X_REQUEST_ID};
+
+/// The status recorded for a request whose client went away before any response head was
+/// sent: nginx's "client closed request", never sent on the wire.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// Where an exchange's record goes.
+pub(super) struct Sink {
+    pub audit: Option<audit::Audit>,
+    pub metrics: Arc<metrics::Metrics>,
+}
 
 impl Proxy {
     /// Renders the outcome, logs the one line, and attaches the guard that writes the audit
@@ -25,21 +37,17 @@ impl Proxy {
     pub(super) fn finish(
         &self,
         result: Result<Response<ProxyBody>, Refusal>,
-        ex: Exchange,
-        head: Head,
-        id: String,
+        mut ex: Exchange,
         span: tracing::Span,
-        started: Instant,
     ) -> Response<ProxyBody> {
-        let status_of = |r: &Response<ProxyBody>| r.status().as_u16();
-        let head_ms = started.elapsed().as_millis() as u64;
-        let (method, path) = (&head.method, &head.path);
+        let head_ms = ex.started.elapsed().as_millis() as u64;
+        let (id, method, path, peer) = (&ex.id, &ex.head.method, &ex.head.path, &ex.head.peer);
         let (mut response, decision, error) = match result {
             Ok(response) => {
                 // Every request is in the audit log already; at `info` the operational log
                 // keeps only what needs an operator's eye (refusals, failures, Apple's 401/403).
-                tracing::debug!(parent: &span, request_id = %id, %method, %path, status = status_of(&response), head_ms, diagnosis = ex.diagnosis, "forwarded");
-                (response, audit::Decision::Forwarded, None)
+                tracing::debug!(parent: &span, request_id = %id, %method, %path, status = response.status().as_u16(), head_ms, diagnosis = ex.diagnosis, "forwarded");
+                (response, Decision::Forwarded, None)
             }
             Err(refusal) => {
                 let (kind, decision) = (refusal.kind(), refusal.decision());
@@ -47,59 +55,23 @@ impl Proxy {
                 let cause = error_chain(&refusal);
                 match refusal.fault() {
                     Fault::Client => {
-                        tracing::info!(parent: &span, request_id = %id, peer = %head.peer.addr, %method, %path, status, head_ms, kind, detail = %cause, "refused")
+                        tracing::info!(parent: &span, request_id = %id, peer = %peer.addr, %method, %path, status, head_ms, kind, detail = %cause, "refused")
                     }
                     Fault::Upstream | Fault::Proxy => {
-                        tracing::warn!(parent: &span, request_id = %id, peer = %head.peer.addr, %method, %path, status, head_ms, kind, detail = %cause, "failed")
+                        tracing::warn!(parent: &span, request_id = %id, peer = %peer.addr, %method, %path, status, head_ms, kind, detail = %cause, "failed")
                     }
                 }
-                (refusal.into_response(&id), decision, Some(kind))
+                (refusal.into_response(id), decision, Some(kind))
             }
         };
-        if let Ok(v) = HeaderValue::from_str(&id) {
+        if let Ok(v) = HeaderValue::from_str(id) {
             const NAME: http::HeaderName = http::HeaderName::from_static(X_REQUEST_ID);
             response.headers_mut().insert(NAME, v);
         }
-        let record = audit::Record {
-            time: String::new(),
-            request_id: id,
-            client: ex.client,
-            client_auth: ex.client_auth,
-            client_addr: head.peer.text,
-            method: head.method,
-            path: head.path,
-            query: head.query,
-            api: ex.api.map(Api::id),
-            environment: ex.environment.map(Environment::as_str),
-            key: ex.key,
-            key_id: ex.key_id,
-            token_sha256: ex.token_sha256,
-            decision,
-            status: response.status().as_u16(),
-            upstream_status: ex.upstream_status,
-            diagnosis: ex.diagnosis,
-            retried: ex.retried,
-            connect_retries: ex.connect_retries,
-            sandbox_fallback: ex.sandbox_fallback,
-            apple_request_id: ex.apple_request_id,
-            rate_limit_remaining: ex.rate_limit_remaining,
-            bytes_in: 0,
-            bytes_out: 0,
-            duration_ms: 0,
-            completed: false,
-            error,
+        let Some(guard) = ex.finisher(response.status().as_u16(), decision, error) else {
+            return response;
         };
-        let sent = Arc::new(forward::Meter::default());
-        let guard = Finisher {
-            record: Some(record),
-            audit: self.shared.audit.get().cloned(),
-            metrics: self.shared.metrics.clone(),
-            started,
-            upstream_elapsed: ex.upstream_elapsed,
-            received: ex.received,
-            sent: sent.clone(),
-            _permit: ex.permit,
-        };
+        let sent = guard.sent.clone();
         let (parts, body) = response.into_parts();
         let body = forward::Metered::new(body, sent, None)
             .idle_timeout(self.config.server.body_idle_timeout)
@@ -108,13 +80,82 @@ impl Proxy {
     }
 }
 
+impl Exchange {
+    /// The guard that completes this exchange's record; `None` once it was taken. Leaves
+    /// the exchange spent, so its drop writes nothing.
+    fn finisher(
+        &mut self,
+        status: u16,
+        decision: Decision,
+        error: Option<&'static str>,
+    ) -> Option<Finisher> {
+        let sink = self.sink.take()?;
+        let record = audit::Record {
+            time: String::new(),
+            request_id: std::mem::take(&mut self.id),
+            client: self.client.take(),
+            client_auth: self.client_auth,
+            client_addr: self.head.peer.text.clone(),
+            method: std::mem::take(&mut self.head.method),
+            path: std::mem::take(&mut self.head.path),
+            query: self.head.query.take(),
+            api: self.api.map(Api::id),
+            environment: self.environment.map(Environment::as_str),
+            key: self.key.take(),
+            key_id: self.key_id.take(),
+            token_sha256: self.token_sha256.take(),
+            decision,
+            status,
+            upstream_status: self.upstream_status,
+            diagnosis: self.diagnosis,
+            retried: self.retried,
+            connect_retries: self.connect_retries,
+            sandbox_fallback: self.sandbox_fallback,
+            apple_request_id: self.apple_request_id.take(),
+            rate_limit_remaining: self.rate_limit_remaining,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0,
+            completed: false,
+            error,
+        };
+        Some(Finisher {
+            record: Some(record),
+            sink,
+            started: self.started,
+            upstream_elapsed: self.upstream_elapsed,
+            received: self.received.clone(),
+            sent: Arc::new(forward::Meter::default()),
+            _permit: self.permit.take(),
+        })
+    }
+}
+
+impl Drop for Exchange {
+    /// Reached with the record still here only when hyper dropped the handler before
+    /// `finish`: the client is gone, and Apple may already have the request.
+    fn drop(&mut self) {
+        let decision = if self.sent {
+            Decision::Forwarded
+        } else {
+            Decision::Error
+        };
+        let (id, sent) = (self.id.clone(), self.sent);
+        if let Some(guard) =
+            self.finisher(CLIENT_CLOSED_REQUEST, decision, Some("client_disconnected"))
+        {
+            tracing::info!(request_id = %id, sent_to_apple = sent, "the client went away before the response; audited as client_disconnected");
+            drop(guard);
+        }
+    }
+}
+
 /// Rides on the response body; when the body is dropped — fully sent or abandoned by the
 /// client — it completes the audit record and the metrics, exactly once, and releases the
 /// concurrency permit.
 struct Finisher {
     record: Option<audit::Record>,
-    audit: Option<audit::Audit>,
-    metrics: Arc<metrics::Metrics>,
+    sink: Sink,
     started: Instant,
     upstream_elapsed: Option<std::time::Duration>,
     /// The request body read from the client, and the response body sent to it.
@@ -135,7 +176,7 @@ impl Drop for Finisher {
         record.bytes_out = self.sent.bytes.load(Ordering::Relaxed);
         record.completed =
             self.sent.ended.load(Ordering::Relaxed) && record.error != Some("client_disconnected");
-        self.metrics.observe(&metrics::Summary {
+        self.sink.metrics.observe(&metrics::Summary {
             api: record.api.unwrap_or("none"),
             client: record.client.as_ref(),
             status: record.status,
@@ -146,7 +187,7 @@ impl Drop for Finisher {
             upstream_status: record.upstream_status,
             retried: record.retried,
         });
-        if let Some(audit) = &self.audit {
+        if let Some(audit) = &self.sink.audit {
             audit.record(record);
         }
     }

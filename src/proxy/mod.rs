@@ -82,13 +82,16 @@ impl Proxy {
         // A debug-level span: the lines an operator sees at `info` carry `request_id`
         // themselves, so a request that logs nothing formats nothing.
         let span = tracing::debug_span!("request", id = %id, peer = %peer.addr);
-        let head = Head::of(&req, peer);
-        let mut ex = Exchange::default();
+        // From here the exchange owns the request's audit record: `finish` writes it, and
+        // if hyper drops this future first (the client hung up or reset its stream before
+        // Apple answered), the exchange's drop writes it instead.
+        let mut ex = self.exchange(Head::of(&req, peer), id, started);
+        let id = ex.id.clone();
         let result = self
             .process(req, cert.as_deref(), &id, &mut ex)
             .instrument(span.clone())
             .await;
-        self.finish(result, ex, head, id, span, started)
+        self.finish(result, ex, span)
     }
 
     /// The answer to a request whose head carried both `Content-Length` and
@@ -98,15 +101,8 @@ impl Proxy {
         let started = Instant::now();
         let id = self.shared.ids.next();
         let span = tracing::debug_span!("request", id = %id, peer = %peer.addr);
-        let head = Head::of(req, peer);
-        let mut response = self.finish(
-            Err(Refusal::Smuggling),
-            Exchange::default(),
-            head,
-            id,
-            span,
-            started,
-        );
+        let ex = self.exchange(Head::of(req, peer), id, started);
+        let mut response = self.finish(Err(Refusal::Smuggling), ex, span);
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -155,8 +151,14 @@ impl Proxy {
     }
 }
 
-/// What one request learned on its way, for its audit record, metrics and log line.
+/// What one request learned on its way, for its audit record, metrics and log line. It owns
+/// the record from the handler's first line: [`Proxy::finish`] hands it to the response body's
+/// guard, and an exchange dropped before that (its handler future dropped by hyper) writes
+/// it itself, as `client_disconnected`.
 pub(crate) struct Exchange {
+    id: String,
+    head: Head,
+    started: Instant,
     client: Option<Arc<str>>,
     client_auth: &'static str,
     api: Option<Api>,
@@ -164,6 +166,8 @@ pub(crate) struct Exchange {
     key: Option<Arc<str>>,
     key_id: Option<Arc<str>>,
     token_sha256: Option<Arc<str>>,
+    /// Whether the request was handed to the upstream client (Apple may have it).
+    sent: bool,
     upstream_status: Option<u16>,
     upstream_elapsed: Option<std::time::Duration>,
     diagnosis: Option<&'static str>,
@@ -178,11 +182,16 @@ pub(crate) struct Exchange {
     /// Whether sandbox answered for production.
     sandbox_fallback: bool,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Where the record goes; `None` once `finish` has taken it.
+    sink: Option<finish::Sink>,
 }
 
-impl Default for Exchange {
-    fn default() -> Exchange {
+impl Proxy {
+    fn exchange(&self, head: Head, id: String, started: Instant) -> Exchange {
         Exchange {
+            id,
+            head,
+            started,
             client: None,
             client_auth: "none",
             api: None,
@@ -190,6 +199,7 @@ impl Default for Exchange {
             key: None,
             key_id: None,
             token_sha256: None,
+            sent: false,
             upstream_status: None,
             upstream_elapsed: None,
             diagnosis: None,
@@ -200,6 +210,10 @@ impl Default for Exchange {
             connect_retries: 0,
             sandbox_fallback: false,
             permit: None,
+            sink: Some(finish::Sink {
+                audit: self.shared.audit.get().cloned(),
+                metrics: self.shared.metrics.clone(),
+            }),
         }
     }
 }

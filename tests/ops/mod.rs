@@ -885,3 +885,45 @@ async fn apples_per_endpoint_limit_is_enforced_locally_per_app_when_asked() {
     );
     h.stop().await;
 }
+
+/// DESIGN §13b: a client that hangs up (HTTP/1.1) or resets its stream (HTTP/2) while Apple
+/// is being asked still leaves exactly one record, saying Apple may have the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_before_apples_answer_is_audited_once_on_h1_and_h2() {
+    let ca = TestCa::new("bad apple CA");
+    let h = harness_with_bad_apple(&ca, bad_apple(&ca, Behaviour::StallBeforeHeaders).await).await;
+    // HTTP/1.1: the request is sent whole, then the connection is closed.
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/apps HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 2\r\n\r\n{{}}",
+        h.world.secret
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    // HTTP/2: the request's future is dropped, which resets its stream.
+    let h2 = http2_client();
+    let request = h
+        .request("POST", "/v1/apps")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), h2.request(request)).await;
+    let lines = audit_lines(&h, 2).await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["error"], "client_disconnected", "{line}");
+        assert_eq!(line["decision"], "forwarded", "Apple may have it: {line}");
+        assert_eq!(line["completed"], false, "{line}");
+        assert_eq!(line["status"], 499, "{line}");
+        assert_eq!(line["method"], "POST", "{line}");
+        assert_eq!(line["path"], "/v1/apps", "{line}");
+        assert_eq!(line["client"], "tester", "{line}");
+        assert!(line["token_sha256"].is_string(), "{line}");
+        assert!(line["upstream_status"].is_null(), "{line}");
+    }
+    // Once the stalled upstream requests time out nothing more is written.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(audit_lines(&h, 2).await.len(), 2);
+    still_healthy(&h).await;
+    h.stop().await;
+}
