@@ -230,7 +230,9 @@ fn pem_certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
 
 /// Headers that describe one hop, never the request (RFC 9110 §7.6.1), plus the client's
 /// own credentials and identity-revealing headers that must never reach Apple.
-const NEVER_FORWARDED: [HeaderName; 16] = [
+/// Also the method-override and path-override headers some front ends honour: if Apple's
+/// did, a client could bypass its allow rules (DESIGN §13b).
+const NEVER_FORWARDED: [HeaderName; 21] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -247,10 +249,16 @@ const NEVER_FORWARDED: [HeaderName; 16] = [
     HeaderName::from_static("x-forwarded-for"),
     HeaderName::from_static("x-forwarded-host"),
     HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
 ];
 
-/// Hop-by-hop response headers not passed back to the client.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Response headers not passed back to the client: hop-by-hop ones, and Apple's cookies and
+/// alternative services, which would otherwise be set under the proxy's origin.
+const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -259,6 +267,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    header::SET_COOKIE,
+    header::ALT_SVC,
 ];
 
 /// The headers to send upstream: the client's, minus everything in `NEVER_FORWARDED`
@@ -319,6 +329,41 @@ pub struct Meter {
     pub ended: AtomicBool,
     /// Set when the inner body failed (for a request body: the client went away mid-upload).
     pub failed: AtomicBool,
+    /// Woken when the body ends or fails, for a meter made [`Meter::watched`].
+    done: Option<tokio::sync::Notify>,
+}
+
+impl Meter {
+    /// A meter whose end can be awaited ([`Meter::finished`]).
+    pub fn watched() -> Meter {
+        Meter {
+            done: Some(tokio::sync::Notify::new()),
+            ..Meter::default()
+        }
+    }
+
+    /// Resolves once the body has ended or failed; never, for a meter not made
+    /// [`Meter::watched`].
+    pub async fn finished(&self) {
+        let Some(done) = &self.done else {
+            return std::future::pending().await;
+        };
+        loop {
+            let notified = done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.ended.load(Ordering::Acquire) || self.failed.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(done) = &self.done {
+            done.notify_waiters();
+        }
+    }
 }
 
 /// A body that counts the bytes passing through into a shared [`Meter`], and optionally
@@ -366,7 +411,8 @@ impl<B, G> Metered<B, G> {
     }
 
     fn mark_ended(&self) {
-        self.meter.ended.store(true, Ordering::Relaxed);
+        self.meter.ended.store(true, Ordering::Release);
+        self.meter.wake();
     }
 
     /// Keeps `guard` alive as long as the body.
@@ -431,7 +477,8 @@ where
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    this.meter.failed.store(true, Ordering::Relaxed);
+                    this.meter.failed.store(true, Ordering::Release);
+                    this.meter.wake();
                     Poll::Ready(Some(Err(e.into())))
                 }
                 Poll::Ready(None) => {
@@ -473,6 +520,24 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apples_cookies_and_alternative_services_never_reach_the_client() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("set-cookie", "session=abc; Domain=apple.com"),
+            ("alt-svc", "h3=\":443\""),
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+            ("x-rate-limit", "user-hour-lim:3600;user-hour-rem:3599;"),
+            ("content-type", "application/json"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        clean_response_headers(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-rate-limit", "content-type"]);
+    }
 
     #[test]
     fn client_credentials_and_hop_by_hop_headers_are_never_forwarded() {

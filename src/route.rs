@@ -206,6 +206,10 @@ pub enum PathError {
     ControlCharacter,
     #[error("the path's percent-encoding is invalid or does not decode to UTF-8")]
     BadEncoding,
+    #[error("the path contains a `;` (path parameters are never forwarded)")]
+    Semicolon,
+    #[error("the path contains `%25`, an encoded `%` (no double decoding reaches Apple)")]
+    EncodedPercent,
 }
 
 /// Paths are never normalised into other paths: anything that a server on the way could read
@@ -216,6 +220,18 @@ pub fn check_path(path: &str) -> Result<(), PathError> {
     }
     if path.contains('\\') {
         return Err(PathError::EncodedSeparator);
+    }
+    // A server that reads `;` as a parameter delimiter (`/v1/apps;x/..`) or decodes twice
+    // (`%252e%252e`) would see another path than the one the allow rules matched.
+    if path.contains(';') {
+        return Err(PathError::Semicolon);
+    }
+    if path
+        .as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'2' && w[2] == b'5')
+    {
+        return Err(PathError::EncodedPercent);
     }
     let decoded = percent_decode(path).ok_or(PathError::BadEncoding)?;
     let decoded = std::str::from_utf8(&decoded).map_err(|_| PathError::BadEncoding)?;
@@ -268,6 +284,19 @@ mod tests {
 
     fn table(extra: &str) -> Table {
         Table::new(&Config::parse(extra, "t.toml", Path::new(".")).unwrap())
+    }
+
+    #[test]
+    fn semicolons_and_encoded_percent_signs_are_refused() {
+        for (path, want) in [
+            ("/v1/apps;jsessionid=1", PathError::Semicolon),
+            ("/v1/apps/..;/users", PathError::Semicolon),
+            ("/v1/%252e%252e/users", PathError::EncodedPercent),
+            ("/inApps/v1/x%25", PathError::EncodedPercent),
+        ] {
+            assert_eq!(check_path(path), Err(want), "{path}");
+        }
+        assert_eq!(check_path("/v1/apps%2C1"), Ok(()));
     }
 
     #[test]

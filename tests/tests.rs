@@ -7,6 +7,7 @@ mod deploy;
 mod doctor;
 mod hardening;
 mod ops;
+mod second_round;
 mod shape;
 mod support;
 

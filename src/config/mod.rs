@@ -163,6 +163,9 @@ pub struct Tokens {
     pub unscoped_lifetime: Duration,
     /// How many tokens the cache holds at most.
     pub cache_capacity: usize,
+    /// A `Date` from Apple further than this from this host's clock is not believed
+    /// (DESIGN §13b): one broken or hostile response must not move every key's `iat`.
+    pub max_clock_offset: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -251,6 +254,7 @@ pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_IAT_LEEWAY: Duration = Duration::from_secs(60);
 pub const DEFAULT_UNSCOPED_LIFETIME: Duration = Duration::from_secs(3 * 60);
 pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+pub const DEFAULT_MAX_CLOCK_OFFSET: Duration = Duration::from_secs(60 * 60);
 /// A token is re-minted when less than this remains; it must also outlive the request.
 pub const MIN_USEFUL_LIFETIME: Duration = Duration::from_secs(90);
 

@@ -74,6 +74,7 @@ pub(super) struct RawTokens {
     pub scope_methods: Option<Vec<String>>,
     pub unscoped_lifetime: Option<String>,
     pub cache_capacity: Option<usize>,
+    pub max_clock_offset: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

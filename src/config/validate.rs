@@ -294,6 +294,11 @@ impl Validator<'_> {
                 DEFAULT_UNSCOPED_LIFETIME,
             )?,
             cache_capacity: t.cache_capacity.unwrap_or(DEFAULT_CACHE_CAPACITY).max(1),
+            max_clock_offset: self.duration(
+                "tokens.max_clock_offset",
+                t.max_clock_offset.as_deref(),
+                DEFAULT_MAX_CLOCK_OFFSET,
+            )?,
         };
         if tokens.iat_leeway > Duration::from_secs(5 * 60) {
             return Err(self.invalid(

@@ -94,7 +94,13 @@ impl Proxy {
 
         if !self.clients.allows(&who, parts.method.as_str(), path) {
             return Err(Refusal::Forbidden {
-                detail: format!("client `{}` may not {} {}", who.name, parts.method, path),
+                // Redacted: the detail reaches the operator's log (DESIGN §13b).
+                detail: format!(
+                    "client `{}` may not {} {}",
+                    who.name,
+                    parts.method,
+                    crate::audit::redact_path(path)
+                ),
             });
         }
         if let Err(wait) = self.clients.check_rate(&who, Instant::now()) {

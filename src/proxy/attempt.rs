@@ -5,7 +5,7 @@
 //! The client's `Authorization` is never copied into the upstream request; the token's is
 //! the only one, so a client can never choose the credential Apple sees.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -14,7 +14,7 @@ use hyper::body::Body as _;
 use hyper::body::Incoming;
 
 use crate::diagnose;
-use crate::forward::{self, ProxyBody};
+use crate::forward::{self, Meter, ProxyBody};
 use crate::metrics;
 use crate::route;
 use crate::token::{self, Token};
@@ -47,22 +47,20 @@ impl Upstream<'_> {
 
 /// The request-body bookkeeping one send reads and updates.
 pub(super) struct Tally<'a> {
-    /// Request body bytes read from the client so far (counted before the limit fails it).
-    pub bytes_in: &'a AtomicU64,
+    /// The client's request body as read so far (bytes counted before the limit fails it;
+    /// whether it ended or failed), when this send carries it.
+    pub upload: Option<&'a Meter>,
     pub max_body: u64,
     pub connect_retries: &'a mut u32,
-    /// Set when the client's request body failed (it went away mid-upload).
-    pub client_gone: Option<&'a AtomicBool>,
 }
 
 impl<'a> Tally<'a> {
     /// For a body-less request (a retry, the fallback, the probe).
-    pub fn bodyless(bytes_in: &'a AtomicU64, connect_retries: &'a mut u32) -> Tally<'a> {
+    pub fn bodyless(connect_retries: &'a mut u32) -> Tally<'a> {
         Tally {
-            bytes_in,
+            upload: None,
             max_body: 0,
             connect_retries,
-            client_gone: None,
         }
     }
 }
@@ -91,10 +89,9 @@ impl Proxy {
         });
         let offset_before = self.minter.clock().offset_secs();
         let tally = Tally {
-            bytes_in: &ex.received.bytes,
+            upload: body.is_some().then_some(&*ex.received),
             max_body,
             connect_retries: &mut ex.connect_retries,
-            client_gone: Some(&ex.received.failed),
         };
         let sent = Instant::now();
         // From here Apple may have the request, whatever happens to the client.
@@ -108,11 +105,12 @@ impl Proxy {
         drop(response);
         let token = self.mint(request, Freshness::Fresh, ex)?;
         ex.retried = true;
-        let tally = Tally::bodyless(&ex.received.bytes, &mut ex.connect_retries);
+        let tally = Tally::bodyless(&mut ex.connect_retries);
         let sent = Instant::now();
         let response = self.send(up, None, &token, tally).await?;
         self.note_upstream(ex, &response, &token, sent);
-        if !is_auth_failure(response.status()) {
+        // Only a success says the fresh token was the fix (a 5xx proves nothing).
+        if is_success(response.status()) {
             // If Apple's Date moved our idea of its clock, the first token was refused for
             // its iat/exp, not by chance: say so.
             let moved = (self.minter.clock().offset_secs() - offset_before).abs()
@@ -139,10 +137,9 @@ impl Proxy {
         tally: Tally<'_>,
     ) -> Result<Response<Incoming>, Refusal> {
         let Tally {
-            bytes_in,
+            upload,
             max_body,
             connect_retries,
-            client_gone,
         } = tally;
         // Built again only for a retry after a failed connection (rare), never cloned.
         let build_headers = || forward::upstream_headers(up.client_headers, token.authorization());
@@ -157,10 +154,20 @@ impl Proxy {
                 .body(body.take().unwrap_or_else(forward::empty))
                 .map_err(|e| Refusal::internal("upstream request", e))?;
             *request.headers_mut() = headers.take().unwrap_or_else(build_headers);
-            let error = match tokio::time::timeout(timeout, self.upstream.request(request)).await {
-                Ok(Ok(response)) => break response,
-                Ok(Err(e)) => e,
-                Err(_) => {
+            // `request_timeout` bounds the wait for Apple's head once the body is sent; a
+            // slow upload is bounded by `body_idle_timeout` instead (DESIGN §13b).
+            let deadline = async {
+                if let Some(upload) = upload {
+                    upload.finished().await;
+                }
+                tokio::time::sleep(timeout).await;
+            };
+            let error = tokio::select! {
+                answer = self.upstream.request(request) => match answer {
+                    Ok(response) => break response,
+                    Err(e) => e,
+                },
+                () = deadline => {
                     return Err(Refusal::UpstreamTimeout {
                         api: up.route.api,
                         waited: Waited::Response,
@@ -170,11 +177,13 @@ impl Proxy {
             };
             // The metered body counts before it fails, so this holds however the transport
             // (HTTP/1 write error, HTTP/2 stream reset) reports the abort.
-            if bytes_in.load(Ordering::Relaxed) > max_body {
-                return Err(Refusal::BodyTooLarge { limit: max_body });
-            }
-            if client_gone.is_some_and(|f| f.load(Ordering::Relaxed)) {
-                return Err(Refusal::ClientDisconnected);
+            if let Some(upload) = upload {
+                if upload.bytes.load(Ordering::Relaxed) > max_body {
+                    return Err(Refusal::BodyTooLarge { limit: max_body });
+                }
+                if upload.failed.load(Ordering::Relaxed) {
+                    return Err(Refusal::ClientDisconnected);
+                }
             }
             if forward::is_timeout(&error) {
                 return Err(Refusal::UpstreamTimeout {
@@ -196,13 +205,21 @@ impl Proxy {
                 source: Box::new(error),
             });
         };
-        if let Some(date) = apple_date(response.headers()) {
-            let offset = self.minter.clock().observe(date, SystemTime::now());
-            if offset.abs() > 10 {
-                tracing::warn!(
+        // A cached answer (`Age`) says when it was made, not what time it is at Apple.
+        let cached = response.headers().contains_key(http::header::AGE);
+        if let Some(date) = apple_date(response.headers()).filter(|_| !cached) {
+            let max = self.config.tokens.max_clock_offset;
+            match self.minter.clock().observe(date, SystemTime::now(), max) {
+                Ok(offset) if offset.abs() > 10 => tracing::warn!(
                     offset_s = offset,
                     "Apple's clock differs from this host's; tokens are corrected for it"
-                );
+                ),
+                Ok(_) => {}
+                Err(offset) => tracing::warn!(
+                    offset_s = offset,
+                    max_s = max.as_secs(),
+                    "ignoring Apple's Date: it is further from this host's clock than [tokens] max_clock_offset"
+                ),
             }
         }
         Ok(response)
@@ -234,6 +251,11 @@ impl Proxy {
                 .rate_limit_remaining(&token.key_name, remaining);
         }
     }
+}
+
+/// 2xx or 3xx: Apple accepted the request and its token.
+pub(super) fn is_success(status: StatusCode) -> bool {
+    status.is_success() || status.is_redirection()
 }
 
 pub(super) fn is_auth_failure(status: StatusCode) -> bool {

@@ -4,7 +4,6 @@
 //! same request, same token, goes to sandbox at most once per request: when sandbox refuses,
 //! what it said is the evidence `inspect` diagnoses with, not a reason to ask again.
 
-use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use http::header::HeaderValue;
@@ -81,7 +80,7 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, SandboxProbe> {
         let sent = Instant::now();
-        let tally = Tally::bodyless(&ex.received.bytes, &mut ex.connect_retries);
+        let tally = Tally::bodyless(&mut ex.connect_retries);
         let response = self.send_to_sandbox(up, token, tally).await?;
         let status = response.status();
         if is_auth_failure(status) || status == StatusCode::NOT_FOUND {
@@ -110,8 +109,8 @@ impl Proxy {
     /// The diagnosis's question when the fallback did not ask it: does sandbox take the
     /// same token?
     pub(super) async fn probe_sandbox(&self, up: &Upstream<'_>, token: &Token) -> SandboxProbe {
-        let (counter, mut retries) = (AtomicU64::new(0), 0);
-        let tally = Tally::bodyless(&counter, &mut retries);
+        let mut retries = 0;
+        let tally = Tally::bodyless(&mut retries);
         match tokio::time::timeout(PROBE_TIMEOUT, self.send_to_sandbox(up, token, tally)).await {
             Ok(Ok(response)) => probe_of(response.status()),
             _ => SandboxProbe::Failed,

@@ -143,8 +143,16 @@ impl Proxy {
                 self.inspect(response, &up, &token, probe, ex).await
             }
         };
-        // The key worked unless the answer the client gets is Apple's refusal of it.
-        if ex.upstream_status.is_some_and(|s| s != 401 && s != 403) {
+        // The key worked unless the answer the client gets is Apple's refusal of it; after a
+        // 401 and a retry, only a success proves it (DESIGN §13b).
+        let worked = ex.upstream_status.is_some_and(|s| {
+            if ex.retried {
+                (200..400).contains(&s)
+            } else {
+                s != 401 && s != 403
+            }
+        });
+        if worked {
             self.key_worked(&token.key_name);
         }
         Ok(answer)
@@ -206,7 +214,7 @@ impl Proxy {
             retried: false,
             apple_request_id: None,
             rate_limit_remaining: None,
-            received: Arc::new(forward::Meter::default()),
+            received: Arc::new(forward::Meter::watched()),
             connect_retries: 0,
             sandbox_fallback: false,
             permit: None,

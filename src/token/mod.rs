@@ -630,7 +630,13 @@ mod tests {
     #[test]
     fn iat_follows_apples_clock() {
         let m = minter("");
-        m.clock().observe(now() - Duration::from_secs(300), now());
+        m.clock()
+            .observe(
+                now() - Duration::from_secs(300),
+                now(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
         let t = m
             .token(
                 &req("iap", Api::AppStoreServer, "GET", "/inApps/v1/x", None),
@@ -658,7 +664,13 @@ mod tests {
             .token(&r, now() + Duration::from_secs(3600 - 60 - 59))
             .unwrap();
         assert!(!Arc::ptr_eq(&a, &c));
-        m.clock().observe(now() + Duration::from_secs(30), now());
+        m.clock()
+            .observe(
+                now() + Duration::from_secs(30),
+                now(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
         let d = m.token(&r, now()).unwrap();
         assert!(!Arc::ptr_eq(&c, &d));
         assert_eq!(m.counts(), (3, 1));

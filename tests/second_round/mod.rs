@@ -1,0 +1,206 @@
+//! DESIGN §13b, the second hardening round, through the real binary over real sockets.
+
+use std::net::SocketAddr;
+use std::process::Child;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt as _, Full};
+
+use crate::support::*;
+
+/// The real binary serving a world whose config `edit` changed; killed on drop.
+struct Binary {
+    world: World,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    child: Child,
+}
+
+impl Binary {
+    async fn start(setup: Setup, edit: impl FnOnce(String) -> String) -> Binary {
+        let (port, admin_port) = (free_port(), free_port());
+        let world = World::new(&setup, &format!("127.0.0.1:{port}")).await;
+        let text = std::fs::read_to_string(&world.config_path)
+            .unwrap()
+            .replace(
+                "admin_listen = \"off\"",
+                &format!("admin_listen = \"127.0.0.1:{admin_port}\""),
+            );
+        std::fs::write(&world.config_path, edit(text)).unwrap();
+        let mut child = spawn_serve(&world.config_path);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        wait_listening(addr, &mut child).await;
+        wait_listening(admin, &mut child).await;
+        Binary {
+            world,
+            addr,
+            admin,
+            child,
+        }
+    }
+
+    fn request(&self, method: &str, path: &str) -> http::request::Builder {
+        http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr))
+            .header("authorization", format!("Bearer {}", self.world.secret))
+    }
+
+    async fn metrics(&self) -> String {
+        let r = send(
+            http::Request::get(format!("http://{}/metrics", self.admin))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        String::from_utf8_lossy(&r.body).into_owned()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_with_a_semicolon_or_an_encoded_percent_are_refused_before_apple_on_h1_and_h2() {
+    let b = Binary::start(Setup::default(), |t| t).await;
+    for path in [
+        "/v1/apps;x=1",
+        "/v1/apps/..;/users",
+        "/v1/%252e%252e/users",
+        "/inApps/v1/transactions/1%25",
+    ] {
+        for client in [http1_client(), http2_client()] {
+            let r = send_with(
+                client,
+                b.request("GET", path)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}");
+            assert_eq!(r.error_code(), "PROXY_BAD_REQUEST", "{path}");
+        }
+    }
+    assert!(
+        b.world.standin.received().is_empty(),
+        "nothing reached Apple"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_and_path_override_headers_never_reach_apple() {
+    let b = Binary::start(Setup::default(), |t| t).await;
+    let r = send(
+        b.request("GET", "/v1/apps")
+            .header("x-http-method-override", "DELETE")
+            .header("x-http-method", "DELETE")
+            .header("x-method-override", "DELETE")
+            .header("x-original-url", "/v1/users")
+            .header("x-rewrite-url", "/v1/users")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let received = b.world.standin.received();
+    let headers = &received[0].headers;
+    for name in [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+    ] {
+        assert!(!headers.contains_key(name), "{name} was forwarded");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_slower_than_request_timeout_is_bounded_by_the_body_idle_timeout_instead() {
+    let b = Binary::start(Setup::default(), |t| {
+        t.replace(
+            "request_timeout = \"20s\"",
+            "request_timeout = \"1s\"\nbody_idle_timeout = \"3s\"",
+        )
+    })
+    .await;
+    let (tx, body) = futures_channel();
+    let request = b
+        .request("POST", "/inApps/v1/notifications/test")
+        .header("content-length", "4000")
+        .body(body)
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let pending = tokio::spawn(async move { client.request(request).await });
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tx.send(Bytes::from(vec![b'u'; 1000])).await.unwrap();
+    }
+    drop(tx);
+    let response = pending.await.unwrap().expect("an answer");
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "2 s of upload, 1 s request_timeout"
+    );
+    let _ = response.into_body().collect().await;
+    assert_eq!(b.world.standin.received()[0].body_len, 4000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apple_date_hours_away_does_not_move_apples_clock() {
+    let b = Binary::start(
+        Setup {
+            standin_clock_offset: 3 * 3600,
+            ..Setup::default()
+        },
+        |t| t,
+    )
+    .await;
+    let r = send(
+        b.request("GET", "/v1/apps")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "minted on this host's clock"
+    );
+    let metrics = b.metrics().await;
+    assert!(
+        metrics.contains("aap_apple_clock_offset_seconds 0\n"),
+        "{metrics}"
+    );
+}
+
+/// A frame stream for a request body.
+type Frames = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<Item = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>
+            + Send,
+    >,
+>;
+
+/// A request body fed from a channel.
+fn futures_channel() -> (
+    tokio::sync::mpsc::Sender<Bytes>,
+    http_body_util::StreamBody<Frames>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok(hyper::body::Frame::data(b)), rx))
+    });
+    (tx, http_body_util::StreamBody::new(Box::pin(stream)))
+}
