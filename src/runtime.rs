@@ -119,6 +119,8 @@ fn fingerprint(config_path: &Path, config: &Config) -> u64 {
             std::fs::read(p).unwrap_or_default().hash(&mut h);
         }
     }
+    // A rotated inbound certificate is a change too.
+    crate::tls::fingerprint(config).hash(&mut h);
     h.finish()
 }
 

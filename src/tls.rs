@@ -11,6 +11,21 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
 
+/// What identifies the inbound TLS settings: the files' paths and bytes. A reload that
+/// changes it closes the connections accepted under the old settings (DESIGN §13b).
+pub fn fingerprint(config: &Config) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let s = &config.server;
+    for path in [&s.tls_cert_file, &s.tls_key_file, &s.client_ca_file] {
+        path.hash(&mut h);
+        if let Some(p) = path {
+            std::fs::read(p).unwrap_or_default().hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
 /// A TLS setting that cannot be used, naming the file, the field and the fix.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: field `{field}`: {problem} (fix: {fix})")]

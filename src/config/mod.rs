@@ -121,6 +121,11 @@ pub struct Server {
     pub header_read_timeout: Duration,
     /// How long a body may go without data, in either direction, before it is cut off.
     pub body_idle_timeout: Duration,
+    /// A client connection with no request in flight for this long is closed (HTTP/1
+    /// before its first byte and between requests; HTTP/2 with no open stream).
+    pub idle_timeout: Duration,
+    /// Open client connections at most; beyond it new ones are closed at once.
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -249,6 +254,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_IAT_LEEWAY: Duration = Duration::from_secs(60);

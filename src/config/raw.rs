@@ -49,6 +49,8 @@ pub(super) struct RawServer {
     pub shutdown_grace: Option<String>,
     pub header_read_timeout: Option<String>,
     pub body_idle_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]

@@ -207,6 +207,12 @@ impl Validator<'_> {
                 s.body_idle_timeout.as_deref(),
                 DEFAULT_BODY_IDLE_TIMEOUT,
             )?,
+            idle_timeout: self.duration(
+                "server.idle_timeout",
+                s.idle_timeout.as_deref(),
+                DEFAULT_IDLE_TIMEOUT,
+            )?,
+            max_connections: s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         };
         if server.tls_cert_file.is_some() != server.tls_key_file.is_some() {
             return Err(self.invalid(
@@ -220,6 +226,20 @@ impl Validator<'_> {
                 "server.client_ca_file",
                 "client certificates need inbound TLS",
                 "set tls_cert_file and tls_key_file too, or remove client_ca_file",
+            ));
+        }
+        if server.max_connections == 0 {
+            return Err(self.invalid(
+                "server.max_connections",
+                "must be at least 1",
+                "remove it for the default (10000)",
+            ));
+        }
+        if server.idle_timeout.is_zero() {
+            return Err(self.invalid(
+                "server.idle_timeout",
+                "must be longer than zero",
+                "remove it for the default (60s)",
             ));
         }
         if server.max_concurrent_requests == 0 {

@@ -39,8 +39,9 @@ pub struct Proxy {
     pub(super) clients: Clients,
     pub(super) minter: Minter,
     pub(super) upstream: forward::Client,
-    /// Inbound TLS (and mTLS), when configured.
+    /// Inbound TLS (and mTLS), when configured, and what identifies its settings.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    tls_fingerprint: u64,
     /// Per key name: when Apple last accepted that key (UNIX seconds; 0 = never seen), taken
     /// from [`Shared::key_history`] by key id and public-key fingerprint.
     key_success: HashMap<String, Arc<AtomicI64>>,
@@ -132,6 +133,7 @@ impl Proxy {
         previous: Option<&Proxy>,
     ) -> Result<(Proxy, Vec<String>), StartError> {
         let tls = crate::tls::acceptor(&config)?;
+        let tls_fingerprint = crate::tls::fingerprint(&config);
         let (minter, warnings) = Minter::new(&config, shared.clock.clone())?;
         let minter = minter.counting_into(shared.mint_counts.clone());
         let upstream = forward::client(&config, None)?;
@@ -154,6 +156,7 @@ impl Proxy {
                 minter,
                 upstream,
                 tls,
+                tls_fingerprint,
                 key_success,
                 shared,
                 config: Arc::new(config),
@@ -172,6 +175,12 @@ impl Proxy {
 
     pub fn tls(&self) -> Option<&tokio_rustls::TlsAcceptor> {
         self.tls.as_ref()
+    }
+
+    /// Identifies the inbound TLS settings this runtime was built with (see
+    /// [`crate::tls::fingerprint`]).
+    pub fn tls_fingerprint(&self) -> u64 {
+        self.tls_fingerprint
     }
 
     /// Opens the audit log and starts its writer. Until this is called every request is

@@ -204,3 +204,97 @@ fn futures_channel() -> (
     });
     (tx, http_body_util::StreamBody::new(Box::pin(stream)))
 }
+
+/// Reads until the peer closes; how long that took, or `None` if it stayed open past `limit`.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt as _;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(
+            tokio::time::Instant::from_std(started + limit),
+            s.read(&mut buf),
+        )
+        .await
+        {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_after_the_idle_timeout_on_h1_and_h2() {
+    use tokio::io::AsyncWriteExt as _;
+    let b = Binary::start(Setup::default(), |t| {
+        t.replace("[server]\n", "[server]\nidle_timeout = \"1s\"\n")
+    })
+    .await;
+    // Nothing sent at all.
+    let mut silent = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    // Only the HTTP/2 preface (and an empty SETTINGS frame).
+    let mut preface = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    preface
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    // One HTTP/1.1 request answered, then the keep-alive connection left idle.
+    let mut kept = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    kept.write_all(
+        format!(
+            "GET /v1/apps HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            b.world.secret
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    for (name, s) in [
+        ("silent", &mut silent),
+        ("h2 preface", &mut preface),
+        ("h1 keep-alive", &mut kept),
+    ] {
+        let closed = closed_within(s, Duration::from_secs(5)).await;
+        assert!(closed.is_some(), "{name}: still open after 5 s");
+    }
+    // A connection with a request in flight is not idle: a slow download outlives it.
+    let r = send(
+        b.request("GET", "/v1/salesReports?standin_bytes=1000")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_connections_new_connections_are_closed_at_once() {
+    let b = Binary::start(Setup::default(), |t| {
+        t.replace("[server]\n", "[server]\nmax_connections = 3\n")
+    })
+    .await;
+    // Let the start-up probes' connections close first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(b.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let closed = closed_within(&mut extra, Duration::from_secs(2)).await;
+    assert!(closed.is_some(), "the fourth connection is closed");
+    // The three held ones are still open; freeing one makes room again.
+    for s in &mut held {
+        assert!(closed_within(s, Duration::from_millis(100)).await.is_none());
+    }
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = send(
+        b.request("GET", "/v1/apps")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+}

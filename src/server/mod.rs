@@ -3,33 +3,34 @@
 //! shuts down gracefully (stop accepting, let in-flight requests finish within
 //! `shutdown_grace`).
 //!
-//! Owns connection-level limits (header read timeout, header size, HTTP/2 stream limits).
-//! Knows nothing of Apple or tokens.
+//! Owns connection-level limits (header read timeout, header size, HTTP/2 stream limits,
+//! `max_connections`; the idle timeout and TLS per connection are in `connection`). Knows
+//! nothing of Apple or tokens.
+
+mod connection;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::admin;
-use crate::client::CertIdentity;
 use crate::config::Config;
-use crate::framing::{Guard, Verdict};
 use crate::proxy::{Peer, Proxy, StartError};
 use crate::runtime::{self, Live};
 
+use connection::Connections;
+
 /// HTTP/1 read buffer, which bounds the header block (hyper answers 431 beyond it).
 const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// How long a client may take to finish the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 limits, set deliberately rather than inherited.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 const H2_MAX_PENDING_RESETS: usize = 20;
 
 /// The listeners the proxy serves: bound by the caller, so tests bind port 0.
@@ -88,6 +89,9 @@ fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .max_buf_size(MAX_HEADER_BYTES);
     b.http2()
         .timer(TokioTimer::new())
+        // Pings find dead peers; an idle live one is closed by the idle timeout.
+        .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL))
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .max_header_list_size(H2_MAX_HEADER_LIST_SIZE)
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
@@ -98,8 +102,9 @@ fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
 /// Serves an already-built proxy. Returns after `shutdown` and the drain.
 pub async fn serve(live: Arc<Live>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let proxy = live.current();
-    let grace = proxy.config().server.shutdown_grace;
-    if proxy.config().server.allow_anonymous {
+    let server = &proxy.config().server;
+    let grace = server.shutdown_grace;
+    if server.allow_anonymous {
         tracing::warn!(
             "allow_anonymous = true: requests without a client secret are served as `anonymous`"
         );
@@ -109,10 +114,13 @@ pub async fn serve(live: Arc<Live>, listener: TcpListener, shutdown: impl Future
     }
     proxy.set_serving(true);
     let builder = builder(proxy.config());
+    let connections = Connections::new(server.max_connections);
+    let limits = connection::Limits {
+        idle: server.idle_timeout,
+    };
     // Requests and the admin listener read the live runtime; holding this one would keep
     // it (keys, pool) alive after a reload replaced it.
     drop(proxy);
-    let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -127,78 +135,27 @@ pub async fn serve(live: Arc<Live>, listener: TcpListener, shutdown: impl Future
                 }
             },
         };
+        // Beyond max_connections a new connection is closed at once, before any byte of
+        // it is read: a flood of idle connections cannot take every file descriptor.
+        let Some(slot) = connections.open() else {
+            tracing::debug!(%peer, "max_connections reached; connection closed");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        // The inbound TLS settings current at accept serve this connection; its requests
-        // each take the runtime current when they arrive.
-        let tls = live.current().tls().cloned();
-        let live = live.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            // Every connection's bytes pass the framing guard; its verdict tells the service
-            // which request (if any) carried smuggling-prone framing.
-            let verdict = Arc::new(Verdict::default());
-            let client = Peer::new(peer);
-            let service = {
-                let (live, verdict) = (live.clone(), verdict.clone());
-                move |cert: Option<Arc<CertIdentity>>| {
-                    let (live, verdict, client) = (live.clone(), verdict.clone(), client.clone());
-                    service_fn(move |req| {
-                        // The runtime current now serves this request to its end.
-                        let (proxy, cert, peer) = (live.current(), cert.clone(), client.clone());
-                        let smuggled = verdict.next_request_is_smuggled();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(if smuggled {
-                                proxy.refuse_smuggling(&req, peer)
-                            } else {
-                                proxy.handle(req, peer, cert).await
-                            })
-                        }
-                    })
-                }
-            };
-            let result = match tls {
-                None => {
-                    let io = TokioIo::new(Guard::new(stream, verdict));
-                    let conn = builder.serve_connection(io, service(None));
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    let tls =
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
-                                tracing::info!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::info!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let cert = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|chain| chain.first())
-                        .and_then(|leaf| CertIdentity::from_der(leaf))
-                        .map(Arc::new);
-                    let io = TokioIo::new(Guard::new(tls, verdict));
-                    let conn = builder.serve_connection(io, service(cert));
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-        });
+        tokio::spawn(connection::serve(
+            stream,
+            Peer::new(peer),
+            live.clone(),
+            builder.clone(),
+            limits,
+            slot,
+        ));
     }
     drop(listener);
     live.current().set_serving(false);
     tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown())
+    if tokio::time::timeout(grace, connections.drain())
         .await
         .is_err()
     {

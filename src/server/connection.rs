@@ -1,0 +1,289 @@
+//! One client connection, from accept to close: the TLS handshake (when configured), the
+//! framing guard under hyper, the service that hands each request to the runtime current
+//! when it arrives, and the watch that closes the connection gracefully — when the server
+//! shuts down, when no request has been in flight for `idle_timeout`, or when a reload
+//! changed the inbound TLS settings it was accepted under (DESIGN §13b). Also the bound on
+//! open connections and the drain at shutdown ([`Connections`]).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+
+use crate::client::CertIdentity;
+use crate::forward::{BoxError, ProxyBody};
+use crate::framing::{Guard, Verdict};
+use crate::proxy::Peer;
+use crate::runtime::Live;
+
+/// How long a client may take to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection asked to close, with nothing in flight, may take to do so.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The open connections: bounded, and drained at shutdown.
+pub(super) struct Connections {
+    open: AtomicUsize,
+    max: usize,
+    /// Woken when the last connection closes.
+    closed: tokio::sync::Notify,
+    /// Tells every connection to close gracefully (shutdown).
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl Connections {
+    pub fn new(max: usize) -> Arc<Connections> {
+        Arc::new(Connections {
+            open: AtomicUsize::new(0),
+            max,
+            closed: tokio::sync::Notify::new(),
+            shutdown: tokio::sync::watch::Sender::new(false),
+        })
+    }
+
+    /// A slot for one more connection, or `None` at `max_connections`.
+    pub fn open(self: &Arc<Self>) -> Option<Slot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Slot {
+            connections: self.clone(),
+            shutdown: self.shutdown.subscribe(),
+        })
+    }
+
+    /// Asks every connection to close once its requests are done, and waits until all have.
+    pub async fn drain(&self) {
+        self.shutdown.send_replace(true);
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+/// One open connection's place under `max_connections`; freed when dropped.
+pub(super) struct Slot {
+    connections: Arc<Connections>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.connections.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.connections.closed.notify_waiters();
+        }
+    }
+}
+
+/// The per-connection settings taken at start.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Limits {
+    pub idle: Duration,
+}
+
+/// Requests in flight on one connection, and since when it has had none.
+struct Activity {
+    started: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `started` when the last request in flight ended.
+    idle_since_ms: AtomicU64,
+}
+
+impl Activity {
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+        Some(self.started.elapsed().saturating_sub(since))
+    }
+}
+
+/// Counts a request as in flight until its response body is done.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: &Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let now = u64::try_from(a.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        a.idle_since_ms.store(now, Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The response body, holding its request's [`InFlight`].
+struct Tracked {
+    inner: ProxyBody,
+    _in_flight: InFlight,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Drives `conn` to its end, asking it to close gracefully (HTTP/1: after the response in
+/// flight; HTTP/2: GOAWAY) at shutdown, after `limits.idle` without a request in flight, or
+/// once a reload changed the inbound TLS settings it was accepted under. A macro because
+/// the plain and the TLS connection are different types with hyper's long bounds.
+macro_rules! watch {
+    ($conn:expr, $activity:expr, $live:expr, $tls_fingerprint:expr, $limits:expr, $slot:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        let every = ($limits.idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Once asked to close, a connection with nothing in flight gets CLOSE_GRACE to say
+        // goodbye (an HTTP/2 peer that never answers the GOAWAY's ping is not waited for).
+        let mut closing: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => break result,
+                changed = $slot.shutdown.changed(), if closing.is_none() => {
+                    if changed.is_err() || *$slot.shutdown.borrow() {
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(Instant::now());
+                    }
+                }
+                _ = tick.tick() => match closing {
+                    Some(since) => {
+                        if $activity.idle_for().is_some() && since.elapsed() >= CLOSE_GRACE {
+                            break Ok(());
+                        }
+                    }
+                    None => {
+                        let idle = $activity.idle_for().is_some_and(|d| d >= $limits.idle);
+                        let tls_changed = $live.current().tls_fingerprint() != $tls_fingerprint;
+                        if idle || tls_changed {
+                            tracing::debug!(idle, tls_changed, "closing the connection");
+                            conn.as_mut().graceful_shutdown();
+                            closing = Some(Instant::now());
+                        }
+                    }
+                },
+            }
+        }
+    }};
+}
+
+/// Serves one accepted connection to its end.
+pub(super) async fn serve(
+    stream: TcpStream,
+    peer: Peer,
+    live: Arc<Live>,
+    builder: auto::Builder<TokioExecutor>,
+    limits: Limits,
+    mut slot: Slot,
+) {
+    // The inbound TLS settings current at accept serve this connection.
+    let (tls, tls_fingerprint) = {
+        let proxy = live.current();
+        (proxy.tls().cloned(), proxy.tls_fingerprint())
+    };
+    let activity = Arc::new(Activity {
+        started: Instant::now(),
+        in_flight: AtomicUsize::new(0),
+        idle_since_ms: AtomicU64::new(0),
+    });
+    // Every connection's bytes pass the framing guard; its verdict tells the service which
+    // request (if any) carried smuggling-prone framing.
+    let verdict = Arc::new(Verdict::default());
+    let service = |cert: Option<Arc<CertIdentity>>| {
+        let (live, verdict, peer, activity) = (
+            live.clone(),
+            verdict.clone(),
+            peer.clone(),
+            activity.clone(),
+        );
+        service_fn(move |req| {
+            // The runtime current now serves this request to its end.
+            let (proxy, cert, peer) = (live.current(), cert.clone(), peer.clone());
+            let smuggled = verdict.next_request_is_smuggled();
+            let in_flight = InFlight::new(&activity);
+            async move {
+                let response = if smuggled {
+                    proxy.refuse_smuggling(&req, peer)
+                } else {
+                    proxy.handle(req, peer, cert).await
+                };
+                Ok::<_, std::convert::Infallible>(response.map(|inner| Tracked {
+                    inner,
+                    _in_flight: in_flight,
+                }))
+            }
+        })
+    };
+    let addr = peer.addr;
+    let result = match tls {
+        None => {
+            let io = TokioIo::new(Guard::new(stream, verdict.clone()));
+            let conn = builder.serve_connection(io, service(None));
+            watch!(conn, activity, live, tls_fingerprint, limits, slot)
+        }
+        Some(acceptor) => {
+            let tls =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::info!(peer = %addr, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(peer = %addr, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| CertIdentity::from_der(leaf))
+                .map(Arc::new);
+            let io = TokioIo::new(Guard::new(tls, verdict.clone()));
+            let conn = builder.serve_connection(io, service(cert));
+            watch!(conn, activity, live, tls_fingerprint, limits, slot)
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, peer = %addr, "connection ended with an error");
+    }
+}
