@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apple_api_proxy::standin::{Faults, KnownKey, KnownKeyKind, Options, Role, Standin};
+use apple_standin::{Faults, KnownKey, KnownKeyKind, Options, Role, Standin};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;

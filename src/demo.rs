@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{Config, KeySource};
 use crate::proxy::Proxy;
-use crate::standin::{KnownKey, KnownKeyKind, Options, Standin};
+use apple_standin::{KnownKey, KnownKeyKind, Options, Role, Standin};
 
 pub const DEMO_ISSUER: &str = "69a6de7e-0000-47e3-e053-5b8c7c11a4d1";
 pub const DEMO_BUNDLE: &str = "com.example.demo";
@@ -100,7 +100,7 @@ pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
 
     let secret = crate::client::generate_secret().map_err(|_| DemoError::KeyGen)?;
     let analyst_secret = crate::client::generate_secret().map_err(|_| DemoError::KeyGen)?;
-    let connect_url = standin.url(crate::standin::Role::AppStoreConnect);
+    let connect_url = standin.url(Role::AppStoreConnect);
     let text = format!(
         r#"
 [server]
@@ -159,8 +159,8 @@ secret_sha256 = "{analyst_hash}"
 allow = ["GET /v1/*"]
 key = "analyst"
 "#,
-        prod = standin.url(crate::standin::Role::StoreKitProduction),
-        sandbox = standin.url(crate::standin::Role::StoreKitSandbox),
+        prod = standin.url(Role::StoreKitProduction),
+        sandbox = standin.url(Role::StoreKitSandbox),
         hash = crate::hex(&crate::sha256(secret.as_bytes())),
         analyst_hash = crate::hex(&crate::sha256(analyst_secret.as_bytes())),
     );

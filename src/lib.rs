@@ -21,8 +21,6 @@
 //! - [`framing`]: watches HTTP/1 framing under hyper to refuse request smuggling.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener.
 //! - [`server`]: listeners, inbound TLS/mTLS, connection tasks, graceful shutdown.
-//! - [`standin`]: the local Apple stand-in used by `demo` and the tests; it shares no code
-//!   with the minting path (its verifier is RustCrypto's `p256`, not `ring`).
 //! - [`demo`]: wires the stand-in and the proxy together for `apple-api-proxy demo`.
 //!
 //! # Life of a request (see [`proxy::Proxy::handle`])
@@ -52,7 +50,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod server;
-pub mod standin;
 pub mod token;
 
 pub use server::run;

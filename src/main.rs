@@ -103,7 +103,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| "text".to_string());
     let filter = from_config.map(|l| l.filter).unwrap_or_else(|| {
         if demo {
-            "info,apple_api_proxy::standin=debug"
+            "info,apple_standin=debug"
         } else {
             "info"
         }
@@ -456,7 +456,7 @@ fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let d = demo::start(listen).await?;
         println!("apple-api-proxy demo: the proxy is on http://{} in front of a local Apple stand-in", d.addr);
-        println!("  (stand-in: App Store Connect {}, App Store Server {} / sandbox {};", d.standin.url(apple_api_proxy::standin::Role::AppStoreConnect), d.standin.url(apple_api_proxy::standin::Role::StoreKitProduction), d.standin.url(apple_api_proxy::standin::Role::StoreKitSandbox));
+        println!("  (stand-in: App Store Connect {}, App Store Server {} / sandbox {};", d.standin.url(apple_standin::Role::AppStoreConnect), d.standin.url(apple_standin::Role::StoreKitProduction), d.standin.url(apple_standin::Role::StoreKitSandbox));
         println!("   it checks every token with its own verifier, as Apple would; keys and CA are throw-away, in memory)");
         println!();
         for (what, line) in d.examples() {

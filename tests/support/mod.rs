@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use apple_api_proxy::config::Config;
-use apple_api_proxy::standin::{KnownKey, KnownKeyKind, Options, Role, Standin};
+use apple_standin::{KnownKey, KnownKeyKind, Options, Role, Standin};
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
