@@ -11,12 +11,15 @@
 //!
 //! Modules: `verify` (token rules, pure), `fault` (the [`Faults`] that refuse a verified
 //! token, APPLE.md §3 and §5), `exchange` (one request: check, count, record, answer),
-//! `body` (whole and generated response bodies), `tls` (the throw-away CA).
+//! `body` (whole and generated response bodies), `tls` (the throw-away CA); and
+//! [`fixture`], the one place that turns throw-away keys into a running stand-in and a
+//! `proxy.toml` for the proxy in front of it (for `demo`, the tests, soak and benchmarks).
 #![forbid(unsafe_code)]
 
 mod body;
 mod exchange;
 mod fault;
+pub mod fixture;
 mod tls;
 mod verify;
 
