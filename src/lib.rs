@@ -21,7 +21,12 @@
 //! - [`framing`]: watches HTTP/1 framing under hyper to refuse request smuggling.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener.
 //! - [`server`]: listeners, inbound TLS/mTLS, connection tasks, graceful shutdown.
-//! - [`demo`]: wires the stand-in and the proxy together for `apple-api-proxy demo`.
+//!
+//! The local Apple stand-in that `demo`, the tests, the soak and the benchmarks run against
+//! is its own crate, `apple-standin` (`crates/apple-standin`), with the fixture that turns
+//! throw-away keys into a running stand-in and a `proxy.toml`. It does not depend on this
+//! crate, so its token verifier shares no code with the minter; this library does not use
+//! it either (the `demo` command's wiring is in the binary, `src/demo.rs`).
 //!
 //! # Life of a request (see [`proxy::Proxy::handle`])
 //!
@@ -40,7 +45,6 @@ pub mod apple;
 pub mod audit;
 pub mod client;
 pub mod config;
-pub mod demo;
 pub mod diagnose;
 pub mod explain;
 pub mod forward;

@@ -183,8 +183,6 @@ pub struct Proxy {
     /// Per key: when Apple last accepted it (UNIX seconds; 0 = not since start-up), shared
     /// with the runtimes before and after a reload for keys of the same name.
     key_success: HashMap<String, Arc<AtomicI64>>,
-    /// The in-memory trust anchors it was built with (the demo's stand-in CA), for reloads.
-    extra_ca_pem: Option<String>,
     shared: Arc<Shared>,
 }
 
@@ -213,11 +211,7 @@ impl std::fmt::Debug for Proxy {
 
 impl Proxy {
     /// Validates the deployment-level rules, loads keys, builds the upstream client.
-    /// `extra_ca_pem` adds in-memory trust anchors (the demo's stand-in CA).
-    pub fn new(
-        config: Config,
-        extra_ca_pem: Option<&str>,
-    ) -> Result<(Proxy, Vec<String>), StartError> {
+    pub fn new(config: Config) -> Result<(Proxy, Vec<String>), StartError> {
         Proxy::validate(&config)?;
         let max_in_flight = config.server.max_concurrent_requests;
         let shared = Arc::new(Shared {
@@ -230,12 +224,7 @@ impl Proxy {
             serving: AtomicBool::new(false),
             apple_limits: crate::limits::AppleLimits::default(),
         });
-        Proxy::build(
-            config,
-            extra_ca_pem.map(str::to_string),
-            shared,
-            &HashMap::new(),
-        )
+        Proxy::build(config, shared, &HashMap::new())
     }
 
     /// A new runtime from `config` for a reload: keys, clients, routes and the upstream
@@ -244,12 +233,7 @@ impl Proxy {
     /// restart (listeners, audit, max_concurrent_requests) are kept and warned about.
     pub fn reload(&self, config: Config) -> Result<(Proxy, Vec<String>), StartError> {
         Proxy::validate(&config)?;
-        let (proxy, mut warnings) = Proxy::build(
-            config,
-            self.extra_ca_pem.clone(),
-            self.shared.clone(),
-            &self.key_success,
-        )?;
+        let (proxy, mut warnings) = Proxy::build(config, self.shared.clone(), &self.key_success)?;
         let (old, new) = (&self.config.server, &proxy.config.server);
         if old.listen != new.listen || old.admin_listen != new.admin_listen {
             warnings.push("listen/admin_listen changed: takes effect after a restart".into());
@@ -275,13 +259,12 @@ impl Proxy {
 
     fn build(
         config: Config,
-        extra_ca_pem: Option<String>,
         shared: Arc<Shared>,
         history: &HashMap<String, Arc<AtomicI64>>,
     ) -> Result<(Proxy, Vec<String>), StartError> {
         let tls = crate::server::tls_acceptor(&config)?;
         let (minter, warnings) = Minter::new(&config, shared.clock.clone())?;
-        let upstream = forward::client(&config, extra_ca_pem.as_deref())?;
+        let upstream = forward::client(&config)?;
         let key_success = config
             .keys
             .iter()
@@ -301,7 +284,6 @@ impl Proxy {
                 upstream,
                 tls,
                 key_success,
-                extra_ca_pem,
                 shared,
                 config: Arc::new(config),
             },

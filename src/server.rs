@@ -206,7 +206,7 @@ pub async fn run(
             let _ = admin_stopped.await;
         }));
     }
-    let (proxy, warnings) = Proxy::new(config, None)?;
+    let (proxy, warnings) = Proxy::new(config)?;
     for w in warnings {
         tracing::warn!("{w}");
     }
