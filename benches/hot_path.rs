@@ -12,7 +12,6 @@
 //! - `diagnose/*`: the 401 doctor on representative evidence (only on Apple's 401/403).
 
 use std::hint::black_box;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -23,78 +22,68 @@ use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 
 use apple_api_proxy::apple::{Api, Environment, KeyKind};
 use apple_api_proxy::client::Clients;
-use apple_api_proxy::config::{Config, KeySource};
+use apple_api_proxy::config::Config;
 use apple_api_proxy::diagnose::{self, AppleError, Evidence, SandboxProbe};
 use apple_api_proxy::route;
 use apple_api_proxy::token::{self, AppleClock, Claims, Minter};
+use apple_standin::fixture::{self, Identity};
 
-const ISSUER: &str = "57246542-96fe-1a63-e053-0824d011072a";
-const SECRET: &str = "aap_benchsecret";
+const ISSUER: &str = Identity::TEST.issuer_id;
+/// The bench client's name (and the bench harness's, `shared/bench/project-cmd.sh`).
+const BENCH_CLIENT: &str = "bench";
 
-/// The bench harness's configuration (what `shared/bench/project-cmd.sh` writes), plus an
-/// in-app-purchase key so storekit tokens can be measured too.
-fn config() -> Config {
-    let hash = apple_api_proxy::hex(&apple_api_proxy::sha256(SECRET.as_bytes()));
-    let text = format!(
-        r#"
-[apis.app-store-connect]
-base_url = "https://127.0.0.1:18443"
-
-[[keys]]
-name = "bench"
-kind = "team"
-key_id = "BENCHKEY01"
-issuer_id = "{ISSUER}"
-private_key_env = "UNUSED"
-apis = ["app-store-connect"]
-token_lifetime = "20m"
-
-[[keys]]
-name = "iap"
-kind = "in-app-purchase"
-key_id = "IAPKEY0001"
-issuer_id = "{ISSUER}"
-bundle_id = "com.example.app"
-private_key_env = "UNUSED"
-apis = ["app-store-server"]
-token_lifetime = "1h"
-
-[[clients]]
-name = "other"
-secret_sha256 = "{other}"
-allow = ["GET /inApps/*"]
-
-[[clients]]
-name = "bench"
-secret_sha256 = "{hash}"
-allow = ["POST /v1/builds", "GET /v1/apps/*/appStoreVersions", "GET /v1/*"]
-"#,
-        other = "ab".repeat(32),
-    );
-    let mut config = Config::parse(&text, "bench", Path::new(".")).expect("bench config parses");
-    for key in &mut config.keys {
-        key.source = KeySource::Inline(pem(&pkcs8()));
-    }
-    config
+/// The stand-in's fixture (its keys and `proxy.toml`, every key's `token_lifetime` 20m as
+/// the bench harness sets it) with the harness's client behind a second one, and the config
+/// loaded from it. The benchmarks never call the stand-in: they run the per-request steps
+/// in process. It stays up (on its own runtime) until the fixture is dropped.
+struct Fixture {
+    config: Config,
+    secret: String,
+    _world: fixture::World,
+    _runtime: tokio::runtime::Runtime,
 }
 
+fn fixture() -> Fixture {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for the stand-in");
+    let world = runtime
+        .block_on(fixture::World::start(&fixture::Options {
+            key_lifetime: Some("20m".to_string()),
+            clients: vec![
+                fixture::Client::new("other", &["GET /inApps/*"]),
+                fixture::Client::new(
+                    BENCH_CLIENT,
+                    &[
+                        "POST /v1/builds",
+                        "GET /v1/apps/*/appStoreVersions",
+                        "GET /v1/*",
+                    ],
+                ),
+            ],
+            ..fixture::Options::default()
+        }))
+        .expect("the stand-in's fixture");
+    let config = Config::load(&world.config_path).expect("the fixture's config loads");
+    let secret = world
+        .secret(BENCH_CLIENT)
+        .expect("bench client")
+        .to_string();
+    Fixture {
+        config,
+        secret,
+        _world: world,
+        _runtime: runtime,
+    }
+}
+
+/// A P-256 key for ring's own benchmark (the floor under `mint/fresh_es256`).
 fn pkcs8() -> Vec<u8> {
     EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
         .expect("ring generates a P-256 key")
         .as_ref()
         .to_vec()
-}
-
-fn pem(der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN PRIVATE KEY-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str("-----END PRIVATE KEY-----\n");
-    out
 }
 
 fn minter(config: &Config) -> Minter {
@@ -105,7 +94,7 @@ fn minter(config: &Config) -> Minter {
 
 fn connect_get<'a>(path: &'a str, query: Option<&'a str>) -> token::Request<'a> {
     token::Request {
-        key: "bench",
+        key: Identity::TEST.team.name,
         api: Api::AppStoreConnect,
         method: "GET",
         path,
@@ -115,8 +104,8 @@ fn connect_get<'a>(path: &'a str, query: Option<&'a str>) -> token::Request<'a> 
 }
 
 fn bench_mint(c: &mut Criterion) {
-    let config = config();
-    let minter = minter(&config);
+    let fixture = fixture();
+    let minter = minter(&fixture.config);
     let mut g = c.benchmark_group("mint");
 
     // A new scope every iteration: the cache cannot help, so this is a real signature.
@@ -138,7 +127,7 @@ fn bench_mint(c: &mut Criterion) {
 
     // `remint` always signs; a storekit token (no scope, `bid` claim) for comparison.
     let iap = token::Request {
-        key: "iap",
+        key: Identity::TEST.iap.name,
         api: Api::AppStoreServer,
         method: "GET",
         path: "/inApps/v1/transactions/2000000000000001",
@@ -206,14 +195,14 @@ fn bench_ring(c: &mut Criterion) {
 }
 
 fn bench_request(c: &mut Criterion) {
-    let config = config();
-    let routes = route::Table::new(&config);
-    let clients = Clients::new(&config);
+    let fixture = fixture();
+    let routes = route::Table::new(&fixture.config);
+    let clients = Clients::new(&fixture.config);
     let mut headers = HeaderMap::new();
     headers.insert("host", HeaderValue::from_static("127.0.0.1:18080"));
     headers.insert(
         "proxy-authorization",
-        HeaderValue::from_str(&format!("Bearer {SECRET}")).expect("ascii"),
+        HeaderValue::from_str(&format!("Bearer {}", fixture.secret)).expect("ascii"),
     );
     headers.insert("user-agent", HeaderValue::from_static("wrk/4.1.0"));
     headers.insert("accept", HeaderValue::from_static("application/json"));

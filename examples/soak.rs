@@ -1,5 +1,6 @@
 //! Soak: the release binary under minutes of mixed load, with injected faults, client
-//! disconnects, config reloads and SIGHUPs, against the in-process Apple stand-in.
+//! disconnects, config reloads and SIGHUPs, against the in-process Apple stand-in (keys,
+//! stand-in and config from the stand-in's fixture).
 //! Loopback only, bounded in time; prints request counts by kind and outcome, and the
 //! proxy's RSS at start and end. Exits 1 on a transport failure, an unexpected 5xx, a broken
 //! audit chain, or RSS growth beyond the allowance. Run it with `scripts/soak.sh`.
@@ -11,31 +12,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apple_api_proxy::standin::{Faults, KnownKey, KnownKeyKind, Options, Role, Standin};
+use apple_standin::fixture::{self, Identity};
+use apple_standin::Faults;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
 
-const ISSUER: &str = "57246542-96fe-1a63-e053-0824d011072a";
 /// RSS growth tolerated over the second half of the run (steady state: by then the token
 /// cache, bounded at 10,000 tokens, and the allocator's pools have filled).
 const RSS_ALLOWANCE_KIB: u64 = 8 * 1024;
 
 type Counts = Arc<Mutex<BTreeMap<String, u64>>>;
-
-fn key() -> (String, Vec<u8>) {
-    let rng = SystemRandom::new();
-    let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("keygen");
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng)
-        .expect("key");
-    (
-        pem::encode(&pem::Pem::new("PRIVATE KEY", der.as_ref().to_vec())),
-        pair.public_key().as_ref().to_vec(),
-    )
-}
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -62,90 +50,31 @@ async fn main() {
         .filter(|p| p.exists())
         .expect("build the proxy first: cargo build --release --bin apple-api-proxy");
 
-    let (connect_pem, connect_pub) = key();
-    let (iap_pem, iap_pub) = key();
-    let standin = Standin::start(Options {
-        keys: vec![
-            KnownKey {
-                key_id: "SOAKTEAM01".into(),
-                public_key: connect_pub,
-                kind: KnownKeyKind::Team {
-                    issuer_id: ISSUER.into(),
-                },
-            },
-            KnownKey {
-                key_id: "SOAKIAP001".into(),
-                public_key: iap_pub,
-                kind: KnownKeyKind::InAppPurchase {
-                    issuer_id: ISSUER.into(),
-                    bundle_ids: vec!["com.example.soak".into()],
-                },
-            },
-        ],
-        ..Options::default()
-    })
-    .await
-    .expect("stand-in");
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("AuthKey_SOAKTEAM01.p8"), connect_pem).expect("write");
-    std::fs::write(dir.path().join("SubscriptionKey_SOAKIAP001.p8"), iap_pem).expect("write");
-    for f in ["AuthKey_SOAKTEAM01.p8", "SubscriptionKey_SOAKIAP001.p8"] {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(dir.path().join(f), std::fs::Permissions::from_mode(0o600))
-            .expect("chmod");
-    }
-    std::fs::write(dir.path().join("ca.pem"), standin.ca_pem()).expect("write");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("port")
         .local_addr()
         .expect("addr")
         .port();
-    let secret = apple_api_proxy::client::generate_secret().expect("secret");
-    let config = format!(
-        r#"
-[server]
-listen = "127.0.0.1:{port}"
-admin_listen = "off"
-max_concurrent_requests = 64
-request_timeout = "10s"
-[audit]
-path = "audit.jsonl"
-[upstream]
-ca_file = "ca.pem"
-[apis.app-store-connect]
-base_url = "{connect}"
-[apis.app-store-server]
-base_url = "{prod}"
-sandbox_base_url = "{sandbox}"
-sandbox_fallback = true
-[[keys]]
-name = "connect"
-kind = "team"
-key_id = "SOAKTEAM01"
-issuer_id = "{ISSUER}"
-private_key_file = "AuthKey_SOAKTEAM01.p8"
-apis = ["app-store-connect"]
-[[keys]]
-name = "storekit"
-kind = "in-app-purchase"
-key_id = "SOAKIAP001"
-issuer_id = "{ISSUER}"
-bundle_id = "com.example.soak"
-private_key_file = "SubscriptionKey_SOAKIAP001.p8"
-apis = ["app-store-server"]
-[[clients]]
-name = "soak"
-secret_sha256 = "{hash}"
-allow = ["* /*"]
-# reload marker 0
-"#,
-        connect = standin.url(Role::AppStoreConnect),
-        prod = standin.url(Role::StoreKitProduction),
-        sandbox = standin.url(Role::StoreKitSandbox),
-        hash = apple_api_proxy::hex(&apple_api_proxy::sha256(secret.as_bytes())),
-    );
-    let config_path = dir.path().join("proxy.toml");
-    std::fs::write(&config_path, &config).expect("write");
+    let world = fixture::World::start(&fixture::Options {
+        listen: format!("127.0.0.1:{port}"),
+        server_toml: "max_concurrent_requests = 64\nrequest_timeout = \"10s\"".to_string(),
+        audit_toml: "path = \"audit.jsonl\"".to_string(),
+        app_store_server_toml: "sandbox_fallback = true".to_string(),
+        clients: vec![fixture::Client::new("soak", &["* /*"])],
+        // Rewritten (the marker's number) to make the proxy reload.
+        extra_toml: "# reload marker 0".to_string(),
+        ..fixture::Options::default()
+    })
+    .await
+    .expect("the stand-in's fixture");
+    let secret = world.secret("soak").expect("client soak").to_string();
+    let fixture::World {
+        standin,
+        dir,
+        config_path,
+        ..
+    } = world;
+    let config = std::fs::read_to_string(&config_path).expect("read");
     let mut child = std::process::Command::new(&binary)
         .args(["serve", "--config"])
         .arg(&config_path)
@@ -285,11 +214,11 @@ allow = ["* /*"]
                 ..Faults::default()
             },
             2 => Faults {
-                unreleased_bundle_ids: vec!["com.example.soak".into()],
+                unreleased_bundle_ids: vec![Identity::TEST.bundle_id.into()],
                 ..Faults::default()
             },
             3 => Faults {
-                revoked_key_ids: vec!["SOAKTEAM01".into()],
+                revoked_key_ids: vec![Identity::TEST.team.key_id.into()],
                 ..Faults::default()
             },
             4 => Faults {

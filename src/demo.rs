@@ -1,198 +1,107 @@
 //! `apple-api-proxy demo`: the whole thing working without an Apple account.
 //!
-//! Starts the Apple stand-in (TLS with a throw-away CA, throw-away keys, Apple's token rules
-//! enforced by its own verifier) and the real proxy in front of it, with a demo client
-//! secret, and produces curl lines that work when pasted. Nothing is written to disk: keys
-//! and the CA stay in memory and vanish on exit.
+//! Part of the binary (declared in main.rs), not the library: the stand-in is a test
+//! double, and the library must not grow a use of it.
+//!
+//! The stand-in's fixture generates throw-away keys, starts the Apple stand-in (TLS with a
+//! throw-away CA, Apple's token rules enforced by its own verifier) trusting them, and
+//! writes the keys, the CA and a `proxy.toml` into a temp dir that is removed when the demo
+//! ends. The proxy is then loaded and served exactly as `serve` does it (`Config::load`,
+//! `server::bind`, `apple_api_proxy::run`), so the demo exercises the real path. This file
+//! chooses the demo's identity and clients and produces curl lines that work when pasted.
+//! Imports the library's public API and the stand-in crate.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
 
-use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
-use tokio::net::TcpListener;
+use apple_api_proxy::config::{Config, ConfigError};
+use apple_api_proxy::server::{self, Listeners};
+use apple_standin::fixture::{self, Client, Identity, Slot};
 
-use crate::config::{Config, KeySource};
-use crate::proxy::Proxy;
-use crate::standin::{KnownKey, KnownKeyKind, Options, Standin};
-
-pub const DEMO_ISSUER: &str = "69a6de7e-0000-47e3-e053-5b8c7c11a4d1";
-pub const DEMO_BUNDLE: &str = "com.example.demo";
-pub const DEMO_CONNECT_KID: &str = "DEMOTEAM01";
-pub const DEMO_STOREKIT_KID: &str = "DEMOIAP001";
-pub const DEMO_INDIVIDUAL_KID: &str = "DEMOUSER01";
+/// The client the examples use: allowed App Store Connect reads, storekit and notary.
+const DEMO_CLIENT: &str = "demo";
+/// A client pinned to the individual key, to show a diagnosis.
+const ANALYST_CLIENT: &str = "analyst";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("cannot start the Apple stand-in: {0}")]
-    Standin(std::io::Error),
+    #[error("cannot set up the Apple stand-in and its throw-away keys")]
+    Fixture(#[from] fixture::Error),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("cannot listen on {addr}: {error} (fix: pass --listen 127.0.0.1:<free port>)")]
     Listen {
         addr: SocketAddr,
         error: std::io::Error,
     },
-    #[error("cannot generate a throw-away key")]
-    KeyGen,
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error(transparent)]
-    Start(#[from] Box<crate::proxy::StartError>),
 }
 
-/// A running demo: the stand-in, the proxy's listener and the demo client's secret.
+/// A demo ready to serve: the stand-in and its temp dir, the proxy's config loaded from
+/// that dir, and the proxy's bound listener.
 pub struct Demo {
-    pub standin: Standin,
-    pub proxy: Arc<Proxy>,
-    pub listener: TcpListener,
+    /// Dropping it stops the stand-in and removes the temp dir.
+    pub world: fixture::World,
+    pub config: Config,
+    pub listeners: Listeners,
     pub addr: SocketAddr,
     pub secret: String,
     /// Secret of client `analyst`, pinned to an individual key (to show a diagnosis).
     pub analyst_secret: String,
 }
 
-fn throwaway_key() -> Result<(String, Vec<u8>), DemoError> {
-    let rng = SystemRandom::new();
-    let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-        .map_err(|_| DemoError::KeyGen)?;
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng)
-        .map_err(|_| DemoError::KeyGen)?;
-    use ring::signature::KeyPair as _;
-    let public = pair.public_key().as_ref().to_vec();
-    Ok((
-        pem::encode(&pem::Pem::new("PRIVATE KEY", der.as_ref().to_vec())),
-        public,
-    ))
-}
-
-/// Starts the stand-in and binds the proxy on `listen`; the caller serves it.
+/// Starts the stand-in, writes and loads the config, and binds the proxy on `listen`; the
+/// caller serves it with [`apple_api_proxy::run`].
 pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
-    let (connect_pem, connect_pub) = throwaway_key()?;
-    let (storekit_pem, storekit_pub) = throwaway_key()?;
-    let (analyst_pem, analyst_pub) = throwaway_key()?;
-    let standin = Standin::start(Options {
-        keys: vec![
-            KnownKey {
-                key_id: DEMO_CONNECT_KID.into(),
-                public_key: connect_pub,
-                kind: KnownKeyKind::Team {
-                    issuer_id: DEMO_ISSUER.into(),
-                },
-            },
-            KnownKey {
-                key_id: DEMO_INDIVIDUAL_KID.into(),
-                public_key: analyst_pub,
-                kind: KnownKeyKind::Individual,
-            },
-            KnownKey {
-                key_id: DEMO_STOREKIT_KID.into(),
-                public_key: storekit_pub,
-                kind: KnownKeyKind::InAppPurchase {
-                    issuer_id: DEMO_ISSUER.into(),
-                    bundle_ids: vec![DEMO_BUNDLE.into()],
-                },
-            },
+    let world = fixture::World::start(&fixture::Options {
+        identity: Identity::DEMO,
+        listen: listen.to_string(),
+        // Each request's audit record on stdout, under the curl lines.
+        audit_toml: "path = \"-\"".to_string(),
+        clients: vec![
+            Client::new(
+                DEMO_CLIENT,
+                &[
+                    "GET /v1/*",
+                    "* /inApps/*",
+                    "* /sandbox/inApps/*",
+                    "GET /notary/*",
+                ],
+            ),
+            Client::new(ANALYST_CLIENT, &["GET /v1/*"]).pinned(Slot::Individual),
         ],
-        ..Options::default()
+        ..fixture::Options::default()
     })
-    .await
-    .map_err(DemoError::Standin)?;
-
-    let secret = crate::client::generate_secret().map_err(|_| DemoError::KeyGen)?;
-    let analyst_secret = crate::client::generate_secret().map_err(|_| DemoError::KeyGen)?;
-    let connect_url = standin.url(crate::standin::Role::AppStoreConnect);
-    let text = format!(
-        r#"
-[server]
-listen = "{listen}"
-admin_listen = "off"
-
-[audit]
-path = "-"
-
-[apis.app-store-connect]
-base_url = "{connect_url}"
-[apis.notary]
-base_url = "{connect_url}"
-[apis.app-store-server]
-base_url = "{prod}"
-sandbox_base_url = "{sandbox}"
-[apis.advanced-commerce]
-base_url = "{prod}"
-sandbox_base_url = "{sandbox}"
-[apis.external-purchase]
-base_url = "{prod}"
-sandbox_base_url = "{sandbox}"
-
-[[keys]]
-name = "connect"
-kind = "team"
-key_id = "{DEMO_CONNECT_KID}"
-issuer_id = "{DEMO_ISSUER}"
-private_key_env = "DEMO_IN_MEMORY"
-apis = ["app-store-connect", "notary"]
-
-[[keys]]
-name = "storekit"
-kind = "in-app-purchase"
-key_id = "{DEMO_STOREKIT_KID}"
-issuer_id = "{DEMO_ISSUER}"
-bundle_id = "{DEMO_BUNDLE}"
-private_key_env = "DEMO_IN_MEMORY"
-apis = ["app-store-server", "advanced-commerce", "external-purchase"]
-
-[[keys]]
-name = "analyst"
-kind = "individual"
-key_id = "{DEMO_INDIVIDUAL_KID}"
-private_key_env = "DEMO_IN_MEMORY"
-apis = ["app-store-connect"]
-
-[[clients]]
-name = "demo"
-secret_sha256 = "{hash}"
-allow = ["GET /v1/*", "* /inApps/*", "* /sandbox/inApps/*", "GET /notary/*"]
-
-[[clients]]
-name = "analyst"
-secret_sha256 = "{analyst_hash}"
-allow = ["GET /v1/*"]
-key = "analyst"
-"#,
-        prod = standin.url(crate::standin::Role::StoreKitProduction),
-        sandbox = standin.url(crate::standin::Role::StoreKitSandbox),
-        hash = crate::hex(&crate::sha256(secret.as_bytes())),
-        analyst_hash = crate::hex(&crate::sha256(analyst_secret.as_bytes())),
-    );
-    let mut config = Config::parse(&text, "<demo>", Path::new("."))?;
-    config.keys[0].source = KeySource::Inline(connect_pem);
-    config.keys[1].source = KeySource::Inline(storekit_pem);
-    config.keys[2].source = KeySource::Inline(analyst_pem);
-    let ca = std::env::temp_dir().join(format!(
-        "apple-api-proxy-demo-ca-{}.pem",
-        std::process::id()
-    ));
-    std::fs::write(&ca, standin.ca_pem()).map_err(DemoError::Standin)?;
-    config.upstream.ca_file = Some(ca);
-    let (proxy, _warnings) = Proxy::new(config).map_err(Box::new)?;
-    let listener = TcpListener::bind(listen)
+    .await?;
+    let config = Config::load(&world.config_path)?;
+    let listeners = server::bind(&config)
         .await
         .map_err(|error| DemoError::Listen {
             addr: listen,
             error,
         })?;
-    let addr = listener.local_addr().map_err(|error| DemoError::Listen {
-        addr: listen,
-        error,
-    })?;
+    let addr = listeners
+        .proxy
+        .local_addr()
+        .map_err(|error| DemoError::Listen {
+            addr: listen,
+            error,
+        })?;
+    let secret = issued(&world, DEMO_CLIENT);
+    let analyst_secret = issued(&world, ANALYST_CLIENT);
     Ok(Demo {
-        standin,
-        proxy: Arc::new(proxy),
-        listener,
+        world,
+        config,
+        listeners,
         addr,
         secret,
         analyst_secret,
     })
+}
+
+fn issued(world: &fixture::World, client: &str) -> String {
+    world
+        .secret(client)
+        .expect("the fixture issues a secret for every client in its options")
+        .to_string()
 }
 
 impl Demo {

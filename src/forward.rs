@@ -44,8 +44,8 @@ pub enum ClientError {
 }
 
 /// Builds the upstream client: host roots (Mozilla's as the fallback when the host has
-/// none) plus `[upstream] ca_file` and any in-memory anchors the demo or tests pass.
-pub fn client(config: &Config, extra_ca_pem: Option<&str>) -> Result<Client, ClientError> {
+/// none) plus `[upstream] ca_file`.
+pub fn client(config: &Config) -> Result<Client, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     let (added, _) = roots.add_parsable_certificates(native.certs);
@@ -62,9 +62,6 @@ pub fn client(config: &Config, extra_ca_pem: Option<&str>) -> Result<Client, Cli
         if n == 0 {
             return Err(ClientError::CaEmpty { file });
         }
-    }
-    if let Some(pem) = extra_ca_pem {
-        roots.add_parsable_certificates(pem_certs(pem.as_bytes()));
     }
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),

@@ -30,8 +30,11 @@
 //!   runtime.
 //! - [`server`]: listeners, inbound TLS/mTLS, connection tasks, graceful shutdown, [`run`].
 //!
-//! The Apple stand-in that `demo` and the tests run against is its own crate
-//! (`crates/apple-standin`), which depends on nothing of this one.
+//! The local Apple stand-in that `demo`, the tests, the soak and the benchmarks run against
+//! is its own crate, `apple-standin` (`crates/apple-standin`), with the fixture that turns
+//! throw-away keys into a running stand-in and a `proxy.toml`. It does not depend on this
+//! crate, so its token verifier shares no code with the minter; this library does not use
+//! it either (the `demo` command's wiring is in the binary, `src/demo.rs`).
 //!
 //! # Life of a request (see [`proxy::Proxy::handle`])
 //!
@@ -58,7 +61,6 @@ pub mod apple;
 pub mod audit;
 pub mod client;
 pub mod config;
-pub mod demo;
 pub mod diagnose;
 pub mod explain;
 pub mod forward;
@@ -69,7 +71,6 @@ pub mod proxy;
 pub mod route;
 pub mod runtime;
 pub mod server;
-pub mod standin;
 pub(crate) mod tls;
 pub mod token;
 

@@ -1,5 +1,6 @@
 //! The `apple-api-proxy` binary: command line, logging setup, exit codes. Everything else is
-//! in the library; `anyhow` lives only here.
+//! in the library, except the `demo` command's wiring of the Apple stand-in ([`demo`]),
+//! which the library must not depend on; `anyhow` lives only here.
 //!
 //! Exit codes: 0 success, 1 a failure the message explains, 2 bad command-line usage.
 
@@ -14,7 +15,9 @@ use clap::{Parser, Subcommand};
 
 use apple_api_proxy::config::Config;
 use apple_api_proxy::proxy::Proxy;
-use apple_api_proxy::{apple, client, demo, route, server, token};
+use apple_api_proxy::{apple, client, route, server, token};
+
+mod demo;
 
 #[derive(Parser)]
 #[command(
@@ -103,7 +106,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| "text".to_string());
     let filter = from_config.map(|l| l.filter).unwrap_or_else(|| {
         if demo {
-            "info,apple_api_proxy::standin=debug"
+            "info,apple_standin=debug"
         } else {
             "info"
         }
@@ -456,8 +459,8 @@ fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let d = demo::start(listen).await?;
         println!("apple-api-proxy demo: the proxy is on http://{} in front of a local Apple stand-in", d.addr);
-        println!("  (stand-in: App Store Connect {}, App Store Server {} / sandbox {};", d.standin.url(apple_api_proxy::standin::Role::AppStoreConnect), d.standin.url(apple_api_proxy::standin::Role::StoreKitProduction), d.standin.url(apple_api_proxy::standin::Role::StoreKitSandbox));
-        println!("   it checks every token with its own verifier, as Apple would; keys and CA are throw-away, in memory)");
+        println!("  (stand-in: App Store Connect {}, App Store Server {} / sandbox {};", d.world.standin.url(apple_standin::Role::AppStoreConnect), d.world.standin.url(apple_standin::Role::StoreKitProduction), d.world.standin.url(apple_standin::Role::StoreKitSandbox));
+        println!("   it checks every token with its own verifier, as Apple would; keys, CA and proxy.toml are throw-away, in {}, removed on exit)", d.world.dir.path().display());
         println!();
         for (what, line) in d.examples() {
             println!("# {what}");
@@ -465,14 +468,11 @@ fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
             println!();
         }
         println!("Press Ctrl-C to stop. Each request's audit record (one hash-chained JSON line) prints below when it ends.");
-        let demo::Demo { standin, proxy, listener, .. } = d;
-        let writer = proxy.start_audit()?;
-        server::serve(apple_api_proxy::runtime::Live::new(proxy.clone()), listener, shutdown_signal()).await;
-        if let Some(audit) = proxy.audit() {
-            audit.close();
-        }
-        drop(writer);
-        standin.shutdown().await;
+        let demo::Demo { world, config, listeners, .. } = d;
+        // What `serve` runs, on the config the fixture wrote.
+        let served = server::run(config, listeners, shutdown_signal()).await;
+        world.standin.shutdown().await;
+        served?;
         Ok(())
     })
 }

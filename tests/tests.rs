@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use apple_api_proxy::proxy::codes;
-use apple_api_proxy::standin::Role;
+use apple_standin::Role;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt as _, Full};
@@ -25,7 +25,7 @@ fn empty() -> Full<Bytes> {
     Full::new(Bytes::new())
 }
 
-fn bearer(received: &apple_api_proxy::standin::Received) -> String {
+fn bearer(received: &apple_standin::Received) -> String {
     received.headers["authorization"]
         .to_str()
         .unwrap()

@@ -48,7 +48,7 @@ pub enum ConfigError {
 pub enum KeySource {
     File(PathBuf),
     Env(String),
-    /// Key material handed over in memory (the `demo` command and tests); never from TOML.
+    /// Key material handed over in memory (unit tests); never from TOML.
     Inline(String),
 }
 
@@ -81,10 +81,10 @@ pub enum OnAuditFailure {
 }
 
 /// The validated configuration. Built only by [`Config::parse`] / [`Config::load`] or by code
-/// (demo, tests) that fills every field itself.
+/// (tests) that fills every field itself.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The file it came from, for messages (`<built-in>` for the demo).
+    /// The file it came from, for messages (the name given to [`Config::parse`] for text).
     pub source: String,
     pub server: Server,
     pub audit: Audit,

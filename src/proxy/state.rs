@@ -136,7 +136,7 @@ impl Proxy {
         let tls_fingerprint = crate::tls::fingerprint(&config);
         let (minter, warnings) = Minter::new(&config, shared.clock.clone())?;
         let minter = minter.counting_into(shared.mint_counts.clone());
-        let upstream = forward::client(&config, None)?;
+        let upstream = forward::client(&config)?;
         let key_success = {
             let mut history = shared.key_history.lock().unwrap_or_else(|p| p.into_inner());
             config

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apple_api_proxy::proxy::codes;
-use apple_api_proxy::standin::Faults;
+use apple_standin::Faults;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt as _, Full};
@@ -129,7 +129,7 @@ fn assert_chain(lines: &[String]) -> Vec<Value> {
         .collect()
 }
 
-fn bearer(received: &apple_api_proxy::standin::Received) -> String {
+fn bearer(received: &apple_standin::Received) -> String {
     received.headers["authorization"]
         .to_str()
         .unwrap()

@@ -214,7 +214,10 @@ fn with_test_keys(config: &toml::Table, dir: &Path, key_path: impl Fn(&str) -> S
     let mut config = config.clone();
     for key in config["keys"].as_array_mut().unwrap() {
         let path = key["private_key_file"].as_str().unwrap().to_string();
-        write_private(&dir.join(file_name(&path)), &TestKey::generate().pem);
+        write_private(
+            &dir.join(file_name(&path)),
+            &TestKey::generate().unwrap().pem,
+        );
         key["private_key_file"] = toml::Value::String(key_path(&path));
     }
     for client in config["clients"].as_array_mut().unwrap() {

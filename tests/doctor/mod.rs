@@ -2,7 +2,7 @@
 //! first — in `X-Proxy-Diagnosis` and as `likely_causes[0]` — and the diagnosis never holds a
 //! token, a signature or a client secret.
 
-use apple_api_proxy::standin::{Faults, AGREEMENT_PENDING_BODY, APP_STORE_CONNECT_FORBIDDEN_BODY};
+use apple_standin::{Faults, AGREEMENT_PENDING_BODY, APP_STORE_CONNECT_FORBIDDEN_BODY};
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
@@ -99,7 +99,7 @@ async fn a_skewed_clock_is_diagnosed_as_clock_skew_with_the_measured_offset() {
     assert_eq!(
         body["errors"],
         serde_json::from_str::<serde_json::Value>(
-            apple_api_proxy::standin::APP_STORE_CONNECT_NOT_AUTHORIZED_BODY
+            apple_standin::APP_STORE_CONNECT_NOT_AUTHORIZED_BODY
         )
         .unwrap()["errors"],
         "Apple's errors array, unchanged"

@@ -126,9 +126,7 @@ async fn harness_with_bad_apple(ca: &TestCa, bad: SocketAddr) -> Harness {
         ca.cert.pem()
     );
     std::fs::write(&ca_path, both).unwrap();
-    let connect = world
-        .standin
-        .url(apple_api_proxy::standin::Role::AppStoreConnect);
+    let connect = world.standin.url(apple_standin::Role::AppStoreConnect);
     let text = std::fs::read_to_string(&world.config_path)
         .unwrap()
         .replace(
@@ -535,7 +533,7 @@ async fn with_an_egress_proxy_apple_is_reached_through_a_connect_tunnel() {
     let targets = seen.lock().unwrap().clone();
     let connect_port = h
         .standin()
-        .url(apple_api_proxy::standin::Role::AppStoreConnect)
+        .url(apple_standin::Role::AppStoreConnect)
         .rsplit(':')
         .next()
         .unwrap()
@@ -667,9 +665,7 @@ async fn sigterm_under_load_lets_every_in_flight_request_finish_and_flushes_the_
 /// A harness whose `[apis.app-store-server]` table also carries `setting`.
 async fn with_app_store_server_setting(setting: &str) -> Harness {
     let world = World::new(&Setup::default(), "127.0.0.1:0").await;
-    let sandbox = world
-        .standin
-        .url(apple_api_proxy::standin::Role::StoreKitSandbox);
+    let sandbox = world.standin.url(apple_standin::Role::StoreKitSandbox);
     let text = std::fs::read_to_string(&world.config_path)
         .unwrap()
         .replacen(
@@ -687,7 +683,7 @@ pub(crate) async fn with_fallback(on: bool) -> Harness {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_fallback_answers_a_sandbox_transaction_from_sandbox_and_marks_it() {
-    use apple_api_proxy::standin::{Faults, Role};
+    use apple_standin::{Faults, Role};
     let h = with_fallback(true).await;
     h.standin().set_faults(Faults {
         sandbox_only_transactions: vec!["2000000000000042".into()],
@@ -724,7 +720,7 @@ async fn sandbox_fallback_answers_a_sandbox_transaction_from_sandbox_and_marks_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_fallback_recognises_the_unreleased_app_401() {
-    use apple_api_proxy::standin::Faults;
+    use apple_standin::Faults;
     let h = with_fallback(true).await;
     h.standin().set_faults(Faults {
         unreleased_bundle_ids: vec![BUNDLE.into()],
@@ -742,7 +738,7 @@ async fn sandbox_fallback_recognises_the_unreleased_app_401() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_sandbox_fallback_apples_404_passes_through_unchanged() {
-    use apple_api_proxy::standin::{Faults, TRANSACTION_NOT_FOUND_BODY};
+    use apple_standin::{Faults, TRANSACTION_NOT_FOUND_BODY};
     let h = with_fallback(false).await;
     h.standin().set_faults(Faults {
         sandbox_only_transactions: vec!["2000000000000042".into()],

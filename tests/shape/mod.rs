@@ -36,7 +36,7 @@ async fn reload(h: &Arc<Harness>, nth: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fallback_that_sandbox_refuses_too_asks_sandbox_once_and_diagnoses_with_its_answer() {
-    use apple_api_proxy::standin::{Faults, Role};
+    use apple_standin::{Faults, Role};
     let h = with_fallback(true).await;
     h.standin().set_faults(Faults {
         revoked_key_ids: vec![IAP_KID.into()],
@@ -117,7 +117,7 @@ async fn a_different_key_under_the_same_name_does_not_inherit_its_history() {
         .path()
         .join("keys")
         .join(format!("AuthKey_{TEAM_KID}.p8"));
-    write_private(&file, &TestKey::generate().pem);
+    write_private(&file, &TestKey::generate().unwrap().pem);
     assert!(reloaded(&h, 1).await, "the key file change is reloaded");
     let r = h.get("/v1/apps").await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);

@@ -1,5 +1,6 @@
-//! Test harness: throw-away keys, the Apple stand-in, and the real proxy on port 0 (in
-//! process) or the real binary, with plain-HTTP clients speaking HTTP/1.1 or HTTP/2.
+//! Test harness: the stand-in's fixture (throw-away keys, the Apple stand-in, a config in a
+//! temp dir), and the real proxy on port 0 (in process) or the real binary, with plain-HTTP
+//! clients speaking HTTP/1.1 or HTTP/2.
 
 #![allow(dead_code)]
 
@@ -9,40 +10,22 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use apple_api_proxy::config::Config;
-use apple_api_proxy::standin::{KnownKey, KnownKeyKind, Options, Role, Standin};
+use apple_standin::fixture::{self, Identity};
+use apple_standin::Standin;
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
 use tokio::sync::oneshot;
 
-pub const ISSUER: &str = "57246542-96fe-1a63-e053-0824d011072a";
-pub const BUNDLE: &str = "com.example.app";
-pub const TEAM_KID: &str = "TEAMKEY001";
-pub const INDIVIDUAL_KID: &str = "INDIVKEY01";
-pub const IAP_KID: &str = "IAPKEY0001";
+pub use apple_standin::fixture::{Key as TestKey, Keys};
 
-/// A freshly generated P-256 key: PKCS#8 PEM and the uncompressed public point.
-pub struct TestKey {
-    pub pem: String,
-    pub public: Vec<u8>,
-}
-
-impl TestKey {
-    pub fn generate() -> TestKey {
-        let rng = SystemRandom::new();
-        let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let pair =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).unwrap();
-        TestKey {
-            pem: pem::encode(&pem::Pem::new("PRIVATE KEY", der.as_ref().to_vec())),
-            public: pair.public_key().as_ref().to_vec(),
-        }
-    }
-}
+pub const ISSUER: &str = Identity::TEST.issuer_id;
+pub const BUNDLE: &str = Identity::TEST.bundle_id;
+pub const TEAM_KID: &str = Identity::TEST.team.key_id;
+pub const INDIVIDUAL_KID: &str = Identity::TEST.individual.key_id;
+pub const IAP_KID: &str = Identity::TEST.iap.key_id;
 
 /// Knobs for one harness.
 #[derive(Default)]
@@ -57,13 +40,8 @@ pub struct Setup {
     pub server_toml: String,
 }
 
-pub struct Keys {
-    pub team: TestKey,
-    pub individual: TestKey,
-    pub iap: TestKey,
-}
-
-/// The stand-in plus a config for the proxy in front of it, written to a temp dir.
+/// The stand-in plus a config for the proxy in front of it, written to a temp dir by the
+/// stand-in's fixture (keys in `keys/`, the CA in `standin-ca.pem`, `proxy.toml`).
 pub struct World {
     pub standin: Standin,
     pub dir: tempfile::TempDir,
@@ -77,132 +55,28 @@ pub struct World {
 
 impl World {
     pub async fn new(setup: &Setup, listen: &str) -> World {
-        let keys = Keys {
-            team: TestKey::generate(),
-            individual: TestKey::generate(),
-            iap: TestKey::generate(),
-        };
-        let standin = Standin::start(Options {
-            keys: vec![
-                KnownKey {
-                    key_id: TEAM_KID.into(),
-                    public_key: keys.team.public.clone(),
-                    kind: KnownKeyKind::Team {
-                        issuer_id: ISSUER.into(),
-                    },
-                },
-                KnownKey {
-                    key_id: INDIVIDUAL_KID.into(),
-                    public_key: keys.individual.public.clone(),
-                    kind: KnownKeyKind::Individual,
-                },
-                KnownKey {
-                    key_id: IAP_KID.into(),
-                    public_key: keys.iap.public.clone(),
-                    kind: KnownKeyKind::InAppPurchase {
-                        issuer_id: ISSUER.into(),
-                        bundle_ids: vec![BUNDLE.into()],
-                    },
-                },
-            ],
+        let world = fixture::World::start(&fixture::Options {
+            listen: listen.to_string(),
+            server_toml: format!("request_timeout = \"20s\"\n{}", setup.server_toml),
+            audit_toml: "path = \"audit.jsonl\"\nfsync = \"off\"".to_string(),
+            upstream_toml: "connect_timeout = \"2s\"".to_string(),
+            key_lifetime: setup.key_lifetime.map(str::to_string),
             clock_offset_secs: setup.standin_clock_offset,
-            ..Options::default()
+            connect_base_url: setup.connect_base_url.clone(),
+            // The default clients: `tester` and `reader`.
+            ..fixture::Options::default()
         })
         .await
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("keys")).unwrap();
-        for (file, key) in [
-            (format!("AuthKey_{TEAM_KID}.p8"), &keys.team),
-            (format!("AuthKey_{INDIVIDUAL_KID}.p8"), &keys.individual),
-            (format!("SubscriptionKey_{IAP_KID}.p8"), &keys.iap),
-        ] {
-            write_private(&dir.path().join("keys").join(file), &key.pem);
-        }
-        std::fs::write(dir.path().join("standin-ca.pem"), standin.ca_pem()).unwrap();
-        let secret = apple_api_proxy::client::generate_secret().unwrap();
-        let reader_secret = apple_api_proxy::client::generate_secret().unwrap();
-        let lifetime = setup
-            .key_lifetime
-            .map(|l| format!("token_lifetime = \"{l}\"\n"))
-            .unwrap_or_default();
-        let connect = setup
-            .connect_base_url
-            .clone()
-            .unwrap_or_else(|| standin.url(Role::AppStoreConnect));
-        let text = format!(
-            r#"
-[server]
-listen = "{listen}"
-admin_listen = "off"
-request_timeout = "20s"
-{server_toml}
-
-[audit]
-path = "audit.jsonl"
-fsync = "off"
-
-[upstream]
-ca_file = "standin-ca.pem"
-connect_timeout = "2s"
-
-[apis.app-store-connect]
-base_url = "{connect}"
-[apis.notary]
-base_url = "{connect}"
-[apis.app-store-server]
-base_url = "{prod}"
-sandbox_base_url = "{sandbox}"
-[apis.advanced-commerce]
-base_url = "{prod}"
-sandbox_base_url = "{sandbox}"
-[apis.external-purchase]
-base_url = "{prod}"
-sandbox_base_url = "{sandbox}"
-
-[[keys]]
-name = "connect"
-kind = "team"
-key_id = "{TEAM_KID}"
-issuer_id = "{ISSUER}"
-private_key_file = "keys/AuthKey_{TEAM_KID}.p8"
-apis = ["app-store-connect", "notary"]
-{lifetime}
-[[keys]]
-name = "me"
-kind = "individual"
-key_id = "{INDIVIDUAL_KID}"
-private_key_file = "keys/AuthKey_{INDIVIDUAL_KID}.p8"
-apis = ["app-store-connect"]
-{lifetime}
-[[keys]]
-name = "storekit"
-kind = "in-app-purchase"
-key_id = "{IAP_KID}"
-issuer_id = "{ISSUER}"
-bundle_id = "{BUNDLE}"
-private_key_file = "keys/SubscriptionKey_{IAP_KID}.p8"
-apis = ["app-store-server", "advanced-commerce", "external-purchase"]
-{lifetime}
-[[clients]]
-name = "tester"
-secret_sha256 = "{h1}"
-allow = ["* /*"]
-
-[[clients]]
-name = "reader"
-secret_sha256 = "{h2}"
-allow = ["GET /v1/*"]
-key = "me"
-"#,
-            server_toml = setup.server_toml,
-            prod = standin.url(Role::StoreKitProduction),
-            sandbox = standin.url(Role::StoreKitSandbox),
-            h1 = sha_hex(&secret),
-            h2 = sha_hex(&reader_secret),
-        );
-        let config_path = dir.path().join("proxy.toml");
-        std::fs::write(&config_path, text).unwrap();
+        .expect("the stand-in's fixture starts");
+        let secret = world.secret("tester").expect("client tester").to_string();
+        let reader_secret = world.secret("reader").expect("client reader").to_string();
+        let fixture::World {
+            standin,
+            dir,
+            keys,
+            config_path,
+            ..
+        } = world;
         World {
             standin,
             dir,
@@ -222,13 +96,9 @@ pub fn sha_hex(s: &str) -> String {
     apple_api_proxy::hex(&apple_api_proxy::sha256(s.as_bytes()))
 }
 
+/// Writes `text` with mode 0600, as key files are kept.
 pub fn write_private(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    fixture::write_private(path, text).unwrap();
 }
 
 /// The real proxy, in process, on 127.0.0.1:0.

@@ -5,8 +5,9 @@
 //! `p256`, never `ring`), the claim rules per [`Role`], and App Store Connect `scope`
 //! matching. Everything here is pure: the clock is passed in as `now`.
 //!
-//! Imports only `super` (the stand-in's public types); it must never import the rest of
-//! the crate, or a bug in the minter could be mirrored here and go unnoticed.
+//! Imports only `super` (the stand-in's public types). The proxy's minter is out of reach:
+//! this crate does not depend on apple-api-proxy, so a bug in the minter cannot be mirrored
+//! here and go unnoticed.
 
 use std::collections::HashMap;
 use std::fmt;

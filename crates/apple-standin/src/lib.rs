@@ -1,19 +1,25 @@
-//! The local Apple stand-in: an HTTPS server that plays App Store Connect (with Notary)
-//! and the App Store Server API, production and sandbox, for `demo` and the tests.
+//! apple-standin: a local stand-in for Apple's server APIs, an HTTPS server that plays App
+//! Store Connect (with Notary) and the App Store Server API, production and sandbox, for
+//! apple-api-proxy's `demo`, its tests, the soak and the benchmarks.
 //!
 //! Owns: the public API below, the three TLS listeners, connection tasks and shutdown.
 //! Its worth is independence: it checks tokens with its own reading of Apple's rules
-//! (`verify`, from APPLE.md §2) and RustCrypto's `p256`, so it must never import anything
-//! from the rest of the crate, and the rest of the crate must use it only in `demo` and
-//! tests.
+//! (`verify`, from APPLE.md §2) and RustCrypto's `p256`, never the proxy's `ring` minter.
+//! This crate does not depend on `apple-api-proxy`, so the verifier cannot share code with
+//! the minter it checks: Cargo enforces it, not a convention. Keep it that way; the product
+//! uses this crate only in `demo` (its binary) and in tests.
 //!
 //! Modules: `verify` (token rules, pure), `fault` (the [`Faults`] that refuse a verified
 //! token, APPLE.md §3 and §5), `exchange` (one request: check, count, record, answer),
-//! `body` (whole and generated response bodies), `tls` (the throw-away CA).
+//! `body` (whole and generated response bodies), `tls` (the throw-away CA); and
+//! [`fixture`], the one place that turns throw-away keys into a running stand-in and a
+//! `proxy.toml` for the proxy in front of it (for `demo`, the tests, soak and benchmarks).
+#![forbid(unsafe_code)]
 
 mod body;
 mod exchange;
 mod fault;
+pub mod fixture;
 mod tls;
 mod verify;
 
