@@ -3,7 +3,7 @@
 //! `/metrics` (Prometheus). Requests here are not audited and need no credential: bind it
 //! to an address only operators and the cluster's probes reach.
 //!
-//! Reads the live runtime ([`crate::runtime::Live`]), so after a reload `/metrics` and
+//! Reads the live runtime (`runtime::Live`), so after a reload `/metrics` and
 //! `/readyz` report the new one. Imports `runtime` and `metrics`; not `server`.
 
 use std::future::Future;

@@ -25,7 +25,7 @@
 //! - `tls`: the inbound rustls acceptor (and mTLS) built from config.
 //! - [`proxy`]: the only module that knows the order of a request's steps, one file per
 //!   phase, and the one boundary error, [`proxy::Refusal`].
-//! - [`runtime`]: the live runtime, swapped whole on reload (SIGHUP, file change).
+//! - `runtime`: the live runtime, swapped whole on reload (SIGHUP, file change).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener, reading the live
 //!   runtime.
 //! - [`server`]: listeners, inbound TLS/mTLS, connection tasks, graceful shutdown, [`run`].
@@ -69,7 +69,7 @@ pub(crate) mod limits;
 pub(crate) mod metrics;
 pub mod proxy;
 pub mod route;
-pub mod runtime;
+pub(crate) mod runtime;
 pub mod server;
 pub(crate) mod tls;
 pub mod token;

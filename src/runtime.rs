@@ -21,7 +21,7 @@ use crate::proxy::Proxy;
 /// under a request in flight.
 pub struct Live {
     current: ArcSwap<Proxy>,
-    /// The file to re-read on reload; `None` for configs built in code (the demo).
+    /// The file to re-read on reload; `None` for configs built in code.
     config_path: Option<PathBuf>,
     /// Fingerprint of the config and key files last loaded (or rejected).
     seen: std::sync::Mutex<u64>,

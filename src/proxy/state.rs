@@ -178,7 +178,7 @@ impl Proxy {
     }
 
     /// Identifies the inbound TLS settings this runtime was built with (see
-    /// [`crate::tls::fingerprint`]).
+    /// `crate::tls::fingerprint`).
     pub fn tls_fingerprint(&self) -> u64 {
         self.tls_fingerprint
     }
