@@ -100,7 +100,11 @@ fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves an already-built proxy. Returns after `shutdown` and the drain.
-pub(crate) async fn serve(live: Arc<Live>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+pub(crate) async fn serve(
+    live: Arc<Live>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
     let proxy = live.current();
     let server = &proxy.config().server;
     let grace = server.shutdown_grace;
