@@ -74,6 +74,37 @@ pub(super) async fn peek(mut body: Incoming) -> Peeked {
     }
 }
 
+/// A whole body as its `Content-Encoding` says to read it: identity as it is, gzip and
+/// deflate decoded within [`READ_LIMIT`] (DESIGN §13b); `None` for another encoding, or one
+/// that does not decode within the bound.
+pub(super) fn decoded(headers: &http::HeaderMap, bytes: &Bytes) -> Option<Bytes> {
+    use std::io::Read as _;
+    let encoding = match headers.get(header::CONTENT_ENCODING) {
+        None => return Some(bytes.clone()),
+        Some(v) => v.to_str().ok()?.trim().to_ascii_lowercase(),
+    };
+    let mut out = Vec::new();
+    let limit = READ_LIMIT as u64 + 1;
+    let read = match encoding.as_str() {
+        "identity" => return Some(bytes.clone()),
+        "gzip" | "x-gzip" => flate2::read::GzDecoder::new(&bytes[..])
+            .take(limit)
+            .read_to_end(&mut out),
+        // HTTP's "deflate" is zlib-wrapped; some servers send it raw.
+        "deflate" => flate2::read::ZlibDecoder::new(&bytes[..])
+            .take(limit)
+            .read_to_end(&mut out)
+            .or_else(|_| {
+                out.clear();
+                flate2::read::DeflateDecoder::new(&bytes[..])
+                    .take(limit)
+                    .read_to_end(&mut out)
+            }),
+        _ => return None,
+    };
+    (read.is_ok() && out.len() <= READ_LIMIT).then(|| Bytes::from(out))
+}
+
 /// Apple's response put back together after a [`peek`]: the body is Apple's, in full where
 /// Apple sent it in full, and `Content-Length` describes it (the read bytes' length for a
 /// whole body, Apple's own for a partial one, none for a broken one).

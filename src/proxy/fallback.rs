@@ -50,7 +50,11 @@ impl Proxy {
             StatusCode::NOT_FOUND if enabled => {
                 let (head, body) = response.into_parts();
                 let peeked = body::peek(body).await;
-                if peeked.whole().is_some_and(|b| not_found_in_production(b)) {
+                let not_here = peeked
+                    .whole()
+                    .and_then(|b| body::decoded(&head.headers, b))
+                    .is_some_and(|b| not_found_in_production(&b));
+                if not_here {
                     if let Ok(sandbox) = self.ask_sandbox(up, token, ex).await {
                         return Fallback::Answered(sandbox);
                     }

@@ -51,14 +51,10 @@ impl Proxy {
         let status = response.status();
         let (mut head, body) = response.into_parts();
         let apple_date = apple_date(&head.headers).map(token::unix_secs);
-        // Bounded, and only when not compressed: enough for Apple's small error bodies.
-        let body_bytes = if head.headers.contains_key(header::CONTENT_ENCODING) {
-            Bytes::new()
-        } else {
-            match body::peek(body).await {
-                Peeked::Whole(bytes) => bytes,
-                Peeked::Partial(..) | Peeked::Broken(_) => Bytes::new(),
-            }
+        // Bounded, and decoded when Apple (or a CDN before it) compressed it.
+        let body_bytes = match body::peek(body).await {
+            Peeked::Whole(bytes) => body::decoded(&head.headers, &bytes).unwrap_or_default(),
+            Peeked::Partial(..) | Peeked::Broken(_) => Bytes::new(),
         };
         let apple_json: Option<serde_json::Value> = serde_json::from_slice(&body_bytes).ok();
         let apple_errors = diagnose::apple_errors(&body_bytes);

@@ -298,3 +298,64 @@ async fn beyond_max_connections_new_connections_are_closed_at_once() {
     .await;
     assert_eq!(r.status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzipped_apple_errors_are_read_for_the_diagnosis_and_the_fallback_and_passed_on_intact() {
+    use apple_standin::{Faults, Role, AGREEMENT_PENDING_BODY, TRANSACTION_NOT_FOUND_BODY};
+    let b = Binary::start(Setup::default(), |t| t).await;
+    // An agreement-pending 403, gzip'd: Apple's errors are kept and ranked first.
+    b.world.standin.set_faults(Faults {
+        agreement_pending: true,
+        compress_errors: true,
+        ..Faults::default()
+    });
+    let r = send(gzip_get(&b, "/v1/apps")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.headers["x-proxy-diagnosis"], "AGREEMENT_PENDING");
+    let apple: serde_json::Value = serde_json::from_str(AGREEMENT_PENDING_BODY).unwrap();
+    assert_eq!(
+        r.json()["errors"],
+        apple["errors"],
+        "Apple's errors, not a synthesised one"
+    );
+    // Without the fallback, a gzip'd 404 reaches the client exactly as Apple sent it.
+    b.world.standin.set_faults(Faults {
+        sandbox_only_transactions: vec!["2000000000000042".into()],
+        compress_errors: true,
+        ..Faults::default()
+    });
+    let r = send(gzip_get(&b, "/inApps/v1/transactions/2000000000000042")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.headers["content-encoding"], "gzip");
+    let mut plain = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&r.body[..]), &mut plain)
+        .unwrap();
+    assert_eq!(plain, TRANSACTION_NOT_FOUND_BODY);
+    drop(b);
+    // With it, a gzip'd 404 4040010 still sends the GET to sandbox.
+    let b = Binary::start(Setup::default(), |t| {
+        t.replacen(
+            "[apis.app-store-server]\n",
+            "[apis.app-store-server]\nsandbox_fallback = true\n",
+            1,
+        )
+    })
+    .await;
+    b.world.standin.set_faults(Faults {
+        sandbox_only_transactions: vec!["2000000000000042".into()],
+        compress_errors: true,
+        ..Faults::default()
+    });
+    let r = send(gzip_get(&b, "/inApps/v1/transactions/2000000000000042")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-apple-environment"], "Sandbox");
+    let roles: Vec<Role> = b.world.standin.received().iter().map(|r| r.role).collect();
+    assert_eq!(roles, [Role::StoreKitProduction, Role::StoreKitSandbox]);
+}
+
+fn gzip_get(b: &Binary, path: &str) -> http::Request<Full<Bytes>> {
+    b.request("GET", path)
+        .header("accept-encoding", "gzip")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}

@@ -128,3 +128,23 @@ async fn a_different_key_under_the_same_name_does_not_inherit_its_history() {
     );
     Arc::try_unwrap(h).ok().expect("one owner").stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_404_too_large_to_read_passes_back_whole_with_headers_that_describe_it() {
+    use apple_standin::{Faults, Role};
+    let h = with_fallback(true).await;
+    h.standin().set_faults(Faults {
+        sandbox_only_transactions: vec!["2000000000000042".into()],
+        error_padding: 100_000,
+        ..Faults::default()
+    });
+    let r = h.get("/inApps/v1/transactions/2000000000000042").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.body.len(), 100_000, "Apple's body, all of it");
+    assert_eq!(r.headers["content-length"], "100000");
+    assert_eq!(r.json()["errorCode"], 4040010);
+    // Too large to read within the bound, so not recognised: sandbox is not asked.
+    let roles: Vec<Role> = h.standin().received().iter().map(|r| r.role).collect();
+    assert_eq!(roles, [Role::StoreKitProduction]);
+    h.stop().await;
+}

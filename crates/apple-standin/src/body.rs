@@ -52,6 +52,14 @@ impl ResponseBody {
         }
     }
 
+    /// The bytes of a whole body (`Some(empty)` for an empty one); `None` for a generated one.
+    pub(crate) fn whole_bytes(&self) -> Option<Bytes> {
+        match &self.state {
+            State::Whole(bytes) => Some(bytes.clone().unwrap_or_default()),
+            State::Generated { .. } => None,
+        }
+    }
+
     pub(crate) fn empty() -> Self {
         ResponseBody {
             state: State::Whole(None),

@@ -170,6 +170,19 @@ pub(crate) async fn handle(
     let served = serves(role, &path);
     // Decided before the body is read, so the faults' read guard never crosses an await.
     let (verdict, fault) = judge(shared, &parts.headers, &line, served, now);
+    let shape = {
+        let faults = read(&shared.faults);
+        let gzip_accepted = parts
+            .headers
+            .get_all(http::header::ACCEPT_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.to_ascii_lowercase().contains("gzip"));
+        ErrorShape {
+            padding: faults.error_padding,
+            gzip: faults.compress_errors && gzip_accepted,
+        }
+    };
 
     // The body is streamed and counted, never kept: uploads can be gigabytes.
     let body_len = count_body(body).await;
@@ -195,9 +208,9 @@ pub(crate) async fn handle(
     let mut response = if !served {
         not_found(role, shared)
     } else if !accepted {
-        not_authorized(role)
+        shape.apply(not_authorized(role))
     } else if let Some(fault) = fault {
-        fault_response(fault, role)
+        shape.apply(fault_response(fault, role))
     } else {
         match standin_bytes(query.as_deref()) {
             Ok(Some(len)) => {
@@ -425,6 +438,50 @@ fn bad_standin_bytes(role: Role, shared: &Shared) -> Response<ResponseBody> {
         }
     };
     json_response(StatusCode::BAD_REQUEST, body.to_string())
+}
+
+/// How the stand-in dresses its JSON error bodies ([`Faults::error_padding`],
+/// [`Faults::compress_errors`]).
+struct ErrorShape {
+    padding: usize,
+    gzip: bool,
+}
+
+impl ErrorShape {
+    /// `response` padded and compressed as configured; an empty body stays empty.
+    fn apply(&self, response: Response<ResponseBody>) -> Response<ResponseBody> {
+        let Some(body) = response.body().whole_bytes() else {
+            return response;
+        };
+        if body.is_empty() || (self.padding == 0 && !self.gzip) {
+            return response;
+        }
+        let mut bytes = body.to_vec();
+        if bytes.len() < self.padding {
+            bytes.resize(self.padding, b' ');
+        }
+        if self.gzip {
+            use std::io::Write as _;
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            if encoder.write_all(&bytes).is_err() {
+                return response;
+            }
+            match encoder.finish() {
+                Ok(compressed) => bytes = compressed,
+                Err(_) => return response,
+            }
+        }
+        let (mut parts, _) = response.into_parts();
+        parts.headers.insert(CONTENT_LENGTH, bytes.len().into());
+        if self.gzip {
+            parts.headers.insert(
+                http::header::CONTENT_ENCODING,
+                http::HeaderValue::from_static("gzip"),
+            );
+        }
+        Response::from_parts(parts, ResponseBody::whole(Bytes::from(bytes)))
+    }
 }
 
 fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {

@@ -218,6 +218,8 @@ mod tests {
             strict_scope_encoding: false,
             role_forbidden_paths: vec!["/v1/users".into()],
             sandbox_only_transactions: Vec::new(),
+            error_padding: 0,
+            compress_errors: false,
         };
         let left = AtomicU32::new(1);
         let asc = request(Role::AppStoreConnect, "/v1/devices", Some(&individual));

@@ -181,6 +181,12 @@ pub struct Faults {
     /// otherwise-accepted request whose path has one as a segment gets Apple's 404
     /// `{"errorCode":4040010,"errorMessage":"Transaction id not found."}`.
     pub sandbox_only_transactions: Vec<String>,
+    /// Apple's JSON error bodies (401, 403 and 404) are padded with trailing spaces to at
+    /// least this many bytes (still valid JSON): a body larger than a reader's bound.
+    pub error_padding: usize,
+    /// Apple's JSON error bodies are sent gzip-compressed (`Content-Encoding: gzip`) to
+    /// requests whose `Accept-Encoding` allows it, as a CDN in front of Apple may.
+    pub compress_errors: bool,
 }
 
 /// One request as the stand-in received it.
