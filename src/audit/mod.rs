@@ -20,7 +20,7 @@ mod redact;
 pub mod verify;
 mod writer;
 
-pub use record::{Decision, Record};
+pub use record::{Decision, Marker, Record};
 pub use redact::{looks_secret, redact_path, redact_query};
 pub use writer::state_path;
 
@@ -70,6 +70,9 @@ pub struct Health {
     pub write_failures: AtomicU64,
     pub lost: AtomicU64,
     pub refused: AtomicU64,
+    /// A SIGHUP asked for the file to be re-opened; the writer does it at its next turn, so
+    /// a full channel cannot drop the request.
+    reopen: AtomicBool,
 }
 
 impl Health {
@@ -122,9 +125,9 @@ impl Audit {
     /// after a rotation), and starts the writer thread.
     pub fn start(config: &config::Audit) -> Result<(Audit, Writer), AuditError> {
         let sink = Sink::open(config.path.as_deref())?;
-        let chain = match config.path.as_deref() {
+        let (chain, markers) = match config.path.as_deref() {
             Some(path) => Chain::resume(path)?,
-            None => Chain::new(),
+            None => (Chain::new(), Vec::new()),
         };
         let health = Arc::new(Health::default());
         health.healthy.store(true, Ordering::Relaxed);
@@ -132,6 +135,8 @@ impl Audit {
         let mut task = WriterTask {
             sink,
             chain,
+            markers,
+            lost_marked: 0,
             backlog: Vec::new(),
             health: health.clone(),
             fsync: config.fsync,
@@ -188,6 +193,9 @@ impl Audit {
 
     /// Re-opens the file (after logrotate moved it away); the chain continues.
     pub fn reopen(&self) {
+        self.health.reopen.store(true, Ordering::Release);
+        // Only a wake-up: when the channel is full the writer is busy and sees the flag
+        // after its current batch.
         let _ = self.tx.try_send(Message::Reopen);
     }
 
@@ -286,6 +294,82 @@ mod tests {
             on_failure: OnAuditFailure::Reject,
             fsync,
         }
+    }
+
+    /// The lines of `log`, parsed.
+    fn lines_of(log: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn dropped_records_leave_a_chained_records_lost_marker_before_the_next_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("audit.jsonl");
+        let (audit, writer) = Audit::start(&config(&log, Fsync::Off)).unwrap();
+        audit.record(record(1));
+        audit.flush();
+        // Three records the writer never got (a full channel, a full backlog).
+        audit.health.lost.fetch_add(3, Ordering::Relaxed);
+        audit.record(record(2));
+        audit.flush();
+        // Losses with no record after them are marked too.
+        audit.health.lost.fetch_add(1, Ordering::Relaxed);
+        drop(audit);
+        writer.join();
+        let lines = lines_of(&log);
+        let events: Vec<(&str, Option<u64>)> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l["event"].as_str().or(l["request_id"].as_str()).unwrap(),
+                    l["count"].as_u64(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            events,
+            [
+                ("r-1", None),
+                ("records_lost", Some(3)),
+                ("r-2", None),
+                ("records_lost", Some(1)),
+            ],
+            "the last loss is marked when the writer closes"
+        );
+        assert_eq!(lines[1]["seq"], 2);
+        verify::verify_files(&[log]).expect("markers are chained like records");
+    }
+
+    #[test]
+    fn a_restart_on_a_cut_tail_marks_the_gap_before_its_first_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("audit.jsonl");
+        let (audit, writer) = Audit::start(&config(&log, Fsync::Always)).unwrap();
+        for n in 1..=4 {
+            audit.record(record(n));
+        }
+        audit.close();
+        drop(audit);
+        writer.join();
+        // Someone cuts the last two lines.
+        let text = std::fs::read_to_string(&log).unwrap();
+        let kept: Vec<&str> = text.lines().take(2).collect();
+        std::fs::write(&log, format!("{}\n", kept.join("\n"))).unwrap();
+        let (audit, writer) = Audit::start(&config(&log, Fsync::Always)).unwrap();
+        audit.record(record(5));
+        drop(audit);
+        writer.join();
+        let lines = lines_of(&log);
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[2]["event"], "resumed_after_truncation");
+        assert_eq!(lines[2]["expected_seq"], 5);
+        assert_eq!(lines[2]["resumed_seq"], 3);
+        assert_eq!(lines[3]["request_id"], "r-5");
+        verify::verify_files(&[log]).expect("the chain continues from the surviving tail");
     }
 
     #[test]

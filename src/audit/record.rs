@@ -90,6 +90,30 @@ pub struct Record {
     pub error: Option<&'static str>,
 }
 
+/// A chained line that is not a request (DESIGN §13b): the writer's trace of records it had
+/// to drop, or of a restart that found the log's tail cut. It has `seq`, `time` and
+/// `prev_sha256` like a record, so `audit verify` checks it and a reviewer sees the gap.
+#[derive(Clone, Debug, Serialize)]
+pub struct Marker {
+    pub time: String,
+    /// `records_lost` or `resumed_after_truncation`.
+    pub event: &'static str,
+    /// `records_lost`: how many records were dropped since the last line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// `resumed_after_truncation`: the seq the saved chain state expected next, and the
+    /// seq the log's surviving tail continues with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_seq: Option<u64>,
+}
+
+impl Marker {
+    pub const RECORDS_LOST: &'static str = "records_lost";
+    pub const RESUMED_AFTER_TRUNCATION: &'static str = "resumed_after_truncation";
+}
+
 /// Appends one line's JSON (without the newline) to `buf`: the chain fields around the
 /// record, `{"version":…,"seq":…,<the record's fields>,"prev_sha256":"…"}`. The record is
 /// serialised by its own derive and spliced in, which is what `#[serde(flatten)]` would
@@ -97,7 +121,7 @@ pub struct Record {
 pub(super) fn write_line(
     buf: &mut Vec<u8>,
     seq: u64,
-    record: &Record,
+    record: &impl Serialize,
     prev_sha256: &str,
 ) -> serde_json::Result<()> {
     let start = buf.len();

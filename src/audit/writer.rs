@@ -15,8 +15,8 @@ use crate::config::Fsync;
 
 use super::record::write_line;
 use super::{
-    AuditError, Health, Message, Record, BACKLOG_CAPACITY, BATCH_LINGER, BATCH_MAX, GENESIS,
-    RETRY_EVERY,
+    AuditError, Health, Marker, Message, Record, BACKLOG_CAPACITY, BATCH_LINGER, BATCH_MAX,
+    GENESIS, RETRY_EVERY,
 };
 
 /// The chain's position: the next seq and the hash the next line must carry.
@@ -35,8 +35,10 @@ impl Chain {
     }
 
     /// Continues from the file's last line, or — when the file is empty (just rotated) —
-    /// from the `.chain` state file written at the last rotation or shutdown.
-    pub(super) fn resume(path: &Path) -> Result<Chain, AuditError> {
+    /// from the `.chain` state file written at each fsync, rotation and shutdown. A file
+    /// whose last line is older than the state expected (its tail was cut) is continued
+    /// from that line, with a `resumed_after_truncation` marker to write first.
+    pub(super) fn resume(path: &Path) -> Result<(Chain, Vec<Marker>), AuditError> {
         let err = |error| AuditError::Resume {
             path: path.display().to_string(),
             error,
@@ -46,31 +48,59 @@ impl Chain {
                 .ok()
                 .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64))
                 .ok_or_else(|| err(io::Error::new(io::ErrorKind::InvalidData, "the last line is not an audit record; run `apple-api-proxy audit verify` on it")))?;
-            return Ok(Chain {
+            let chain = Chain {
                 next_seq: seq + 1,
                 prev_sha256: crate::hex(&crate::sha256(&last)),
-            });
+            };
+            let mut markers = Vec::new();
+            if let Ok(Some(saved)) = saved_state(path) {
+                if saved.next_seq > chain.next_seq {
+                    tracing::error!(
+                        expected_seq = saved.next_seq,
+                        resumed_seq = chain.next_seq,
+                        "the audit log's tail is shorter than the chain state saved: continuing from its last line and marking the gap"
+                    );
+                    markers.push(Marker {
+                        time: crate::rfc3339_millis(std::time::SystemTime::now()),
+                        event: Marker::RESUMED_AFTER_TRUNCATION,
+                        count: None,
+                        expected_seq: Some(saved.next_seq),
+                        resumed_seq: Some(chain.next_seq),
+                    });
+                }
+            }
+            return Ok((chain, markers));
         }
+        Ok((
+            saved_state(path).map_err(err)?.unwrap_or_else(Chain::new),
+            Vec::new(),
+        ))
+    }
+}
+
+/// The chain state saved beside the log, if there is one.
+fn saved_state(path: &Path) -> io::Result<Option<Chain>> {
+    {
         match std::fs::read(state_path(path)) {
             Ok(bytes) => {
                 let v: serde_json::Value = serde_json::from_slice(&bytes)
-                    .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 match (
                     v.get("next_seq").and_then(|s| s.as_u64()),
                     v.get("prev_sha256").and_then(|s| s.as_str()),
                 ) {
-                    (Some(next_seq), Some(prev)) => Ok(Chain {
+                    (Some(next_seq), Some(prev)) => Ok(Some(Chain {
                         next_seq,
                         prev_sha256: prev.to_string(),
-                    }),
-                    _ => Err(err(io::Error::new(
+                    })),
+                    _ => Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "the .chain state file is damaged",
-                    ))),
+                    )),
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Chain::new()),
-            Err(e) => Err(err(e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
         }
     }
 }
@@ -177,6 +207,10 @@ fn open_append(path: &Path) -> io::Result<File> {
 pub(super) struct WriterTask {
     pub(super) sink: Sink,
     pub(super) chain: Chain,
+    /// Markers to write before the next record (a resume after truncation).
+    pub(super) markers: Vec<Marker>,
+    /// `health.lost` as of the last `records_lost` marker written.
+    pub(super) lost_marked: u64,
     /// Records not yet written because the sink failed, oldest first.
     pub(super) backlog: Vec<Record>,
     pub(super) health: Arc<Health>,
@@ -221,9 +255,13 @@ impl WriterTask {
                     if let Some(message) = next {
                         self.handle(message);
                     }
+                    self.reopen_if_asked();
                 }
                 Ok(message) => self.handle(message),
                 Err(RecvTimeoutError::Timeout) => {
+                    if self.lost_unmarked() > 0 || !self.markers.is_empty() {
+                        self.drain();
+                    }
                     if !self.backlog.is_empty() {
                         // The sink failed: try a fresh handle (the disk may be back, or the
                         // path may point somewhere writable again).
@@ -265,14 +303,7 @@ impl WriterTask {
                 self.accept(*r);
                 self.drain();
             }
-            Message::Reopen => {
-                match self.sink.reopen() {
-                    Ok(()) => tracing::info!("audit log re-opened"),
-                    Err(e) => tracing::error!(error = %e, "audit log re-open failed"),
-                }
-                self.save_state();
-                self.drain();
-            }
+            Message::Reopen => self.reopen_if_asked(),
             Message::Flush(done) => {
                 self.drain();
                 self.sync();
@@ -288,15 +319,61 @@ impl WriterTask {
         }
     }
 
-    /// Writes the backlog in order, as one write: all of it, or (the sink failing) none of
-    /// it, the chain then not advanced and the sink unhealthy.
+    /// Re-opens the file if a SIGHUP asked for it since the last time.
+    fn reopen_if_asked(&mut self) {
+        if !self.health.reopen.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        match self.sink.reopen() {
+            Ok(()) => tracing::info!("audit log re-opened"),
+            Err(e) => tracing::error!(error = %e, "audit log re-open failed"),
+        }
+        self.save_state();
+        self.drain();
+    }
+
+    /// Records dropped since the last `records_lost` marker.
+    fn lost_unmarked(&self) -> u64 {
+        self.health
+            .lost
+            .load(Ordering::Acquire)
+            .saturating_sub(self.lost_marked)
+    }
+
+    /// Writes the pending markers and the backlog in order, as one write: all of it, or (the
+    /// sink failing) none of it, the chain then not advanced and the sink unhealthy. Records
+    /// dropped since the last write are marked first by a chained `records_lost` line.
     fn drain(&mut self) {
-        if !self.backlog.is_empty() {
+        let lost_now = self.health.lost.load(Ordering::Acquire);
+        let lost_unmarked = lost_now.saturating_sub(self.lost_marked);
+        if !self.backlog.is_empty() || !self.markers.is_empty() || lost_unmarked > 0 {
             // One buffer for the writer's life: a batch allocates nothing once it has grown.
             let mut buf = std::mem::take(&mut self.buf);
             buf.clear();
             let mut seq = self.chain.next_seq;
             let mut prev = self.chain.prev_sha256.clone();
+            let mut markers = self.markers.clone();
+            if lost_unmarked > 0 {
+                markers.push(Marker {
+                    time: crate::rfc3339_millis(std::time::SystemTime::now()),
+                    event: Marker::RECORDS_LOST,
+                    count: Some(lost_unmarked),
+                    expected_seq: None,
+                    resumed_seq: None,
+                });
+            }
+            for marker in &markers {
+                let start = buf.len();
+                if write_line(&mut buf, seq, marker, &prev).is_err() {
+                    buf.truncate(start);
+                    continue;
+                }
+                prev.clear();
+                crate::push_hex(&mut prev, &crate::sha256(&buf[start..]));
+                buf.push(b'\n');
+                seq += 1;
+            }
+            let marker_lines = seq - self.chain.next_seq;
             let mut lost = 0u64;
             self.backlog.retain(|record| {
                 let start = buf.len();
@@ -329,10 +406,14 @@ impl WriterTask {
             }
             self.health
                 .written
-                .fetch_add(seq - self.chain.next_seq, Ordering::Relaxed);
+                .fetch_add(seq - self.chain.next_seq - marker_lines, Ordering::Relaxed);
             self.chain.next_seq = seq;
             self.chain.prev_sha256 = prev;
             self.backlog.clear();
+            self.markers.clear();
+            // Serialisation failures above were counted into `lost`: the next drain marks
+            // them.
+            self.lost_marked = lost_now;
             self.dirty = true;
             if self.fsync == Fsync::Always {
                 self.sync();
@@ -368,6 +449,8 @@ impl WriterTask {
             }
             self.dirty = false;
             self.last_sync = Instant::now();
+            // Where the chain stands, for a restart that must notice a cut tail.
+            self.save_state();
         }
     }
 
