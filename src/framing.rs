@@ -56,8 +56,13 @@ enum State {
     ChunkData(u64),
     ChunkDataEnd(u8),
     Trailers(Vec<u8>),
-    /// HTTP/2, a conflict already found, or framing the guard does not follow.
+    /// HTTP/2, a conflict already found, or framing hyper refuses itself (and then closes
+    /// the connection): nothing more to follow.
     Off,
+    /// Framing hyper would accept but the guard cannot follow (a chunk-size or trailer line
+    /// longer than [`MAX_LINE`]): the connection is closed rather than left unguarded — the
+    /// guard never switches itself off while hyper reads on (DESIGN §13b).
+    Broken,
 }
 
 /// Follows request framing on a byte stream it does not change.
@@ -77,6 +82,11 @@ impl Scanner {
         }
     }
 
+    /// Whether the connection must be closed: the guard lost track of its framing.
+    pub fn broken(&self) -> bool {
+        matches!(self.state, State::Broken)
+    }
+
     /// Feeds bytes as they arrive from the client.
     pub fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
@@ -89,7 +99,7 @@ impl Scanner {
                 }
             }
             let consumed = match &mut self.state {
-                State::Off => return,
+                State::Off | State::Broken => return,
                 State::Head(buf) => {
                     let search_from = buf.len().saturating_sub(3);
                     buf.extend_from_slice(bytes);
@@ -124,7 +134,7 @@ impl Scanner {
                 State::ChunkSize(line) => match take_line(line, bytes) {
                     (n, None) => {
                         if line.len() > MAX_LINE {
-                            self.state = State::Off;
+                            self.state = State::Broken;
                         }
                         n
                     }
@@ -158,7 +168,7 @@ impl Scanner {
                 State::Trailers(line) => match take_line(line, bytes) {
                     (n, None) => {
                         if line.len() > MAX_LINE {
-                            self.state = State::Off;
+                            self.state = State::Broken;
                         }
                         n
                     }
@@ -235,7 +245,8 @@ impl Scanner {
     }
 }
 
-/// The end of the head (index just past the blank line), searching from `from`.
+/// The end of the head (index just past the blank line), searching from `from`: where
+/// httparse ends one — `\r\n\r\n`, `\n\n` or `\n\r\n`.
 fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     // Skip the empty lines a client may send before the request line (RFC 9112 §2.2).
     let start = buf.iter().position(|b| *b != b'\r' && *b != b'\n')?;
@@ -245,6 +256,8 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
             Some(i + 4)
         } else if buf[i..].starts_with(b"\n\n") {
             Some(i + 2)
+        } else if buf[i..].starts_with(b"\n\r\n") {
+            Some(i + 3)
         } else {
             None
         }
@@ -304,6 +317,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 this.scanner.feed(&buf.filled()[before..]);
+                if this.scanner.broken() {
+                    // Hyper never sees bytes the guard could not follow: the connection ends.
+                    buf.set_filled(before);
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "request framing the smuggling guard cannot follow (a chunk or trailer line over 4 KiB)",
+                    )));
+                }
                 Poll::Ready(Ok(()))
             }
             other => other,
@@ -400,6 +421,26 @@ mod tests {
     fn http2_and_unparseable_input_switch_the_guard_off() {
         assert_eq!(scan(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00", 4), (0, 0));
         assert_eq!(scan(b"GARBAGE\x00\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 8).0, 0);
+    }
+
+    #[test]
+    fn a_head_ending_in_lf_cr_lf_is_a_head() {
+        let mut input = b"GET /a HTTP/1.1\nHost: x\n\r\n".to_vec();
+        input.extend_from_slice(
+            b"POST /a HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        );
+        for step in [1, 3, 1000] {
+            assert_eq!(scan(&input, step), (2, 2), "step {step}");
+        }
+    }
+
+    #[test]
+    fn a_chunk_line_too_long_to_follow_breaks_the_connection_instead_of_switching_off() {
+        let verdict = Arc::new(Verdict::default());
+        let mut s = Scanner::new(verdict);
+        s.feed(b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;");
+        s.feed(&vec![b'x'; MAX_LINE + 1]);
+        assert!(s.broken());
     }
 
     #[test]

@@ -359,3 +359,65 @@ fn gzip_get(b: &Binary, path: &str) -> http::Request<Full<Bytes>> {
         .body(Full::new(Bytes::new()))
         .unwrap()
 }
+
+/// Sends `bytes` on a fresh connection and reads until the proxy closes it (at most 5 s).
+async fn exchange_raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_framing_guard_never_switches_itself_off() {
+    let b = Binary::start(Setup::default(), |t| t).await;
+    let auth = format!("Authorization: Bearer {}", b.world.secret);
+    let smuggled = format!(
+        "POST /inApps/v1/notifications/test HTTP/1.1\r\nHost: x\r\n{auth}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    );
+    // 1. A head ending in `\n\r\n`, which httparse (and so hyper) accepts, then smuggling.
+    let first = format!("GET /v1/apps HTTP/1.1\nHost: x\n{auth}\n\r\n");
+    let out = exchange_raw(b.addr, format!("{first}{smuggled}").as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.contains("HTTP/1.1 400"),
+        "the smuggling request is refused: {out}"
+    );
+    // 2. Whole lines are followed whatever their length (a 5,000-byte chunk extension).
+    let long = format!(
+        "PUT /inApps/v1/x HTTP/1.1\r\nHost: x\r\n{auth}\r\nTransfer-Encoding: chunked\r\n\r\n1;ext={}\r\na\r\n0\r\n\r\n",
+        "e".repeat(5000)
+    );
+    let out = exchange_raw(b.addr, format!("{long}{smuggled}").as_bytes()).await;
+    assert!(out.contains("HTTP/1.1 400"), "followed, then refused: {out}");
+    // 3. A chunk line still incomplete past 4 KiB: the connection is closed, not left
+    // unguarded for the smuggling request behind it.
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+        let head = format!(
+            "PUT /inApps/v1/y HTTP/1.1\r\nHost: x\r\n{auth}\r\nTransfer-Encoding: chunked\r\n\r\n1;ext={}",
+            "e".repeat(4500)
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = s
+            .write_all(format!("\r\na\r\n0\r\n\r\n{smuggled}").as_bytes())
+            .await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(!out.contains("HTTP/1.1 400"), "the connection ended first: {out}");
+    }
+    let notifications = b
+        .world
+        .standin
+        .received()
+        .iter()
+        .filter(|r| r.path_and_query.contains("notifications"))
+        .count();
+    assert_eq!(notifications, 0, "no smuggled request reached Apple");
+}
