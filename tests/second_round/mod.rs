@@ -391,7 +391,10 @@ async fn the_framing_guard_never_switches_itself_off() {
         "e".repeat(5000)
     );
     let out = exchange_raw(b.addr, format!("{long}{smuggled}").as_bytes()).await;
-    assert!(out.contains("HTTP/1.1 400"), "followed, then refused: {out}");
+    assert!(
+        out.contains("HTTP/1.1 400"),
+        "followed, then refused: {out}"
+    );
     // 3. A chunk line still incomplete past 4 KiB: the connection is closed, not left
     // unguarded for the smuggling request behind it.
     {
@@ -410,7 +413,10 @@ async fn the_framing_guard_never_switches_itself_off() {
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
         let out = String::from_utf8_lossy(&out);
-        assert!(!out.contains("HTTP/1.1 400"), "the connection ended first: {out}");
+        assert!(
+            !out.contains("HTTP/1.1 400"),
+            "the connection ended first: {out}"
+        );
     }
     let notifications = b
         .world

@@ -82,16 +82,16 @@ async fn after_a_reload_the_admin_listener_counts_the_new_runtimes_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_does_not_refill_a_clients_spent_rate_limit() {
-    let world = World::new(&Setup::default(), "127.0.0.1:0").await;
-    let text = std::fs::read_to_string(&world.config_path)
-        .unwrap()
-        .replacen(
-            "allow = [\"* /*\"]",
-            "allow = [\"* /*\"]\nrate_limit = \"2/m\"",
-            1,
-        );
-    std::fs::write(&world.config_path, text).unwrap();
-    let h = Arc::new(Harness::from_world(world).await);
+    let h = Arc::new(
+        Harness::edited(|t| {
+            t.replacen(
+                "allow = [\"* /*\"]",
+                "allow = [\"* /*\"]\nrate_limit = \"2/m\"",
+                1,
+            )
+        })
+        .await,
+    );
     for _ in 0..2 {
         assert_eq!(h.get("/v1/apps").await.status, StatusCode::OK);
     }

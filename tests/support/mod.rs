@@ -120,6 +120,14 @@ impl Harness {
         Harness::from_world(World::new(&setup, "127.0.0.1:0").await).await
     }
 
+    /// Starts the proxy on the default world's config as `edit` changes its text.
+    pub async fn edited(edit: impl FnOnce(String) -> String) -> Harness {
+        let world = World::new(&Setup::default(), "127.0.0.1:0").await;
+        let text = std::fs::read_to_string(&world.config_path).unwrap();
+        std::fs::write(&world.config_path, edit(text)).unwrap();
+        Harness::from_world(world).await
+    }
+
     /// Starts the proxy for a world whose config file the test may have edited.
     pub async fn from_world(world: World) -> Harness {
         let config = world.config();
