@@ -27,7 +27,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn set_live(&self, live: Arc<Live>) {
+    pub(crate) fn set_live(&self, live: Arc<Live>) {
         let _ = self.live.set(live);
     }
 

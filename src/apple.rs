@@ -10,24 +10,24 @@ use std::time::Duration;
 
 /// The audience every App Store Connect and App Store Server token carries.
 /// [ASC-JWT], [ASSA-JWT]
-pub const AUDIENCE: &str = "appstoreconnect-v1";
+pub(crate) const AUDIENCE: &str = "appstoreconnect-v1";
 
 /// App Store Connect (and Notary) reject tokens whose `exp - iat` exceeds 20 minutes. [ASC-JWT]
-pub const CONNECT_MAX_LIFETIME: Duration = Duration::from_secs(20 * 60);
+pub(crate) const CONNECT_MAX_LIFETIME: Duration = Duration::from_secs(20 * 60);
 
 /// App Store Server, Advanced Commerce, External Purchase and Retention Messaging reject
 /// tokens that expire more than 60 minutes after `iat`. [ASSA-JWT]
-pub const STOREKIT_MAX_LIFETIME: Duration = Duration::from_secs(60 * 60);
+pub(crate) const STOREKIT_MAX_LIFETIME: Duration = Duration::from_secs(60 * 60);
 
 /// Query parameters App Store Connect ignores when matching a token's scope. [ASC-JWT]
-pub const SCOPE_IGNORED_PARAMS: [&str; 3] = ["limit", "cursor", "sort"];
+pub(crate) const SCOPE_IGNORED_PARAMS: [&str; 3] = ["limit", "cursor", "sort"];
 
 /// The path prefix that selects Apple's sandbox environment for the storekit APIs.
-pub const SANDBOX_PREFIX: &str = "/sandbox";
+pub(crate) const SANDBOX_PREFIX: &str = "/sandbox";
 
 /// Where the proxy's own endpoints live on the main listener (DESIGN §14): a prefix no Apple
 /// API uses.
-pub const PROXY_PREFIX: &str = "/proxy/v1/";
+pub(crate) const PROXY_PREFIX: &str = "/proxy/v1/";
 
 /// One of Apple's server APIs. The proxy routes by path prefix to one of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -117,12 +117,12 @@ impl Api {
         }
     }
 
-    pub fn from_id(id: &str) -> Option<Api> {
+    pub(crate) fn from_id(id: &str) -> Option<Api> {
         Api::ALL.into_iter().find(|api| api.id() == id)
     }
 
     /// The literal path prefixes this API owns (App Store Connect's `/v<N>/` is matched by
-    /// [`Api::for_path`]; `/v1/` … `/v3/` are listed here for humans).
+    /// `Api::locate`; `/v1/` … `/v3/` are listed here for humans).
     pub fn prefixes(self) -> &'static [&'static str] {
         match self {
             Api::AppStoreConnect => &["/v1/", "/v2/", "/v3/"],
@@ -134,7 +134,7 @@ impl Api {
     }
 
     /// Apple's production base URL. [ASC-SPEC servers], [ASSA-CHANGELOG 2026-05-05], forum 749215
-    pub fn production_url(self) -> &'static str {
+    pub(crate) fn production_url(self) -> &'static str {
         match self {
             Api::AppStoreConnect => "https://api.appstoreconnect.apple.com",
             Api::AppStoreServer | Api::AdvancedCommerce | Api::ExternalPurchase => {
@@ -145,7 +145,7 @@ impl Api {
     }
 
     /// Apple's sandbox base URL, for the APIs that have one. [ASSA-CHANGELOG 2026-05-05]
-    pub fn sandbox_url(self) -> Option<&'static str> {
+    pub(crate) fn sandbox_url(self) -> Option<&'static str> {
         match self {
             Api::AppStoreServer | Api::AdvancedCommerce | Api::ExternalPurchase => {
                 Some("https://api.storekit-sandbox.apple.com")
@@ -154,11 +154,11 @@ impl Api {
         }
     }
 
-    pub fn has_sandbox(self) -> bool {
+    pub(crate) fn has_sandbox(self) -> bool {
         self.sandbox_url().is_some()
     }
 
-    pub fn token_family(self) -> TokenFamily {
+    pub(crate) fn token_family(self) -> TokenFamily {
         match self {
             Api::AppStoreConnect | Api::Notary => TokenFamily::Connect,
             Api::AppStoreServer | Api::AdvancedCommerce | Api::ExternalPurchase => {
@@ -177,7 +177,7 @@ impl Api {
         }
     }
 
-    pub fn token_strategy(self) -> TokenStrategy {
+    pub(crate) fn token_strategy(self) -> TokenStrategy {
         match self {
             Api::AppStoreConnect
             | Api::AppStoreServer
@@ -187,14 +187,10 @@ impl Api {
         }
     }
 
-    /// The API that owns `path` (already stripped of any `/sandbox` prefix), by prefix alone.
-    /// Apple adds endpoints several times a year, so no endpoint list is consulted.
-    pub fn for_path(path: &str) -> Option<Api> {
-        Api::locate(path).map(|(api, _)| api)
-    }
-
-    /// The API that owns `path` and the path forwarded to it (its mount removed).
-    pub fn locate(path: &str) -> Option<(Api, &str)> {
+    /// The API that owns `path` (already stripped of any `/sandbox` prefix), by prefix alone,
+    /// and the path forwarded to it (its mount removed). Apple adds endpoints several times
+    /// a year, so no endpoint list is consulted.
+    pub(crate) fn locate(path: &str) -> Option<(Api, &str)> {
         let api = if is_versioned_connect_path(path) {
             Api::AppStoreConnect
         } else {
@@ -230,7 +226,7 @@ fn is_versioned_connect_path(path: &str) -> bool {
 
 impl TokenFamily {
     /// The longest `exp - iat` Apple accepts for this family.
-    pub fn max_lifetime(self) -> Duration {
+    pub(crate) fn max_lifetime(self) -> Duration {
         match self {
             TokenFamily::Connect => CONNECT_MAX_LIFETIME,
             TokenFamily::StoreKit => STOREKIT_MAX_LIFETIME,
@@ -271,7 +267,7 @@ impl KeyKind {
 }
 
 /// Apple key ids are 10 upper-case alphanumerics (e.g. `2X9R4HXF34`). [ASC-JWT]
-pub fn is_plausible_key_id(key_id: &str) -> bool {
+pub(crate) fn is_plausible_key_id(key_id: &str) -> bool {
     key_id.len() == 10
         && key_id
             .bytes()
@@ -279,7 +275,7 @@ pub fn is_plausible_key_id(key_id: &str) -> bool {
 }
 
 /// Issuer ids are UUIDs (8-4-4-4-12 hex). [ASC-JWT]
-pub fn is_plausible_issuer_id(issuer: &str) -> bool {
+pub(crate) fn is_plausible_issuer_id(issuer: &str) -> bool {
     let groups: Vec<&str> = issuer.split('-').collect();
     groups.len() == 5
         && groups
@@ -315,7 +311,7 @@ mod tests {
             ("", None),
         ];
         for (path, want) in cases {
-            assert_eq!(Api::for_path(path), want, "{path}");
+            assert_eq!(Api::locate(path).map(|(api, _)| api), want, "{path}");
         }
     }
 

@@ -17,7 +17,7 @@ use http::HeaderMap;
 use crate::config::{ClientConfig, Config, RateLimit};
 
 /// Every client secret starts with this, so the proxy can tell one from an SDK's JWT.
-pub const SECRET_PREFIX: &str = "aap_";
+pub(crate) const SECRET_PREFIX: &str = "aap_";
 
 /// How a client proved who it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,7 +48,7 @@ pub struct CertIdentity {
 
 impl CertIdentity {
     /// Reads the names from a DER certificate; `None` if it cannot be parsed.
-    pub fn from_der(der: &[u8]) -> Option<CertIdentity> {
+    pub(crate) fn from_der(der: &[u8]) -> Option<CertIdentity> {
         use x509_cert::der::Decode as _;
         use x509_cert::ext::pkix::name::GeneralName;
         use x509_cert::ext::pkix::SubjectAltName;
@@ -188,7 +188,7 @@ impl Clients {
 
     /// The clients of `config`; each one that `previous` knows by the same name and rate
     /// keeps its rate-limit bucket (a reload must not refill a spent budget).
-    pub fn carrying(config: &Config, previous: Option<&Clients>) -> Clients {
+    pub(crate) fn carrying(config: &Config, previous: Option<&Clients>) -> Clients {
         let bucket_of = |c: &ClientConfig| {
             let rate = c.rate_limit?;
             let kept = previous
@@ -270,7 +270,7 @@ impl Clients {
 
     /// Spends one request of the client's `rate_limit`; `Err` says how long to wait.
     /// Anonymous callers and clients without a limit are not limited here.
-    pub fn check_rate(&self, who: &Identity, now: Instant) -> Result<(), Duration> {
+    pub(crate) fn check_rate(&self, who: &Identity, now: Instant) -> Result<(), Duration> {
         match who.index.and_then(|i| self.clients[i].bucket.as_ref()) {
             Some(bucket) => bucket.take(now),
             None => Ok(()),
@@ -278,12 +278,12 @@ impl Clients {
     }
 
     /// The key this client is pinned to, if any.
-    pub fn pinned_key(&self, who: &Identity) -> Option<&str> {
+    pub(crate) fn pinned_key(&self, who: &Identity) -> Option<&str> {
         who.index.and_then(|i| self.clients[i].key.as_deref())
     }
 
     /// The bundle id this client is pinned to, if any.
-    pub fn pinned_bundle_id(&self, who: &Identity) -> Option<&str> {
+    pub(crate) fn pinned_bundle_id(&self, who: &Identity) -> Option<&str> {
         who.index.and_then(|i| self.clients[i].bundle_id.as_deref())
     }
 }

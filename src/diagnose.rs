@@ -18,7 +18,7 @@ pub mod codes {
     pub const CLOCK_SKEW: &str = "CLOCK_SKEW";
     pub const WRONG_KEY_KIND: &str = "WRONG_KEY_KIND";
     pub const INDIVIDUAL_KEY_NOT_ALLOWED: &str = "INDIVIDUAL_KEY_NOT_ALLOWED";
-    pub const BUNDLE_ID: &str = "BUNDLE_ID_MISMATCH";
+    pub(crate) const BUNDLE_ID: &str = "BUNDLE_ID_MISMATCH";
     pub const SCOPE_MISMATCH: &str = "SCOPE_MISMATCH";
     pub const APP_NOT_RELEASED: &str = "APP_NOT_RELEASED";
     pub const KEY_REVOKED: &str = "KEY_REVOKED";
@@ -26,7 +26,7 @@ pub mod codes {
     pub const WRONG_ISSUER: &str = "WRONG_ISSUER";
     pub const ROLE_FORBIDDEN: &str = "ROLE_FORBIDDEN";
     pub const AGREEMENT_PENDING: &str = "AGREEMENT_PENDING";
-    pub const TRANSIENT_401: &str = "APPLE_TRANSIENT_401";
+    pub(crate) const TRANSIENT_401: &str = "APPLE_TRANSIENT_401";
 
     /// Every code, for the README table and tests.
     pub const ALL: [&str; 12] = [

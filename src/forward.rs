@@ -205,7 +205,7 @@ where
 }
 
 /// Whether `err` is (caused by) a timeout: the connect timeout, or an I/O timeout.
-pub fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if e.is::<ConnectTimedOut>()
@@ -288,7 +288,7 @@ pub fn upstream_headers(client: &HeaderMap, authorization: HeaderValue) -> Heade
 }
 
 /// Strips hop-by-hop headers from Apple's response before it goes back to the client.
-pub fn clean_response_headers(headers: &mut HeaderMap) {
+pub(crate) fn clean_response_headers(headers: &mut HeaderMap) {
     let named = connection_named(headers);
     for name in HOP_BY_HOP.iter().chain(named.iter()) {
         headers.remove(name);
@@ -326,13 +326,13 @@ pub struct Meter {
     pub ended: AtomicBool,
     /// Set when the inner body failed (for a request body: the client went away mid-upload).
     pub failed: AtomicBool,
-    /// Woken when the body ends or fails, for a meter made [`Meter::watched`].
+    /// Woken when the body ends or fails, for a meter made `Meter::watched`.
     done: Option<tokio::sync::Notify>,
 }
 
 impl Meter {
     /// A meter whose end can be awaited ([`Meter::finished`]).
-    pub fn watched() -> Meter {
+    pub(crate) fn watched() -> Meter {
         Meter {
             done: Some(tokio::sync::Notify::new()),
             ..Meter::default()
@@ -340,7 +340,7 @@ impl Meter {
     }
 
     /// Resolves once the body has ended or failed; never, for a meter not made
-    /// [`Meter::watched`].
+    /// `Meter::watched`.
     pub async fn finished(&self) {
         let Some(done) = &self.done else {
             return std::future::pending().await;
@@ -395,14 +395,14 @@ impl<B> Metered<B> {
 impl<B, G> Metered<B, G> {
     /// Fails the body with [`BodyIdle`] when no frame arrives for `limit` (a stalled
     /// client upload, or Apple stalling mid-response).
-    pub fn idle_timeout(mut self, limit: std::time::Duration) -> Metered<B, G> {
+    pub(crate) fn idle_timeout(mut self, limit: std::time::Duration) -> Metered<B, G> {
         self.idle = Some((limit, None));
         self
     }
 
     /// Drops trailer frames: a client's trailers are headers too (`authorization`, `cookie`
     /// could hide there), and Apple's APIs take none.
-    pub fn without_trailers(mut self) -> Metered<B, G> {
+    pub(crate) fn without_trailers(mut self) -> Metered<B, G> {
         self.drop_trailers = true;
         self
     }

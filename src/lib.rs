@@ -36,7 +36,7 @@
 //! crate, so its token verifier shares no code with the minter; this library does not use
 //! it either (the `demo` command's wiring is in the binary, `src/demo.rs`).
 //!
-//! # Life of a request (see [`proxy::Proxy::handle`])
+//! # Life of a request (see `proxy::Proxy::handle`)
 //!
 //! accept (`server`: the framing guard, TLS, the runtime current now) → begin (request id,
 //! clock) → **admit** (shed load, authenticate, audit health, method and path checks, route,

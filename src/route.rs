@@ -54,13 +54,13 @@ pub enum Destination<'a> {
     Own(Endpoint),
 }
 
-/// The proxy's own endpoints under [`PROXY_PREFIX`] (DESIGN §14), dispatched before Apple's
+/// The proxy's own endpoints under `PROXY_PREFIX` (DESIGN §14), dispatched before Apple's
 /// route table. None yet: the in-app signature endpoints (§15) are the first to come.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {}
 
 impl Endpoint {
-    /// The endpoint at `rest` (the path after [`PROXY_PREFIX`]).
+    /// The endpoint at `rest` (the path after `PROXY_PREFIX`).
     fn at(_rest: &str) -> Option<Endpoint> {
         None
     }
@@ -126,7 +126,7 @@ impl Table {
 
     /// What an already-validated path (see [`check_path`]) names: the proxy's own endpoints
     /// first, so no Apple route can shadow one, then Apple's table.
-    pub fn destination<'a>(&'a self, path: &'a str) -> Result<Destination<'a>, RouteError> {
+    pub(crate) fn destination<'a>(&'a self, path: &'a str) -> Result<Destination<'a>, RouteError> {
         match path.strip_prefix(PROXY_PREFIX) {
             Some(rest) => Endpoint::at(rest)
                 .map(Destination::Own)
@@ -156,7 +156,7 @@ impl Table {
 
     /// The same request against the API's sandbox (sandbox fallback and the diagnosis's
     /// probe); `None` for an API without one.
-    pub fn sandbox_of<'a>(&'a self, route: &Route<'a>) -> Option<Route<'a>> {
+    pub(crate) fn sandbox_of<'a>(&'a self, route: &Route<'a>) -> Option<Route<'a>> {
         let upstream = self.upstreams.get(&(route.api, EnvKey::Sandbox))?;
         Some(Route {
             api: route.api,

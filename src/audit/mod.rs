@@ -21,8 +21,8 @@ pub mod verify;
 mod writer;
 
 pub use record::{Decision, Marker, Record};
-pub use redact::{looks_secret, redact_path, redact_query};
-pub use writer::state_path;
+pub(crate) use redact::redact_query;
+pub use redact::{looks_secret, redact_path};
 
 use writer::{Chain, Sink, WriterTask};
 
@@ -36,11 +36,11 @@ use std::time::{Duration, Instant};
 use crate::config::{self, OnAuditFailure};
 
 /// The record format's version; bump when a field changes meaning.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 /// What replaces a secret-looking path segment or query value.
 pub const REDACTED: &str = "REDACTED";
 /// `prev_sha256` of the first line of a new chain.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Records waiting for the writer, at most.
 const CHANNEL_CAPACITY: usize = 16_384;
 /// Records kept while the sink fails, at most; beyond this they are counted as lost.
@@ -160,7 +160,7 @@ impl Audit {
         ))
     }
 
-    pub fn health(&self) -> &Health {
+    pub(crate) fn health(&self) -> &Health {
         &self.health
     }
 
@@ -192,7 +192,7 @@ impl Audit {
     }
 
     /// Re-opens the file (after logrotate moved it away); the chain continues.
-    pub fn reopen(&self) {
+    pub(crate) fn reopen(&self) {
         self.health.reopen.store(true, Ordering::Release);
         // Only a wake-up: when the channel is full the writer is busy and sees the flag
         // after its current batch.

@@ -110,8 +110,8 @@ pub struct Marker {
 }
 
 impl Marker {
-    pub const RECORDS_LOST: &'static str = "records_lost";
-    pub const RESUMED_AFTER_TRUNCATION: &'static str = "resumed_after_truncation";
+    pub(crate) const RECORDS_LOST: &'static str = "records_lost";
+    pub(crate) const RESUMED_AFTER_TRUNCATION: &'static str = "resumed_after_truncation";
 }
 
 /// Appends one line's JSON (without the newline) to `buf`: the chain fields around the

@@ -38,7 +38,7 @@ pub fn redact_path(path: &str) -> String {
 }
 
 /// The raw query with secret-looking values (and names) replaced by [`REDACTED`].
-pub fn redact_query(query: &str) -> String {
+pub(crate) fn redact_query(query: &str) -> String {
     // The same test as below, without building anything when nothing needs redacting.
     let pair_secret = |pair: &str| match pair.split_once('=') {
         Some((name, value)) => looks_secret(value) || looks_secret(name),

@@ -106,7 +106,7 @@ fn saved_state(path: &Path) -> io::Result<Option<Chain>> {
 }
 
 /// `<log>.chain`: where the chain continues when the log itself is empty after a rotation.
-pub fn state_path(path: &Path) -> PathBuf {
+pub(crate) fn state_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".chain");
     PathBuf::from(p)

@@ -245,25 +245,25 @@ impl RateLimit {
 // ---------------------------------------------------------------------------------------
 // Defaults (also documented in proxy.toml).
 
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
-pub const DEFAULT_MAX_REQUEST_BODY: u64 = 10 * 1024 * 1024;
-pub const DEFAULT_MAX_CONCURRENT: usize = 1024;
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_secs(1);
-pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(5 * 60);
-pub const DEFAULT_IAT_LEEWAY: Duration = Duration::from_secs(60);
-pub const DEFAULT_UNSCOPED_LIFETIME: Duration = Duration::from_secs(3 * 60);
-pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
-pub const DEFAULT_MAX_CLOCK_OFFSET: Duration = Duration::from_secs(60 * 60);
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub(crate) const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub(crate) const DEFAULT_MAX_REQUEST_BODY: u64 = 10 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_CONCURRENT: usize = 1024;
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(5 * 60);
+pub(crate) const DEFAULT_IAT_LEEWAY: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_UNSCOPED_LIFETIME: Duration = Duration::from_secs(3 * 60);
+pub(crate) const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+pub(crate) const DEFAULT_MAX_CLOCK_OFFSET: Duration = Duration::from_secs(60 * 60);
 /// A token is re-minted when less than this remains; it must also outlive the request.
-pub const MIN_USEFUL_LIFETIME: Duration = Duration::from_secs(90);
+pub(crate) const MIN_USEFUL_LIFETIME: Duration = Duration::from_secs(90);
 
 impl Config {
     /// Reads and validates `path`.
@@ -303,7 +303,7 @@ impl Config {
 }
 
 /// Apple's lifetime cap for the family a key kind signs for.
-pub fn kind_max_lifetime(kind: KeyKind) -> Duration {
+pub(crate) fn kind_max_lifetime(kind: KeyKind) -> Duration {
     match kind {
         KeyKind::InAppPurchase => apple::STOREKIT_MAX_LIFETIME,
         KeyKind::Team | KeyKind::Individual => apple::CONNECT_MAX_LIFETIME,
@@ -316,7 +316,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 }
 
 /// `"10MiB"`, `"512 KiB"`, `"1GB"`, `"1000"` → bytes. Binary (KiB) and decimal (KB) units.
-pub fn parse_size(s: &str) -> Option<u64> {
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);

@@ -105,7 +105,7 @@ impl Validator<'_> {
         Ok(uri)
     }
 
-    pub fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+    pub(crate) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let server = self.server(raw.server)?;
         let audit = self.audit(raw.audit)?;
         let upstream = self.upstream(raw.upstream)?;

@@ -56,7 +56,7 @@ pub(super) struct Tally<'a> {
 
 impl<'a> Tally<'a> {
     /// For a body-less request (a retry, the fallback, the probe).
-    pub fn bodyless(connect_retries: &'a mut u32) -> Tally<'a> {
+    pub(crate) fn bodyless(connect_retries: &'a mut u32) -> Tally<'a> {
         Tally {
             upload: None,
             max_body: 0,

@@ -23,7 +23,7 @@ use super::{Exchange, Proxy, Refusal, X_REQUEST_ID};
 
 /// The status recorded for a request whose client went away before any response head was
 /// sent: nginx's "client closed request", never sent on the wire.
-pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+pub(crate) const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// Where an exchange's record goes.
 pub(super) struct Sink {

@@ -10,7 +10,7 @@
 //! 5. `inspect`: Apple's 401/403 diagnosed, everything else streamed back untouched;
 //! 6. `finish`: rendered, logged, audited and counted exactly once, whatever happened.
 //!
-//! [`Proxy::handle`] is the outer handler (it never fails and always finishes);
+//! `Proxy::handle` is the outer handler (it never fails and always finishes);
 //! `Proxy::process` is the inner one and returns `Result<_, Refusal>` — the first phase
 //! that refuses ends the request, and its [`Refusal`] says status, code, kind, whose fault
 //! and the audit decision.
@@ -40,7 +40,7 @@ use crate::audit;
 use crate::client::CertIdentity;
 use crate::forward::{self, ProxyBody};
 
-pub use refusal::{codes, error_chain, Fault, Refusal, Waited};
+pub use refusal::{codes, Fault, Refusal, Waited};
 pub use state::{Proxy, StartError};
 
 use admit::Admission;
@@ -50,28 +50,28 @@ use mint::Freshness;
 
 /// Longest path + query accepted. Apple's URLs are far shorter; the bound keeps scopes (and
 /// so cached tokens) small whatever a client sends.
-pub const MAX_TARGET_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_TARGET_BYTES: usize = 8 * 1024;
 
 /// Apple's request id response header (the audit's `apple_request_id`).
-pub const APPLE_REQUEST_ID: &str = "x-apple-request-uuid";
+pub(crate) const APPLE_REQUEST_ID: &str = "x-apple-request-uuid";
 /// App Store Connect's rate-limit header (`user-hour-lim:3600;user-hour-rem:3121;`).
-pub const APPLE_RATE_LIMIT: &str = "x-rate-limit";
+pub(crate) const APPLE_RATE_LIMIT: &str = "x-rate-limit";
 
 /// Marks a response that sandbox answered for a production request (sandbox fallback).
-pub const X_APPLE_ENVIRONMENT: &str = "x-apple-environment";
+pub(crate) const X_APPLE_ENVIRONMENT: &str = "x-apple-environment";
 /// App Store Server error codes after which Apple advises asking sandbox (APPLE.md §3):
 /// TransactionIdNotFound, OriginalTransactionIdNotFound.
-pub const SANDBOX_FALLBACK_CODES: [i64; 2] = [4040010, 4040005];
+pub(crate) const SANDBOX_FALLBACK_CODES: [i64; 2] = [4040010, 4040005];
 
 /// Response header naming the first likely cause when Apple refused a request.
-pub const X_PROXY_DIAGNOSIS: &str = "x-proxy-diagnosis";
+pub(crate) const X_PROXY_DIAGNOSIS: &str = "x-proxy-diagnosis";
 /// Response header carrying the request id on every response.
-pub const X_REQUEST_ID: &str = "x-request-id";
+pub(crate) const X_REQUEST_ID: &str = "x-request-id";
 
 impl Proxy {
     /// The outer handler: never fails, always stamps the request id, and hands the outcome
     /// to `Proxy::finish`, which audits and counts it exactly once when its body ends.
-    pub async fn handle(
+    pub(crate) async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: Peer,
@@ -97,7 +97,11 @@ impl Proxy {
     /// The answer to a request whose head carried both `Content-Length` and
     /// `Transfer-Encoding` (see `crate::framing`): 400, and `Connection: close` so hyper
     /// drops the connection whose framing can no longer be trusted. Audited like any other.
-    pub fn refuse_smuggling(&self, req: &Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
+    pub(crate) fn refuse_smuggling(
+        &self,
+        req: &Request<Incoming>,
+        peer: Peer,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let id = self.shared.ids.next();
         let span = tracing::debug_span!("request", id = %id, peer = %peer.addr);
@@ -160,10 +164,10 @@ impl Proxy {
 }
 
 /// What one request learned on its way, for its audit record, metrics and log line. It owns
-/// the record from the handler's first line: [`Proxy::finish`] hands it to the response body's
+/// the record from the handler's first line: `Proxy::finish` hands it to the response body's
 /// guard, and an exchange dropped before that (its handler future dropped by hyper) writes
 /// it itself, as `client_disconnected`.
-pub(crate) struct Exchange {
+pub struct Exchange {
     id: String,
     head: Head,
     started: Instant,

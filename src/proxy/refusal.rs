@@ -31,11 +31,11 @@ pub mod codes {
     pub const RATE_LIMITED: &str = "PROXY_RATE_LIMITED";
     pub const OVERLOADED: &str = "PROXY_OVERLOADED";
     pub const UPSTREAM_UNAVAILABLE: &str = "PROXY_UPSTREAM_UNAVAILABLE";
-    pub const UPSTREAM_TIMEOUT: &str = "PROXY_UPSTREAM_TIMEOUT";
+    pub(crate) const UPSTREAM_TIMEOUT: &str = "PROXY_UPSTREAM_TIMEOUT";
     pub const AUDIT_UNAVAILABLE: &str = "PROXY_AUDIT_UNAVAILABLE";
-    pub const SIGNER_UNAVAILABLE: &str = "PROXY_SIGNER_UNAVAILABLE";
-    pub const IDENTITY_UNAVAILABLE: &str = "PROXY_IDENTITY_UNAVAILABLE";
-    pub const INTERNAL: &str = "PROXY_INTERNAL";
+    pub(crate) const SIGNER_UNAVAILABLE: &str = "PROXY_SIGNER_UNAVAILABLE";
+    pub(crate) const IDENTITY_UNAVAILABLE: &str = "PROXY_IDENTITY_UNAVAILABLE";
+    pub(crate) const INTERNAL: &str = "PROXY_INTERNAL";
 }
 
 /// Whose fault a refusal is: decides the log level (client faults at `info`, the rest at
@@ -72,7 +72,7 @@ pub enum Refusal {
     BadPath(PathError),
     /// A method the proxy never forwards (`CONNECT`, `TRACE`).
     MethodNotProxied { method: String },
-    /// The path and query exceed [`super::MAX_TARGET_BYTES`].
+    /// The path and query exceed `super::MAX_TARGET_BYTES`.
     TargetTooLong { limit: usize },
     /// The head carried both `Content-Length` and `Transfer-Encoding` (see `framing`).
     Smuggling,
@@ -275,7 +275,7 @@ impl Refusal {
     }
 
     /// Seconds for `Retry-After` (delta-seconds, never Apple's millisecond form).
-    pub fn retry_after(&self) -> Option<u64> {
+    pub(crate) fn retry_after(&self) -> Option<u64> {
         match self {
             Refusal::RateLimited { retry_after, .. } | Refusal::AppleLimit { retry_after, .. } => {
                 Some(retry_after_secs(*retry_after))
@@ -360,7 +360,7 @@ impl Refusal {
     }
 
     /// Renders Apple's error shape, so clients' error handling keeps working.
-    pub fn into_response(self, request_id: &str) -> Response<ProxyBody> {
+    pub(crate) fn into_response(self, request_id: &str) -> Response<ProxyBody> {
         let status = self.status();
         let body = serde_json::json!({
             "errors": [{
@@ -418,7 +418,7 @@ fn retry_after_secs(wait: Duration) -> u64 {
 }
 
 /// `outer: inner: innermost`, for operator logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {

@@ -179,13 +179,13 @@ impl Proxy {
 
     /// Identifies the inbound TLS settings this runtime was built with (see
     /// `crate::tls::fingerprint`).
-    pub fn tls_fingerprint(&self) -> u64 {
+    pub(crate) fn tls_fingerprint(&self) -> u64 {
         self.tls_fingerprint
     }
 
     /// Opens the audit log and starts its writer. Until this is called every request is
     /// refused with 503 PROXY_AUDIT_UNAVAILABLE.
-    pub fn start_audit(&self) -> Result<audit::Writer, StartError> {
+    pub(crate) fn start_audit(&self) -> Result<audit::Writer, StartError> {
         let (audit, writer) = audit::Audit::start(&self.config.audit)?;
         if self.shared.audit.set(audit).is_err() {
             tracing::warn!("the audit log was already started");
@@ -210,17 +210,17 @@ impl Proxy {
     }
 
     /// Counts a configuration reload (applied or rejected).
-    pub fn note_reload(&self, applied: bool) {
+    pub(crate) fn note_reload(&self, applied: bool) {
         self.shared.metrics.config_reload(applied);
     }
 
     /// The server says whether its listener is accepting.
-    pub fn set_serving(&self, serving: bool) {
+    pub(crate) fn set_serving(&self, serving: bool) {
         self.shared.serving.store(serving, Ordering::Relaxed);
     }
 
     /// The Prometheus exposition, with counters owned elsewhere copied in.
-    pub fn metrics_text(&self) -> String {
+    pub(crate) fn metrics_text(&self) -> String {
         let (minted, hits) = self.minter.counts();
         let audit = self.shared.audit.get().map(|a| a.health());
         let load = |c: Option<&AtomicU64>| c.map_or(0, |c| c.load(Ordering::Relaxed));

@@ -1,5 +1,5 @@
 //! Listeners and connections: accepts TCP, speaks HTTP/1.1 and HTTP/2 (cleartext, prior
-//! knowledge) through hyper's auto builder, hands each request to [`Proxy::handle`], and
+//! knowledge) through hyper's auto builder, hands each request to `Proxy::handle`, and
 //! shuts down gracefully (stop accepting, let in-flight requests finish within
 //! `shutdown_grace`).
 //!

@@ -16,14 +16,19 @@ pub struct AppleClock {
 
 impl AppleClock {
     /// Seconds to add to the local clock to get Apple's.
-    pub fn offset_secs(&self) -> i64 {
+    pub(crate) fn offset_secs(&self) -> i64 {
         self.offset_secs.load(Ordering::Relaxed)
     }
 
     /// Records Apple's `Date` against the local time the response head arrived, and
     /// returns the measured offset — unless it is beyond `max`: a clock that far off is not
     /// evidence (a broken or hostile `Date`), so it is ignored and returned as `Err`.
-    pub fn observe(&self, apple: SystemTime, local: SystemTime, max: Duration) -> Result<i64, i64> {
+    pub(crate) fn observe(
+        &self,
+        apple: SystemTime,
+        local: SystemTime,
+        max: Duration,
+    ) -> Result<i64, i64> {
         let offset = unix_secs(apple).saturating_sub(unix_secs(local));
         if offset.unsigned_abs() > max.as_secs() {
             return Err(offset);
@@ -33,7 +38,7 @@ impl AppleClock {
     }
 
     /// Apple's "now", in UNIX seconds.
-    pub fn apple_now(&self, local: SystemTime) -> i64 {
+    pub(crate) fn apple_now(&self, local: SystemTime) -> i64 {
         unix_secs(local) + self.offset_secs()
     }
 }

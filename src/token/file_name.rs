@@ -7,7 +7,7 @@ use crate::config::KeyConfig;
 /// What the key file's name says, as Apple names its downloads: `AuthKey_<ID>.p8` (an App
 /// Store Connect key, returned as [`KeyKind::Team`]) or `SubscriptionKey_<ID>.p8` (an
 /// in-app purchase key), with the id. `None` for other names and non-file sources.
-pub fn key_file_name(kc: &KeyConfig) -> Option<(KeyKind, &str)> {
+pub(crate) fn key_file_name(kc: &KeyConfig) -> Option<(KeyKind, &str)> {
     let crate::config::KeySource::File(path) = &kc.source else {
         return None;
     };
@@ -23,7 +23,7 @@ pub fn key_file_name(kc: &KeyConfig) -> Option<(KeyKind, &str)> {
 /// Warnings `check` prints when the key file's name disagrees with the config
 /// (`AuthKey_<ID>.p8` for App Store Connect keys, `SubscriptionKey_<ID>.p8` for in-app
 /// purchase keys). Apple's file name is a hint only; the key id and Apple's answer rule.
-pub fn file_name_hints(kc: &KeyConfig) -> Vec<String> {
+pub(crate) fn file_name_hints(kc: &KeyConfig) -> Vec<String> {
     let mut hints = Vec::new();
     if let Some((named_kind, id)) = key_file_name(kc) {
         let named_iap = named_kind == KeyKind::InAppPurchase;

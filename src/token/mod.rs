@@ -34,7 +34,7 @@ use crate::apple::{self, Api, KeyKind, TokenFamily};
 use crate::config::{Config, KeyConfig};
 
 pub use clock::{unix_secs, AppleClock};
-pub use file_name::{file_name_hints, key_file_name};
+pub(crate) use file_name::{file_name_hints, key_file_name};
 pub use key::KeyError;
 pub use scope::scope_entry;
 pub use signer::{SignError, Signer};
@@ -43,7 +43,7 @@ use cache::{Cache, CacheKey};
 
 /// A token is re-minted when less than this remains before `exp` (APPLE.md §5: "refresh
 /// when under 60 s remain").
-pub const REFRESH_MARGIN: Duration = Duration::from_secs(60);
+pub(crate) const REFRESH_MARGIN: Duration = Duration::from_secs(60);
 
 /// Tokens whose scope is longer than this are not cached: the cache is bounded in entries,
 /// and this keeps it bounded in bytes too (unusually long queries are rare and cheap to sign).
@@ -51,7 +51,7 @@ const MAX_CACHED_SCOPE: usize = 1024;
 
 /// A newly measured Apple clock offset this far from the one a cached token was minted with
 /// retires that token.
-pub const OFFSET_TOLERANCE_SECS: i64 = 5;
+pub(crate) const OFFSET_TOLERANCE_SECS: i64 = 5;
 
 /// The claims the proxy puts in a token. Also what diagnoses and `check` show: it holds no
 /// secret (the signature and the compact JWT live only in [`Token::jwt`]).
@@ -263,21 +263,16 @@ impl Minter {
     }
 
     /// Counts into `counts` (those of the minter this one replaces) from now on.
-    pub fn counting_into(mut self, counts: Arc<MintCounts>) -> Minter {
+    pub(crate) fn counting_into(mut self, counts: Arc<MintCounts>) -> Minter {
         self.counts = counts;
         self
-    }
-
-    /// The shared counters (see [`MintCounts`]).
-    pub fn mint_counts(&self) -> &Arc<MintCounts> {
-        &self.counts
     }
 
     pub fn clock(&self) -> &AppleClock {
         &self.clock
     }
 
-    pub fn key_config(&self, name: &str) -> Option<&KeyConfig> {
+    pub(crate) fn key_config(&self, name: &str) -> Option<&KeyConfig> {
         self.keys.get(name).map(|k| &k.config)
     }
 

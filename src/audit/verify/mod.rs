@@ -114,7 +114,7 @@ impl ChainState {
     }
 
     /// The figures for `files` files verified with this state.
-    pub fn into_summary(self, files: usize) -> Summary {
+    pub(crate) fn into_summary(self, files: usize) -> Summary {
         let (last_seq, last_sha256) = match self.last {
             Some(l) => (Some(l.seq), Some(l.sha256)),
             None => (None, None),
