@@ -459,7 +459,14 @@ impl WriterTask {
     fn save_state(&self) {
         if let Sink::File { path, .. } = &self.sink {
             let state = serde_json::json!({"next_seq": self.chain.next_seq, "prev_sha256": self.chain.prev_sha256});
-            if let Err(e) = std::fs::write(state_path(path), state.to_string()) {
+            // Written aside and renamed over the old one: a process that exits while this
+            // thread is mid-write never leaves a damaged (empty) state file behind.
+            let target = state_path(path);
+            let mut aside = target.clone().into_os_string();
+            aside.push(".tmp");
+            let written = std::fs::write(&aside, state.to_string())
+                .and_then(|()| std::fs::rename(&aside, &target));
+            if let Err(e) = written {
                 tracing::warn!(error = %e, "cannot write the audit chain state file");
             }
         }
