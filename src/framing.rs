@@ -250,18 +250,18 @@ impl Scanner {
 fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     // Skip the empty lines a client may send before the request line (RFC 9112 §2.2).
     let start = buf.iter().position(|b| *b != b'\r' && *b != b'\n')?;
-    let from = from.max(start);
-    (from..buf.len()).find_map(|i| {
-        if buf[i..].starts_with(b"\r\n\r\n") {
-            Some(i + 4)
-        } else if buf[i..].starts_with(b"\n\n") {
-            Some(i + 2)
-        } else if buf[i..].starts_with(b"\n\r\n") {
-            Some(i + 3)
-        } else {
-            None
+    let mut i = from.max(start);
+    // Every ending has a `\n` followed by `\n` or `\r\n` (`\r\n\r\n` included): jump from
+    // one `\n` to the next rather than testing every byte against every ending.
+    while let Some(at) = buf.get(i..)?.iter().position(|b| *b == b'\n') {
+        let lf = i + at;
+        match buf.get(lf + 1..) {
+            Some([b'\n', ..]) => return Some(lf + 2),
+            Some([b'\r', b'\n', ..]) => return Some(lf + 3),
+            _ => i = lf + 1,
         }
-    })
+    }
+    None
 }
 
 /// Appends to `line` up to and including a `\n`; returns bytes consumed and, when the line is

@@ -97,21 +97,42 @@ pub(super) struct Limits {
     pub idle: Duration,
 }
 
-/// Requests in flight on one connection, and since when it has had none.
+/// Requests in flight on one connection, and how many have ended: the watch sees the
+/// connection idle when nothing is in flight and nothing ended since its last look (no
+/// clock is read per request).
+#[derive(Default)]
 struct Activity {
-    started: Instant,
     in_flight: AtomicUsize,
-    /// Milliseconds after `started` when the last request in flight ended.
-    idle_since_ms: AtomicU64,
+    ended: AtomicU64,
 }
 
 impl Activity {
-    fn idle_for(&self) -> Option<Duration> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return None;
+    /// `(in flight, ended so far)`.
+    fn now(&self) -> (usize, u64) {
+        (
+            self.in_flight.load(Ordering::Acquire),
+            self.ended.load(Ordering::Acquire),
+        )
+    }
+}
+
+/// What the watch saw at its last look, and for how long the connection has been idle.
+struct Idleness {
+    last_ended: u64,
+    idle: Duration,
+}
+
+impl Idleness {
+    /// Called every `every`: how long the connection has now been idle, at that resolution.
+    fn look(&mut self, activity: &Activity, every: Duration) -> Duration {
+        let (in_flight, ended) = activity.now();
+        if in_flight > 0 || ended != self.last_ended {
+            self.last_ended = ended;
+            self.idle = Duration::ZERO;
+        } else {
+            self.idle += every;
         }
-        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
-        Some(self.started.elapsed().saturating_sub(since))
+        self.idle
     }
 }
 
@@ -127,10 +148,8 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let a = &self.0;
-        let now = u64::try_from(a.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        a.idle_since_ms.store(now, Ordering::Release);
-        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.ended.fetch_add(1, Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -169,7 +188,12 @@ macro_rules! watch {
         let conn = $conn;
         tokio::pin!(conn);
         let every = ($limits.idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-        let mut tick = tokio::time::interval(every);
+        // The first look is one period in, so each look stands for `every` of idleness.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut idleness = Idleness {
+            last_ended: 0,
+            idle: Duration::ZERO,
+        };
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Once asked to close, a connection with nothing in flight gets CLOSE_GRACE to say
         // goodbye (an HTTP/2 peer that never answers the GOAWAY's ping is not waited for).
@@ -185,12 +209,12 @@ macro_rules! watch {
                 }
                 _ = tick.tick() => match closing {
                     Some(since) => {
-                        if $activity.idle_for().is_some() && since.elapsed() >= CLOSE_GRACE {
+                        if $activity.now().0 == 0 && since.elapsed() >= CLOSE_GRACE {
                             break Ok(());
                         }
                     }
                     None => {
-                        let idle = $activity.idle_for().is_some_and(|d| d >= $limits.idle);
+                        let idle = idleness.look(&$activity, every) >= $limits.idle;
                         let tls_changed = $live.current().tls_fingerprint() != $tls_fingerprint;
                         if idle || tls_changed {
                             tracing::debug!(idle, tls_changed, "closing the connection");
@@ -218,11 +242,7 @@ pub(super) async fn serve(
         let proxy = live.current();
         (proxy.tls().cloned(), proxy.tls_fingerprint())
     };
-    let activity = Arc::new(Activity {
-        started: Instant::now(),
-        in_flight: AtomicUsize::new(0),
-        idle_since_ms: AtomicU64::new(0),
-    });
+    let activity = Arc::new(Activity::default());
     // Every connection's bytes pass the framing guard; its verdict tells the service which
     // request (if any) carried smuggling-prone framing.
     let verdict = Arc::new(Verdict::default());
