@@ -289,6 +289,11 @@ pub fn upstream_headers(client: &HeaderMap, authorization: HeaderValue) -> Heade
 
 /// Strips hop-by-hop headers from Apple's response before it goes back to the client.
 pub(crate) fn clean_response_headers(headers: &mut HeaderMap) {
+    // One pass over the few headers Apple sends, comparing names (cheap for standard ones),
+    // instead of a hashed lookup per hop-by-hop name: most answers carry none of them.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named = connection_named(headers);
     for name in HOP_BY_HOP.iter().chain(named.iter()) {
         headers.remove(name);

@@ -156,18 +156,26 @@ impl Proxy {
             *request.headers_mut() = headers.take().unwrap_or_else(build_headers);
             // `request_timeout` bounds the wait for Apple's head once the body is sent; a
             // slow upload is bounded by `body_idle_timeout` instead (DESIGN §13b).
-            let deadline = async {
-                if let Some(upload) = upload {
-                    upload.finished().await;
+            let answer = match upload {
+                None => tokio::time::timeout(timeout, self.upstream.request(request))
+                    .await
+                    .map_err(drop),
+                Some(upload) => {
+                    let deadline = async {
+                        upload.finished().await;
+                        tokio::time::sleep(timeout).await;
+                    };
+                    tokio::select! {
+                        biased;
+                        answer = self.upstream.request(request) => Ok(answer),
+                        () = deadline => Err(()),
+                    }
                 }
-                tokio::time::sleep(timeout).await;
             };
-            let error = tokio::select! {
-                answer = self.upstream.request(request) => match answer {
-                    Ok(response) => break response,
-                    Err(e) => e,
-                },
-                () = deadline => {
+            let error = match answer {
+                Ok(Ok(response)) => break response,
+                Ok(Err(e)) => e,
+                Err(_) => {
                     return Err(Refusal::UpstreamTimeout {
                         api: up.route.api,
                         waited: Waited::Response,

@@ -179,50 +179,91 @@ impl Body for Tracked {
     }
 }
 
-/// Drives `conn` to its end, asking it to close gracefully (HTTP/1: after the response in
-/// flight; HTTP/2: GOAWAY) at shutdown, after `limits.idle` without a request in flight, or
-/// once a reload changed the inbound TLS settings it was accepted under. A macro because
-/// the plain and the TLS connection are different types with hyper's long bounds.
-macro_rules! watch {
-    ($conn:expr, $activity:expr, $live:expr, $tls_fingerprint:expr, $limits:expr, $slot:expr) => {{
-        let conn = $conn;
-        tokio::pin!(conn);
-        let every = ($limits.idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-        // The first look is one period in, so each look stands for `every` of idleness.
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        let mut idleness = Idleness {
-            last_ended: 0,
-            idle: Duration::ZERO,
-        };
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Once asked to close, a connection with nothing in flight gets CLOSE_GRACE to say
-        // goodbye (an HTTP/2 peer that never answers the GOAWAY's ping is not waited for).
-        let mut closing: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                result = conn.as_mut() => break result,
-                changed = $slot.shutdown.changed(), if closing.is_none() => {
-                    if changed.is_err() || *$slot.shutdown.borrow() {
-                        conn.as_mut().graceful_shutdown();
+/// What a connection's [`warden`] has asked of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Close {
+    No,
+    /// Finish what is in flight and close (HTTP/1: after the response; HTTP/2: GOAWAY).
+    Gracefully,
+    /// The grace is over: drop the connection now.
+    Now,
+}
+
+/// Watches one connection from outside it, on its own timer, so a request costs the
+/// connection nothing but one channel poll: asks it to close gracefully at shutdown, after
+/// `limits.idle` without a request in flight, or once a reload changed the inbound TLS
+/// settings it was accepted under; then, once nothing is in flight, gives it CLOSE_GRACE to
+/// say goodbye before closing it (an HTTP/2 peer that never answers the GOAWAY's ping is not
+/// waited for). Ends with the connection.
+async fn warden(
+    close: tokio::sync::watch::Sender<Close>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    activity: Arc<Activity>,
+    live: Arc<Live>,
+    tls_fingerprint: u64,
+    limits: Limits,
+) {
+    let every = (limits.idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    // The first look is one period in, so each look stands for `every` of idleness.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut idleness = Idleness {
+        last_ended: 0,
+        idle: Duration::ZERO,
+    };
+    let mut closing: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            () = close.closed() => return,
+            changed = shutdown.changed(), if closing.is_none() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    close.send_replace(Close::Gracefully);
+                    closing = Some(Instant::now());
+                }
+            }
+            _ = tick.tick() => match closing {
+                Some(since) => {
+                    if activity.now().0 == 0 && since.elapsed() >= CLOSE_GRACE {
+                        close.send_replace(Close::Now);
+                        return;
+                    }
+                }
+                None => {
+                    let idle = idleness.look(&activity, every) >= limits.idle;
+                    let tls_changed = live.current().tls_fingerprint() != tls_fingerprint;
+                    if idle || tls_changed {
+                        tracing::debug!(idle, tls_changed, "closing the connection");
+                        close.send_replace(Close::Gracefully);
                         closing = Some(Instant::now());
                     }
                 }
-                _ = tick.tick() => match closing {
-                    Some(since) => {
-                        if $activity.now().0 == 0 && since.elapsed() >= CLOSE_GRACE {
-                            break Ok(());
-                        }
+            },
+        }
+    }
+}
+
+/// Drives `conn` to its end, doing what the connection's [`warden`] asks. A macro because
+/// the plain and the TLS connection are different types with hyper's long bounds.
+macro_rules! drive {
+    ($conn:expr, $close:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        let mut close = $close;
+        let mut asked = false;
+        loop {
+            tokio::select! {
+                biased;
+                result = conn.as_mut() => break result,
+                changed = close.changed() => {
+                    let now = *close.borrow_and_update();
+                    if changed.is_err() || now == Close::Now {
+                        break Ok(());
                     }
-                    None => {
-                        let idle = idleness.look(&$activity, every) >= $limits.idle;
-                        let tls_changed = $live.current().tls_fingerprint() != $tls_fingerprint;
-                        if idle || tls_changed {
-                            tracing::debug!(idle, tls_changed, "closing the connection");
-                            conn.as_mut().graceful_shutdown();
-                            closing = Some(Instant::now());
-                        }
+                    if now == Close::Gracefully && !asked {
+                        asked = true;
+                        conn.as_mut().graceful_shutdown();
                     }
-                },
+                }
             }
         }
     }};
@@ -235,7 +276,7 @@ pub(super) async fn serve(
     live: Arc<Live>,
     builder: auto::Builder<TokioExecutor>,
     limits: Limits,
-    mut slot: Slot,
+    slot: Slot,
 ) {
     // The inbound TLS settings current at accept serve this connection.
     let (tls, tls_fingerprint) = {
@@ -243,6 +284,16 @@ pub(super) async fn serve(
         (proxy.tls().cloned(), proxy.tls_fingerprint())
     };
     let activity = Arc::new(Activity::default());
+    let (close, close_rx) = tokio::sync::watch::channel(Close::No);
+    let shutdown = slot.shutdown.clone();
+    tokio::spawn(warden(
+        close,
+        shutdown,
+        activity.clone(),
+        live.clone(),
+        tls_fingerprint,
+        limits,
+    ));
     // Every connection's bytes pass the framing guard; its verdict tells the service which
     // request (if any) carried smuggling-prone framing.
     let verdict = Arc::new(Verdict::default());
@@ -276,7 +327,7 @@ pub(super) async fn serve(
         None => {
             let io = TokioIo::new(Guard::new(stream, verdict.clone()));
             let conn = builder.serve_connection(io, service(None));
-            watch!(conn, activity, live, tls_fingerprint, limits, slot)
+            drive!(conn, close_rx)
         }
         Some(acceptor) => {
             let tls =
@@ -300,7 +351,7 @@ pub(super) async fn serve(
                 .map(Arc::new);
             let io = TokioIo::new(Guard::new(tls, verdict.clone()));
             let conn = builder.serve_connection(io, service(cert));
-            watch!(conn, activity, live, tls_fingerprint, limits, slot)
+            drive!(conn, close_rx)
         }
     };
     if let Err(e) = result {
