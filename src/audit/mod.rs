@@ -259,7 +259,7 @@ mod tests {
     fn record(n: u32) -> Record {
         Record {
             time: "2026-11-22T15:21:46.000Z".into(),
-            request_id: format!("r-{n}"),
+            request_id: format!("r-{n}").into(),
             client: Some("ci".into()),
             client_auth: "secret",
             client_addr: "127.0.0.1:5000".into(),

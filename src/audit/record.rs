@@ -43,7 +43,7 @@ impl Decision {
 pub struct Record {
     /// RFC 3339 UTC with milliseconds, when the response ended.
     pub time: String,
-    pub request_id: String,
+    pub request_id: Arc<str>,
     /// The client's configured name; `null` when unauthenticated.
     pub client: Option<Arc<str>>,
     /// `secret`, `mtls`, `anonymous`, or `none`.

@@ -92,7 +92,7 @@ impl Exchange {
         let sink = self.sink.take()?;
         let record = audit::Record {
             time: String::new(),
-            request_id: std::mem::take(&mut self.id),
+            request_id: self.id.clone(),
             client: self.client.take(),
             client_auth: self.client_auth,
             client_addr: self.head.peer.text.clone(),
@@ -135,6 +135,9 @@ impl Drop for Exchange {
     /// Reached with the record still here only when hyper dropped the handler before
     /// `finish`: the client is gone, and Apple may already have the request.
     fn drop(&mut self) {
+        if self.sink.is_none() {
+            return;
+        }
         let decision = if self.sent {
             Decision::Forwarded
         } else {

@@ -168,7 +168,7 @@ impl Proxy {
 /// guard, and an exchange dropped before that (its handler future dropped by hyper) writes
 /// it itself, as `client_disconnected`.
 pub struct Exchange {
-    id: String,
+    id: Arc<str>,
     head: Head,
     started: Instant,
     client: Option<Arc<str>>,
@@ -199,7 +199,7 @@ pub struct Exchange {
 }
 
 impl Proxy {
-    fn exchange(&self, head: Head, id: String, started: Instant) -> Exchange {
+    fn exchange(&self, head: Head, id: Arc<str>, started: Instant) -> Exchange {
         Exchange {
             id,
             head,

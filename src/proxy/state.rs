@@ -278,11 +278,45 @@ impl RequestIds {
         }
     }
 
-    pub fn next(&self) -> String {
-        format!(
-            "{}-{:08x}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        )
+    /// `<prefix>-<counter as at least 8 hex digits>`, shared by the exchange, its log lines
+    /// and its record without copying.
+    pub fn next(&self) -> Arc<str> {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        // Built on the stack: the Arc is the id's one allocation.
+        let digits = (16 - n.leading_zeros() as usize / 4).max(8);
+        let mut buf = [0u8; 64];
+        let prefix = self.prefix.as_bytes();
+        buf[..prefix.len()].copy_from_slice(prefix);
+        buf[prefix.len()] = b'-';
+        let end = prefix.len() + 1 + digits;
+        for (i, b) in buf[prefix.len() + 1..end].iter_mut().rev().enumerate() {
+            *b = DIGITS[((n >> (4 * i)) & 0xf) as usize];
+        }
+        // Hex digits after a hex prefix: ASCII.
+        Arc::from(std::str::from_utf8(&buf[..end]).unwrap_or("request"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_prefix_dash_at_least_eight_hex_digits() {
+        let ids = RequestIds::new();
+        let first = ids.next();
+        let (prefix, counter) = first.split_once('-').expect("a dash");
+        assert_eq!(prefix.len(), 12);
+        assert!(prefix.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(counter, "00000001");
+        assert_eq!(&*ids.next(), format!("{prefix}-00000002"));
+        ids.next.store(0xdead_beef, Ordering::Relaxed);
+        assert_eq!(&*ids.next(), format!("{prefix}-deadbeef"));
+        // Past 2^32 the counter grows a digit instead of wrapping.
+        ids.next.store(0x1_0000_0000, Ordering::Relaxed);
+        assert_eq!(&*ids.next(), format!("{prefix}-100000000"));
+        ids.next.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(&*ids.next(), format!("{prefix}-ffffffffffffffff"));
     }
 }
