@@ -39,6 +39,7 @@ use crate::apple::{Api, Environment};
 use crate::audit;
 use crate::client::CertIdentity;
 use crate::forward::{self, ProxyBody};
+use crate::framing::{self, Refused, Rejection};
 
 pub use refusal::{codes, Fault, Refusal, Waited};
 pub use state::{Proxy, StartError};
@@ -94,19 +95,34 @@ impl Proxy {
         self.finish(result, ex, span)
     }
 
-    /// The answer to a request whose head carried both `Content-Length` and
-    /// `Transfer-Encoding` (see `crate::framing`): 400, and `Connection: close` so hyper
-    /// drops the connection whose framing can no longer be trusted. Audited like any other.
-    pub(crate) fn refuse_smuggling(
-        &self,
-        req: &Request<Incoming>,
-        peer: Peer,
-    ) -> Response<ProxyBody> {
+    /// The answer to a request whose head the framing guard refused (see `crate::framing`):
+    /// both `Content-Length` and `Transfer-Encoding`, two different lengths, a head that
+    /// does not parse or is too large. The JSON refusal, with `X-Request-Id`, audited like any
+    /// other, and `Connection: close` so hyper drops the connection whose framing can no
+    /// longer be trusted.
+    pub(crate) fn refuse_framing(&self, refused: &Refused, peer: Peer) -> Response<ProxyBody> {
         let started = Instant::now();
         let id = self.shared.ids.next();
         let span = tracing::debug_span!("request", id = %id, peer = %peer.addr);
-        let ex = self.exchange(Head::of(req, peer), id, started);
-        let mut response = self.finish(Err(Refusal::Smuggling), ex, span);
+        let head = Head::of_line(refused.method.as_deref(), refused.target.as_deref(), peer);
+        let ex = self.exchange(head, id, started);
+        let refusal = match refused.why {
+            Rejection::Smuggling => Refusal::Smuggling,
+            Rejection::ContentLength => Refusal::MalformedHead {
+                what: "two different Content-Length values, or one that is not a number",
+            },
+            Rejection::TransferEncoding => Refusal::MalformedHead {
+                what: "a Transfer-Encoding whose last coding is not chunked",
+            },
+            Rejection::Malformed => Refusal::MalformedHead {
+                what: "it does not parse as HTTP/1.1",
+            },
+            Rejection::TooLarge => Refusal::HeadTooLarge {
+                bytes: framing::MAX_HEAD,
+                headers: framing::MAX_HEADERS,
+            },
+        };
+        let mut response = self.finish(Err(refusal), ex, span);
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -239,6 +255,27 @@ struct Head {
 }
 
 impl Head {
+    /// A request line the framing guard read before refusing its head: `-` for what it
+    /// could not read.
+    fn of_line(method: Option<&str>, target: Option<&str>, peer: Peer) -> Head {
+        // What a refused head says is bounded like an admitted one's.
+        let target = target.map(|t| truncated(t, MAX_TARGET_BYTES));
+        let method = method.map(|m| truncated(m, 32));
+        let (path, query) = match target {
+            Some(target) => match target.split_once('?') {
+                Some((path, query)) => (path, Some(query)),
+                None => (target, None),
+            },
+            None => ("-", None),
+        };
+        Head {
+            method: method.map_or(Cow::Borrowed("-"), |m| Cow::Owned(m.to_string())),
+            path: audit::redact_path(path),
+            query: query.map(audit::redact_query),
+            peer,
+        }
+    }
+
     fn of<B>(req: &Request<B>, peer: Peer) -> Head {
         Head {
             method: method_name(req.method()),
@@ -264,6 +301,15 @@ impl Peer {
             text: Arc::from(addr.to_string()),
         }
     }
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn truncated(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// The method as the audit records it: the standard ones without allocating.

@@ -76,6 +76,11 @@ pub enum Refusal {
     TargetTooLong { limit: usize },
     /// The head carried both `Content-Length` and `Transfer-Encoding` (see `framing`).
     Smuggling,
+    /// A head hyper would refuse by itself, refused by the framing guard first: `what`
+    /// says what is wrong with it.
+    MalformedHead { what: &'static str },
+    /// A head longer than `bytes`, or with more than `headers` header fields.
+    HeadTooLarge { bytes: usize, headers: usize },
     /// The request body is (or declared itself) larger than `max_request_body`.
     BodyTooLarge { limit: u64 },
     /// The client's own `rate_limit` is spent.
@@ -138,7 +143,9 @@ impl Refusal {
             Refusal::BadPath(_)
             | Refusal::MethodNotProxied { .. }
             | Refusal::Smuggling
+            | Refusal::MalformedHead { .. }
             | Refusal::ClientDisconnected => StatusCode::BAD_REQUEST,
+            Refusal::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::TargetTooLong { .. } => StatusCode::URI_TOO_LONG,
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::RateLimited { .. } | Refusal::AppleLimit { .. } => {
@@ -164,6 +171,8 @@ impl Refusal {
             | Refusal::MethodNotProxied { .. }
             | Refusal::TargetTooLong { .. }
             | Refusal::Smuggling
+            | Refusal::MalformedHead { .. }
+            | Refusal::HeadTooLarge { .. }
             | Refusal::ClientDisconnected => codes::BAD_REQUEST,
             Refusal::BodyTooLarge { .. } => codes::BODY_TOO_LARGE,
             Refusal::RateLimited { .. } | Refusal::AppleLimit { .. } => codes::RATE_LIMITED,
@@ -183,9 +192,11 @@ impl Refusal {
             Refusal::Forbidden { .. } => "Forbidden by proxy policy",
             Refusal::NoRoute(_) => "No route",
             Refusal::NoKey { .. } => "No key for this API",
-            Refusal::BadPath(_) | Refusal::MethodNotProxied { .. } | Refusal::Smuggling => {
-                "Bad request"
-            }
+            Refusal::BadPath(_)
+            | Refusal::MethodNotProxied { .. }
+            | Refusal::Smuggling
+            | Refusal::MalformedHead { .. } => "Bad request",
+            Refusal::HeadTooLarge { .. } => "Request header fields too large",
             Refusal::TargetTooLong { .. } => "Request target too long",
             Refusal::ClientDisconnected => "Request body incomplete",
             Refusal::BodyTooLarge { .. } => "Request body too large",
@@ -211,6 +222,8 @@ impl Refusal {
             Refusal::BadPath(_) | Refusal::MethodNotProxied { .. } => "bad_request",
             Refusal::TargetTooLong { .. } => "target_too_long",
             Refusal::Smuggling => "smuggling",
+            Refusal::MalformedHead { .. } => "malformed_request",
+            Refusal::HeadTooLarge { .. } => "head_too_large",
             Refusal::BodyTooLarge { .. } => "body_too_large",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::AppleLimit { .. } => "apple_limit",
@@ -234,6 +247,8 @@ impl Refusal {
             | Refusal::MethodNotProxied { .. }
             | Refusal::TargetTooLong { .. }
             | Refusal::Smuggling
+            | Refusal::MalformedHead { .. }
+            | Refusal::HeadTooLarge { .. }
             | Refusal::BodyTooLarge { .. }
             | Refusal::RateLimited { .. }
             | Refusal::AppleLimit { .. }
@@ -260,6 +275,8 @@ impl Refusal {
             | Refusal::MethodNotProxied { .. }
             | Refusal::TargetTooLong { .. }
             | Refusal::Smuggling
+            | Refusal::MalformedHead { .. }
+            | Refusal::HeadTooLarge { .. }
             | Refusal::BodyTooLarge { .. }
             | Refusal::RateLimited { .. }
             | Refusal::AppleLimit { .. }
@@ -309,6 +326,10 @@ impl Refusal {
             Refusal::Smuggling => {
                 "the request carries both Content-Length and Transfer-Encoding".into()
             }
+            Refusal::MalformedHead { what } => format!("the request head is malformed: {what}"),
+            Refusal::HeadTooLarge { bytes, headers } => format!(
+                "the request head exceeds {bytes} bytes or {headers} header fields"
+            ),
             Refusal::BodyTooLarge { limit } => {
                 format!("the request body exceeds the proxy's limit of {limit} bytes")
             }
@@ -454,6 +475,8 @@ mod tests {
             (Refusal::MethodNotProxied { method: "TRACE".into() }, 400, codes::BAD_REQUEST, "bad_request", F::Client, D::Denied, None),
             (Refusal::TargetTooLong { limit: 8 }, 414, codes::BAD_REQUEST, "target_too_long", F::Client, D::Denied, None),
             (Refusal::Smuggling, 400, codes::BAD_REQUEST, "smuggling", F::Client, D::Denied, None),
+            (Refusal::MalformedHead { what: "x" }, 400, codes::BAD_REQUEST, "malformed_request", F::Client, D::Denied, None),
+            (Refusal::HeadTooLarge { bytes: 1, headers: 1 }, 431, codes::BAD_REQUEST, "head_too_large", F::Client, D::Denied, None),
             (Refusal::BodyTooLarge { limit: 1 }, 413, codes::BODY_TOO_LARGE, "body_too_large", F::Client, D::Denied, None),
             (Refusal::RateLimited { client: "ci".into(), retry_after: s }, 429, codes::RATE_LIMITED, "rate_limited", F::Client, D::Denied, Some(2)),
             (Refusal::AppleLimit { rate: 10.0, endpoint: "x", environment: Environment::Production, share: true, retry_after: s }, 429, codes::RATE_LIMITED, "apple_limit", F::Client, D::Denied, Some(2)),

@@ -95,6 +95,8 @@ impl Drop for Slot {
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Limits {
     pub idle: Duration,
+    /// `header_read_timeout`, which the framing guard enforces for a head it holds back.
+    pub head: Duration,
 }
 
 /// Requests in flight on one connection, and how many have ended: the watch sees the
@@ -307,11 +309,14 @@ pub(super) async fn serve(
         service_fn(move |req| {
             // The runtime current now serves this request to its end.
             let (proxy, cert, peer) = (live.current(), cert.clone(), peer.clone());
-            let smuggled = verdict.next_request_is_smuggled();
+            // A head the guard refused reaches here as its stand-in request.
+            let refused = verdict
+                .next_request()
+                .map(|r| proxy.refuse_framing(r, peer.clone()));
             let in_flight = InFlight::new(&activity);
             async move {
-                let response = if smuggled {
-                    proxy.refuse_smuggling(&req, peer)
+                let response = if let Some(refused) = refused {
+                    refused
                 } else {
                     proxy.handle(req, peer, cert).await
                 };
@@ -325,7 +330,7 @@ pub(super) async fn serve(
     let addr = peer.addr;
     let result = match tls {
         None => {
-            let io = TokioIo::new(Guard::new(stream, verdict.clone()));
+            let io = TokioIo::new(Guard::new(stream, verdict.clone(), limits.head));
             let conn = builder.serve_connection(io, service(None));
             drive!(conn, close_rx)
         }
@@ -349,7 +354,7 @@ pub(super) async fn serve(
                 .and_then(|chain| chain.first())
                 .and_then(|leaf| CertIdentity::from_der(leaf))
                 .map(Arc::new);
-            let io = TokioIo::new(Guard::new(tls, verdict.clone()));
+            let io = TokioIo::new(Guard::new(tls, verdict.clone(), limits.head));
             let conn = builder.serve_connection(io, service(cert));
             drive!(conn, close_rx)
         }

@@ -24,8 +24,9 @@ use crate::runtime::{self, Live};
 
 use connection::Connections;
 
-/// HTTP/1 read buffer, which bounds the header block (hyper answers 431 beyond it).
-const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// HTTP/1 read buffer: larger than the longest head the framing guard passes on
+/// (`framing::MAX_HEAD`), so the guard, which audits its refusal, always decides first.
+const MAX_HEADER_BYTES: usize = crate::framing::MAX_HEAD + 16 * 1024;
 /// HTTP/2 limits, set deliberately rather than inherited.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
@@ -121,6 +122,7 @@ pub(crate) async fn serve(
     let connections = Connections::new(server.max_connections);
     let limits = connection::Limits {
         idle: server.idle_timeout,
+        head: server.header_read_timeout,
     };
     // Requests and the admin listener read the live runtime; holding this one would keep
     // it (keys, pool) alive after a reload replaced it.
