@@ -25,6 +25,8 @@ pub struct Live {
     config_path: Option<PathBuf>,
     /// Fingerprint of the config and key files last loaded (or rejected).
     seen: std::sync::Mutex<u64>,
+    /// Counts the swaps, so connections can look at once at what a reload changed.
+    swaps: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Live {
@@ -49,7 +51,13 @@ impl Live {
             current: ArcSwap::new(proxy),
             config_path,
             seen: std::sync::Mutex::new(seen),
+            swaps: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Changes whenever a reload swaps the runtime.
+    pub fn swaps(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.swaps.subscribe()
     }
 
     pub fn current(&self) -> Arc<Proxy> {
@@ -80,6 +88,7 @@ impl Live {
                 }
                 proxy.set_serving(true);
                 self.current.store(Arc::new(proxy));
+                self.swaps.send_modify(|n| *n += 1);
                 old.note_reload(true);
                 tracing::info!(why, config = %path.display(), "configuration reloaded");
                 true

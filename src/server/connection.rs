@@ -214,9 +214,21 @@ async fn warden(
         idle: Duration::ZERO,
     };
     let mut closing: Option<Instant> = None;
+    let mut swaps = live.swaps();
+    let mut watching_swaps = true;
     loop {
         tokio::select! {
             () = close.closed() => return,
+            // A reload: if it changed the inbound TLS settings, close now rather than at
+            // the next look.
+            changed = swaps.changed(), if closing.is_none() && watching_swaps => {
+                watching_swaps = changed.is_ok();
+                if watching_swaps && live.current().tls_fingerprint() != tls_fingerprint {
+                    tracing::debug!("closing the connection: the inbound TLS settings changed");
+                    close.send_replace(Close::Gracefully);
+                    closing = Some(Instant::now());
+                }
+            }
             changed = shutdown.changed(), if closing.is_none() => {
                 if changed.is_err() || *shutdown.borrow() {
                     close.send_replace(Close::Gracefully);

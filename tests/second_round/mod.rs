@@ -20,8 +20,18 @@ struct Binary {
 
 impl Binary {
     async fn start(setup: Setup, edit: impl FnOnce(String) -> String) -> Binary {
+        Binary::start_with(setup, edit, |_| {}).await
+    }
+
+    /// [`Binary::start`] that first writes `files` into the world's directory.
+    async fn start_with(
+        setup: Setup,
+        edit: impl FnOnce(String) -> String,
+        files: impl FnOnce(&std::path::Path),
+    ) -> Binary {
         let (port, admin_port) = (free_port(), free_port());
         let world = World::new(&setup, &format!("127.0.0.1:{port}")).await;
+        files(world.dir.path());
         let text = std::fs::read_to_string(&world.config_path)
             .unwrap()
             .replace(
@@ -545,5 +555,120 @@ async fn heads_hyper_would_refuse_by_itself_are_audited_and_answered_in_json_wit
         verify.status.success(),
         "{}",
         String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_or_resets_before_apples_answer_is_audited_once_on_h1_and_h2() {
+    use tokio::io::AsyncWriteExt as _;
+    let b = Binary::start(Setup::default(), |t| t).await;
+    // Apple answers only after 1.5 s; each client gives up after 300 ms.
+    let path = "/v1/apps?standin_delay_ms=1500";
+    // HTTP/1.1: the request is sent whole, then the connection is closed.
+    let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 2\r\n\r\n{{}}",
+        b.world.secret
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    // HTTP/2: the request's future is dropped, which resets its stream (RST_STREAM).
+    let h2 = http2_client();
+    let request = b
+        .request("POST", path)
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), h2.request(request)).await;
+    let lines = binary_audit(&b, 2).await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["error"], "client_disconnected", "{line}");
+        assert_eq!(line["decision"], "forwarded", "Apple has it: {line}");
+        assert_eq!(
+            (line["completed"].clone(), line["status"].clone()),
+            (false.into(), 499.into()),
+            "{line}"
+        );
+        assert_eq!(line["method"], "POST", "{line}");
+        assert!(line["token_sha256"].is_string(), "{line}");
+    }
+    assert_eq!(b.world.standin.received().len(), 2, "both reached Apple");
+    // Apple's late answers write nothing more.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert_eq!(binary_audit(&b, 2).await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_client_ca_closes_connections_accepted_under_the_old_one() {
+    let server_ca = TestCa::new("proxy server CA");
+    let (old_ca, new_ca) = (TestCa::new("old client CA"), TestCa::new("new client CA"));
+    let (server_cert, server_key) = server_ca.issue(&["localhost", "127.0.0.1"], "proxy", false);
+    let b = Binary::start_with(
+        Setup::default(),
+        |t| {
+            t.replace(
+                "request_timeout = \"20s\"",
+                "request_timeout = \"20s\"\ntls_cert_file = \"server.pem\"\ntls_key_file = \"server-key.pem\"\nclient_ca_file = \"clients-ca.pem\"",
+            ) + "\n[[clients]]\nname = \"mtls-ci\"\ntls_subject = \"ci.internal\"\nallow = [\"GET /v1/*\"]\n"
+        },
+        |dir| {
+            std::fs::write(dir.join("server.pem"), &server_cert).unwrap();
+            write_private(&dir.join("server-key.pem"), &server_key);
+            std::fs::write(dir.join("clients-ca.pem"), old_ca.cert.pem()).unwrap();
+        },
+    )
+    .await;
+    let url = format!("https://localhost:{}/v1/apps", b.addr.port());
+    let get = |client: &hyper_util::client::legacy::Client<_, Full<Bytes>>| {
+        client.request(
+            http::Request::get(&url)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+    };
+    let old_cert = old_ca.issue(&["ci.internal"], "CI", true);
+    let h1 = tls_client_for(&server_ca, Some(&old_cert), false);
+    let h2 = tls_client_for(&server_ca, Some(&old_cert), true);
+    for (client, version) in [(&h1, http::Version::HTTP_11), (&h2, http::Version::HTTP_2)] {
+        let r = get(client).await.expect("served under the old CA");
+        assert_eq!((r.status(), r.version()), (StatusCode::OK, version));
+        let _ = r.into_body().collect().await;
+    }
+    // The operator replaces the client CA and reloads.
+    std::fs::write(b.world.dir.path().join("clients-ca.pem"), new_ca.cert.pem()).unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &b.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    // Both open connections are closed; a new one needs a certificate from the new CA.
+    for (client, label) in [(&h1, "h1"), (&h2, "h2")] {
+        let mut refused = false;
+        for _ in 0..40 {
+            match get(client).await {
+                Ok(r) => {
+                    let _ = r.into_body().collect().await;
+                }
+                Err(_) => {
+                    refused = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            refused,
+            "{label}: the connection opened under the old CA still serves"
+        );
+    }
+    let fresh = tls_client_for(
+        &server_ca,
+        Some(&new_ca.issue(&["ci.internal"], "CI", true)),
+        true,
+    );
+    assert_eq!(
+        get(&fresh).await.expect("the new CA").status(),
+        StatusCode::OK
     );
 }

@@ -378,6 +378,18 @@ pub fn tls_client(
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     Full<Bytes>,
 > {
+    tls_client_for(server_ca, client_cert, true)
+}
+
+/// [`tls_client`] that offers HTTP/2 only when `http2`, else speaks HTTP/1.1.
+pub fn tls_client_for(
+    server_ca: &TestCa,
+    client_cert: Option<&(String, String)>,
+    http2: bool,
+) -> Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+> {
     use rustls_pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(server_ca.cert.der().clone()).unwrap();
@@ -399,8 +411,11 @@ pub fn tls_client(
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(config)
         .https_only()
-        .enable_http1()
-        .enable_http2()
-        .build();
+        .enable_http1();
+    let https = if http2 {
+        https.enable_http2().build()
+    } else {
+        https.build()
+    };
     Client::builder(TokioExecutor::new()).build(https)
 }

@@ -27,7 +27,7 @@ use super::{
     Faults, Received, Role, VerifiedToken, AGREEMENT_PENDING_BODY,
     APP_STORE_CONNECT_FORBIDDEN_BODY, APP_STORE_CONNECT_NOT_AUTHORIZED_BODY, RATE_LIMIT_HEADER,
     RATE_LIMIT_PER_HOUR, REQUEST_UUID_HEADER, STANDIN_BYTES_MAX, STANDIN_BYTES_PARAM,
-    TRANSACTION_NOT_FOUND_BODY,
+    STANDIN_DELAY_MAX_MS, STANDIN_DELAY_PARAM, TRANSACTION_NOT_FOUND_BODY,
 };
 
 /// Path prefixes the App Store Server roles serve (APPLE.md §1: route by prefix).
@@ -204,6 +204,9 @@ pub(crate) async fn handle(
         verdict,
         fault: fault.map(Fault::as_str),
     });
+    if let Some(ms) = standin_delay_ms(query.as_deref()) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
 
     let mut response = if !served {
         not_found(role, shared)
@@ -352,6 +355,17 @@ fn standin_bytes(query: Option<&str>) -> Result<Option<u64>, ()> {
         Ok(n) if n <= STANDIN_BYTES_MAX => Ok(Some(n)),
         _ => Err(()),
     }
+}
+
+/// `standin_delay_ms=N` in the query, bounded; anything else is no delay.
+fn standin_delay_ms(query: Option<&str>) -> Option<u64> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find_map(|(name, value)| (name == STANDIN_DELAY_PARAM).then_some(value))?
+        .parse::<u64>()
+        .ok()
+        .map(|ms| ms.min(STANDIN_DELAY_MAX_MS))
 }
 
 fn echo(
@@ -573,6 +587,20 @@ mod tests {
         assert_eq!(standin_bytes(Some("standin_bytes=8589934593")), Err(()));
         assert_eq!(standin_bytes(Some("standin_bytes=-1")), Err(()));
         assert_eq!(standin_bytes(Some("standin_bytes=")), Err(()));
+    }
+
+    #[test]
+    fn standin_delay_is_parsed_and_bounded() {
+        assert_eq!(standin_delay_ms(None), None);
+        assert_eq!(
+            standin_delay_ms(Some("a=1&standin_delay_ms=250")),
+            Some(250)
+        );
+        assert_eq!(
+            standin_delay_ms(Some("standin_delay_ms=99999999")),
+            Some(STANDIN_DELAY_MAX_MS)
+        );
+        assert_eq!(standin_delay_ms(Some("standin_delay_ms=x")), None);
     }
 
     #[test]

@@ -64,6 +64,11 @@ pub const REQUEST_UUID_HEADER: &str = "x-apple-request-uuid";
 /// Query parameter asking for a generated `application/octet-stream` body of N bytes
 /// (see [`pattern_byte`]) instead of the JSON echo.
 pub const STANDIN_BYTES_PARAM: &str = "standin_bytes";
+/// Query parameter asking the stand-in to wait this many milliseconds (at most
+/// [`STANDIN_DELAY_MAX_MS`]) after receiving a request before it answers: a slow Apple, for
+/// clients that hang up before the response head. Not an Apple parameter.
+pub const STANDIN_DELAY_PARAM: &str = "standin_delay_ms";
+pub const STANDIN_DELAY_MAX_MS: u64 = 30_000;
 /// The largest `standin_bytes` accepted: 8 GiB.
 pub const STANDIN_BYTES_MAX: u64 = 8 << 30;
 
