@@ -78,6 +78,12 @@ impl Verdict {
         let index = self.served.fetch_add(1, Ordering::Relaxed) + 1;
         self.refused.get().filter(|r| r.index == index)
     }
+
+    /// The refused head's index and reason, for tests.
+    #[cfg(test)]
+    pub(crate) fn refused_for_tests(&self) -> Option<(u64, Rejection)> {
+        self.refused.get().map(|r| (r.index, r.why))
+    }
 }
 
 #[derive(Debug)]

@@ -65,6 +65,8 @@ pub mod diagnose;
 pub mod explain;
 pub mod forward;
 pub(crate) mod framing;
+#[cfg(test)]
+mod fuzz;
 pub(crate) mod limits;
 pub(crate) mod metrics;
 pub mod proxy;

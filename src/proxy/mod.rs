@@ -303,6 +303,14 @@ impl Peer {
     }
 }
 
+/// The Apple-error-body reader's decoding, for the fuzz target.
+#[cfg(test)]
+pub(crate) fn decoded_for_fuzz(encoding: &str, bytes: &[u8]) -> Option<bytes::Bytes> {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_str(encoding).ok()?);
+    body::decoded(&headers, &bytes::Bytes::copy_from_slice(bytes))
+}
+
 /// `text` cut to at most `max` bytes, at a character boundary.
 fn truncated(text: &str, max: usize) -> &str {
     let mut end = text.len().min(max);

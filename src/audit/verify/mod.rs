@@ -90,7 +90,7 @@ pub struct Failure {
 /// Where the chain stands between files: whether it has started, and the seq and
 /// `prev_sha256` the next line must carry. Also collects the figures for the [`Summary`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct ChainState {
+pub(crate) struct ChainState {
     last: Option<Link>,
     first_seq: Option<u64>,
     lines: u64,
@@ -151,6 +151,12 @@ pub fn verify_files(paths: &[PathBuf]) -> Result<Summary, Failure> {
         verify_reader(&name, BufReader::new(file), &mut state)?;
     }
     Ok(state.into_summary(paths.len()))
+}
+
+/// [`verify_reader`] over bytes, for the fuzz target.
+#[cfg(test)]
+pub(crate) fn verify_bytes_for_fuzz(bytes: &[u8], state: &mut ChainState) -> Result<u64, Failure> {
+    verify_reader("fuzz", bytes, state)
 }
 
 /// Verifies one file's lines as the continuation of `state`. `name` is only used in
