@@ -39,6 +39,32 @@ fn bump(counts: &Counts, what: String) {
     *counts.lock().expect("counts").entry(what).or_insert(0) += 1;
 }
 
+/// The `soak_id` a request carries in its query (every kind but the cached one has one).
+fn soak_id(path_and_query: &str) -> Option<u64> {
+    path_and_query
+        .split_once('?')?
+        .1
+        .split('&')
+        .find_map(|p| p.strip_prefix("soak_id="))?
+        .parse()
+        .ok()
+}
+
+/// A client that hangs up on purpose, over a raw HTTP/1.1 connection: sends `head` and
+/// `body_part`, waits `linger`, and closes — before Apple's answer, or mid-upload.
+async fn hang_up(port: u16, head: String, body_part: usize, linger: Duration) -> &'static str {
+    use tokio::io::AsyncWriteExt as _;
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return "CONNECT-ERROR";
+    };
+    if s.write_all(head.as_bytes()).await.is_err() {
+        return "write-refused";
+    }
+    let _ = s.write_all(&vec![b'u'; body_part]).await;
+    tokio::time::sleep(linger).await;
+    "hung-up"
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -125,11 +151,41 @@ async fn main() {
             let mut i: u64 = w as u64 * 1_000_000;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
+                let id = i;
+                // Clients that hang up at a random moment: before Apple's (delayed) answer,
+                // mid-upload, or that connect and send nothing (idle, until the proxy's
+                // idle timeout or their own patience ends).
+                match i % 16 {
+                    10 | 11 => {
+                        let head = format!(
+                            "GET /v1/apps/{i}?soak_id={id}&standin_delay_ms=300 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n\r\n"
+                        );
+                        let linger = Duration::from_millis(id % 400);
+                        let outcome = hang_up(port, head, 0, linger).await;
+                        bump(&counts, format!("hangup-before-answer {outcome}"));
+                        continue;
+                    }
+                    12 => {
+                        let head = format!(
+                            "PUT /inApps/v1/transactions/consumption/1?soak_id={id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\nContent-Length: 65536\r\n\r\n"
+                        );
+                        let part = (id % 60_000) as usize;
+                        let outcome = hang_up(port, head, part, Duration::from_millis(id % 50)).await;
+                        bump(&counts, format!("hangup-mid-upload {outcome}"));
+                        continue;
+                    }
+                    13 if id % 5 == 0 => {
+                        let outcome = hang_up(port, String::new(), 0, Duration::from_millis(1500)).await;
+                        bump(&counts, format!("idle-connection {outcome}"));
+                        continue;
+                    }
+                    _ => {}
+                }
                 let (kind, method, path, body, auth) = match i % 10 {
                     0..=2 => (
                         "asc-unique-scope",
                         "GET",
-                        format!("/v1/apps/{i}"),
+                        format!("/v1/apps/{i}?soak_id={id}"),
                         Bytes::new(),
                         true,
                     ),
@@ -143,32 +199,41 @@ async fn main() {
                     5 => (
                         "storekit",
                         "GET",
-                        format!("/inApps/v1/transactions/{}", 2_000_000_000 + i % 50),
+                        format!(
+                            "/inApps/v1/transactions/{}?soak_id={id}",
+                            2_000_000_000 + i % 50
+                        ),
                         Bytes::new(),
                         true,
                     ),
                     6 => (
                         "upload",
                         "PUT",
-                        "/inApps/v1/transactions/consumption/1".to_string(),
+                        format!("/inApps/v1/transactions/consumption/1?soak_id={id}"),
                         Bytes::from(vec![b'u'; 64 * 1024]),
                         true,
                     ),
                     7 => (
                         "download-abandoned",
                         "GET",
-                        "/v1/salesReports?standin_bytes=4000000".to_string(),
+                        format!("/v1/salesReports?standin_bytes=4000000&soak_id={id}"),
                         Bytes::new(),
                         true,
                     ),
                     8 => (
                         "unauthenticated",
                         "GET",
-                        "/v1/apps".to_string(),
+                        format!("/v1/apps?soak_id={id}"),
                         Bytes::new(),
                         false,
                     ),
-                    _ => ("no-route", "GET", "/nope".to_string(), Bytes::new(), true),
+                    _ => (
+                        "no-route",
+                        "GET",
+                        format!("/nope?soak_id={id}"),
+                        Bytes::new(),
+                        true,
+                    ),
                 };
                 let mut req = http::Request::builder()
                     .method(method)
@@ -246,7 +311,8 @@ async fn main() {
     for t in tasks {
         let _ = t.await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let Apple's delayed answers and the last records land.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     let rss_end = rss_kib(pid);
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -306,6 +372,51 @@ proxy-side failures by reason:"
         .expect("verify");
     let verified = String::from_utf8_lossy(&verify.stdout).trim().to_string();
     println!("\naudit verify: {verified}");
+
+    // Every request Apple saw has exactly one record; every record is a request.
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap_or_default();
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("event").is_none())
+        .collect();
+    let mut recorded: BTreeMap<u64, u64> = BTreeMap::new();
+    let (mut forwarded, mut refused, mut disconnected) = (0u64, 0u64, 0u64);
+    for r in &records {
+        if r["decision"] == "forwarded" {
+            forwarded += 1;
+        } else {
+            refused += 1;
+        }
+        if r["error"] == "client_disconnected" {
+            disconnected += 1;
+        }
+        let pq = format!("?{}", r["query"].as_str().unwrap_or(""));
+        if let Some(id) = soak_id(&pq) {
+            *recorded.entry(id).or_insert(0) += 1;
+        }
+    }
+    let seen: std::collections::BTreeSet<u64> = standin
+        .received()
+        .iter()
+        .filter_map(|r| soak_id(&r.path_and_query))
+        .collect();
+    let unaudited = seen.iter().filter(|id| !recorded.contains_key(id)).count();
+    let twice = recorded.values().filter(|n| **n > 1).count();
+    let forwarded_unseen = records
+        .iter()
+        .filter(|r| r["decision"] == "forwarded")
+        .filter_map(|r| soak_id(&format!("?{}", r["query"].as_str().unwrap_or(""))))
+        .filter(|id| !seen.contains(id))
+        .count();
+    println!(
+        "records: {} ({forwarded} forwarded, {refused} refused before Apple, {disconnected} client_disconnected); \
+         distinct requests Apple saw: {}; Apple-seen requests without a record: {unaudited}; \
+         requests with more than one record: {twice}; forwarded records Apple never saw \
+         (the client hung up before the upstream request went out): {forwarded_unseen}",
+        records.len(),
+        seen.len()
+    );
     let rss_mid = rss_mid.unwrap_or(rss_start);
     println!(
         "proxy RSS: after warm-up {rss_start} KiB, half-way {rss_mid} KiB, end {rss_end} KiB (second half: {:+} KiB); exit {exit}",
@@ -314,7 +425,8 @@ proxy-side failures by reason:"
     println!("unexpected failures (transport errors, timeouts, 5xx): {bad}");
     standin.shutdown().await;
     let grew = rss_end.saturating_sub(rss_mid) > RSS_ALLOWANCE_KIB;
-    if bad > 0 || !verify.status.success() || grew || !exit.success() {
+    if bad > 0 || !verify.status.success() || grew || !exit.success() || unaudited > 0 || twice > 0
+    {
         println!("SOAK FAILED");
         std::process::exit(1);
     }

@@ -132,7 +132,10 @@ fn run(target: &str, dictionary: &[&[u8]], default_runs: u64, check: impl Fn(&[u
             let _ = std::fs::create_dir_all(&dir);
             let name = format!("{target}-{}", &crate::hex(&crate::sha256(&input))[..16]);
             let _ = std::fs::write(dir.join(&name), &input);
-            panic!("fuzz target {target}: input {} failed (saved as target/fuzz-crashes/{name})", crate::hex(&input));
+            panic!(
+                "fuzz target {target}: input {} failed (saved as target/fuzz-crashes/{name})",
+                crate::hex(&input)
+            );
         }
     }
     eprintln!(
@@ -163,7 +166,10 @@ fn lenient_decode(s: &[u8]) -> Vec<u8> {
 
 #[test]
 fn fuzz_path_check() {
-    let dictionary: &[&[u8]] = &[b"%2e", b"%2E", b"%2f", b"%5c", b"%25", b"..", b"/./", b"//", b";", b"%00", b"%c0%ae", b"\\"];
+    let dictionary: &[&[u8]] = &[
+        b"%2e", b"%2E", b"%2f", b"%5c", b"%25", b"..", b"/./", b"//", b";", b"%00", b"%c0%ae",
+        b"\\",
+    ];
     run("path", dictionary, 3000, |input| {
         let Ok(path) = std::str::from_utf8(input) else {
             return;
@@ -184,9 +190,17 @@ fn fuzz_path_check() {
 fn fuzz_framing_guard() {
     use crate::framing::{Scanner, Verdict};
     let dictionary: &[&[u8]] = &[
-        b"\r\n\r\n", b"\n\n", b"\n\r\n", b"Content-Length: 5\r\n", b"Content-Length: 0\r\n",
-        b"Transfer-Encoding: chunked\r\n", b"0\r\n\r\n", b"5;ext=1\r\nhello\r\n", b"GET / HTTP/1.1\r\n",
-        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"POST /a HTTP/1.1\r\n",
+        b"\r\n\r\n",
+        b"\n\n",
+        b"\n\r\n",
+        b"Content-Length: 5\r\n",
+        b"Content-Length: 0\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"0\r\n\r\n",
+        b"5;ext=1\r\nhello\r\n",
+        b"GET / HTTP/1.1\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"POST /a HTTP/1.1\r\n",
     ];
     // What hyper would get from `input` split as `cuts` says; `None` when the guard closed
     // the connection.
@@ -214,7 +228,9 @@ fn fuzz_framing_guard() {
         // Split points from the input's own bytes, so each input has its own splits.
         let mut rng = Rng(crate::sha256(input)[0] as u64 * 7919 + input.len() as u64 + 1);
         for _ in 0..3 {
-            let mut cuts: Vec<usize> = (0..rng.below(8)).map(|_| rng.below(input.len() + 1)).collect();
+            let mut cuts: Vec<usize> = (0..rng.below(8))
+                .map(|_| rng.below(input.len() + 1))
+                .collect();
             cuts.sort_unstable();
             assert_eq!(feed(input, &cuts), whole, "split at {cuts:?}");
         }
@@ -224,9 +240,17 @@ fn fuzz_framing_guard() {
 #[test]
 fn fuzz_config_parser() {
     let dictionary: &[&[u8]] = &[
-        b"[server]\n", b"[[keys]]\n", b"[[clients]]\n", b"[audit]\n", b"[apis.app-store-connect]\n",
-        b"allow = [\"GET /v1/*\"]\n", b"rate_limit = \"10/s\"\n", b"idle_timeout = \"1s\"\n",
-        b"max_request_body = \"1 MiB\"\n", b"= \"\"\n", b"kind = \"team\"\n",
+        b"[server]\n",
+        b"[[keys]]\n",
+        b"[[clients]]\n",
+        b"[audit]\n",
+        b"[apis.app-store-connect]\n",
+        b"allow = [\"GET /v1/*\"]\n",
+        b"rate_limit = \"10/s\"\n",
+        b"idle_timeout = \"1s\"\n",
+        b"max_request_body = \"1 MiB\"\n",
+        b"= \"\"\n",
+        b"kind = \"team\"\n",
     ];
     let base = std::env::temp_dir().join("aap-fuzz-config-none");
     run("config", dictionary, 1500, |input| {
@@ -241,7 +265,14 @@ fn fuzz_config_parser() {
 
 #[test]
 fn fuzz_explain_jwt() {
-    let dictionary: &[&[u8]] = &[b"eyJ", b".", b"eyJhbGciOiJFUzI1NiJ9", b"==", b"-_", b"Bearer "];
+    let dictionary: &[&[u8]] = &[
+        b"eyJ",
+        b".",
+        b"eyJhbGciOiJFUzI1NiJ9",
+        b"==",
+        b"-_",
+        b"Bearer ",
+    ];
     run("explain", dictionary, 3000, |input| {
         let Ok(token) = std::str::from_utf8(input) else {
             return;
@@ -252,7 +283,15 @@ fn fuzz_explain_jwt() {
 
 #[test]
 fn fuzz_audit_verify_lines() {
-    let dictionary: &[&[u8]] = &[b"\n", b"\"seq\":", b"\"prev_sha256\":\"", b"\"event\":\"records_lost\"", b"{", b"}", b"0000"];
+    let dictionary: &[&[u8]] = &[
+        b"\n",
+        b"\"seq\":",
+        b"\"prev_sha256\":\"",
+        b"\"event\":\"records_lost\"",
+        b"{",
+        b"}",
+        b"0000",
+    ];
     run("audit-lines", dictionary, 2000, |input| {
         let mut state = crate::audit::verify::ChainState::new();
         let _ = crate::audit::verify::verify_bytes_for_fuzz(input, &mut state);
@@ -261,7 +300,14 @@ fn fuzz_audit_verify_lines() {
 
 #[test]
 fn fuzz_apple_error_bodies() {
-    let dictionary: &[&[u8]] = &[b"{\"errors\":[", b"\"code\":", b"\"errorCode\":4040010", b"\x1f\x8b\x08\x00", b"]}", b"null"];
+    let dictionary: &[&[u8]] = &[
+        b"{\"errors\":[",
+        b"\"code\":",
+        b"\"errorCode\":4040010",
+        b"\x1f\x8b\x08\x00",
+        b"]}",
+        b"null",
+    ];
     run("apple-errors", dictionary, 3000, |input| {
         let _ = crate::diagnose::apple_errors(input);
         for encoding in ["gzip", "deflate", "identity"] {

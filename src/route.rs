@@ -206,7 +206,7 @@ pub enum PathError {
     ControlCharacter,
     #[error("the path's percent-encoding is invalid or does not decode to UTF-8")]
     BadEncoding,
-    #[error("the path contains a `;` (path parameters are never forwarded)")]
+    #[error("the path contains a `;`, literal or encoded (path parameters are never forwarded)")]
     Semicolon,
     #[error("the path contains `%25`, an encoded `%` (no double decoding reaches Apple)")]
     EncodedPercent,
@@ -245,6 +245,10 @@ pub fn check_path(path: &str) -> Result<(), PathError> {
         }
         if segment.contains(&b'/') || segment.contains(&b'\\') {
             return Err(PathError::EncodedSeparator);
+        }
+        // An encoded `;` (`%3B`) is a `;` to a server that decodes before it splits.
+        if segment.contains(&b';') {
+            return Err(PathError::Semicolon);
         }
     }
     if path[1..].split('/').rev().skip(1).any(str::is_empty) {
@@ -293,6 +297,9 @@ mod tests {
             ("/v1/apps/..;/users", PathError::Semicolon),
             ("/v1/%252e%252e/users", PathError::EncodedPercent),
             ("/inApps/v1/x%25", PathError::EncodedPercent),
+            // Found by the path fuzz target: an encoded `;` after an encoded dot.
+            ("/v1/apps/%2e%3b", PathError::Semicolon),
+            ("/v1/apps%3Bx=1", PathError::Semicolon),
         ] {
             assert_eq!(check_path(path), Err(want), "{path}");
         }

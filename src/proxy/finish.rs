@@ -50,7 +50,13 @@ impl Proxy {
                 (response, Decision::Forwarded, None)
             }
             Err(refusal) => {
-                let (kind, decision) = (refusal.kind(), refusal.decision());
+                let kind = refusal.kind();
+                // Sent, then failed: Apple may have it, and the record says so.
+                let decision = if ex.sent && refusal.may_have_reached_apple() {
+                    Decision::Forwarded
+                } else {
+                    refusal.decision()
+                };
                 let status = refusal.status().as_u16();
                 let cause = error_chain(&refusal);
                 match refusal.fault() {

@@ -307,7 +307,10 @@ impl Peer {
 #[cfg(test)]
 pub(crate) fn decoded_for_fuzz(encoding: &str, bytes: &[u8]) -> Option<bytes::Bytes> {
     let mut headers = http::HeaderMap::new();
-    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_str(encoding).ok()?);
+    headers.insert(
+        header::CONTENT_ENCODING,
+        HeaderValue::from_str(encoding).ok()?,
+    );
     body::decoded(&headers, &bytes::Bytes::copy_from_slice(bytes))
 }
 

@@ -291,6 +291,22 @@ impl Refusal {
         }
     }
 
+    /// Whether, once the request was handed to the upstream client, this failure leaves
+    /// Apple possibly holding the request (its audit decision is then `forwarded`): the
+    /// client went away or overran the body limit mid-upload, or Apple did not answer in
+    /// time. A connection that failed is not: nothing of the request reached Apple.
+    pub(crate) fn may_have_reached_apple(&self) -> bool {
+        matches!(
+            self,
+            Refusal::ClientDisconnected
+                | Refusal::BodyTooLarge { .. }
+                | Refusal::UpstreamTimeout {
+                    waited: Waited::Response,
+                    ..
+                }
+        )
+    }
+
     /// Seconds for `Retry-After` (delta-seconds, never Apple's millisecond form).
     pub(crate) fn retry_after(&self) -> Option<u64> {
         match self {

@@ -772,6 +772,9 @@ async fn a_client_that_disconnects_mid_upload_cancels_the_upstream_request_and_i
     );
     assert_eq!(line["bytes_in"], 4096, "{line}");
     assert_ne!(line["status"], 200, "{line}");
+    // The upload had started towards Apple: the record says Apple may have it.
+    assert_eq!(line["decision"], "forwarded", "{line}");
+    assert!(line["token_sha256"].is_string(), "{line}");
     // "Apple" never saw a complete upload.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(h

@@ -85,6 +85,8 @@ async fn paths_with_a_semicolon_or_an_encoded_percent_are_refused_before_apple_o
         "/v1/apps/..;/users",
         "/v1/%252e%252e/users",
         "/inApps/v1/transactions/1%25",
+        "/v1/apps/%2e%3b/users",
+        "/v1/apps%3Bx=1",
     ] {
         for client in [http1_client(), http2_client()] {
             let r = send_with(
