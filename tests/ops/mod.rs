@@ -146,7 +146,12 @@ async fn harness_with_bad_apple(ca: &TestCa, bad: SocketAddr) -> Harness {
 }
 
 pub(crate) async fn audit_lines(h: &Harness, n: usize) -> Vec<serde_json::Value> {
-    let path = h.world.dir.path().join("audit.jsonl");
+    audit_lines_in(h.world.dir.path(), n).await
+}
+
+/// The audit lines in `dir/audit.jsonl`, once there are at least `n` (waits up to 5 s).
+pub(crate) async fn audit_lines_in(dir: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let path = dir.join("audit.jsonl");
     for _ in 0..200 {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let lines: Vec<serde_json::Value> = text

@@ -445,19 +445,7 @@ async fn the_framing_guard_never_switches_itself_off() {
 
 /// The audit lines the binary has written so far (waiting until there are `n`).
 async fn binary_audit(b: &Binary, n: usize) -> Vec<serde_json::Value> {
-    let path = b.world.dir.path().join("audit.jsonl");
-    for _ in 0..200 {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the audit log never reached {n} lines");
+    crate::ops::audit_lines_in(b.world.dir.path(), n).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
