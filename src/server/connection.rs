@@ -215,12 +215,14 @@ async fn warden(
     };
     let mut closing: Option<Instant> = None;
     let mut swaps = live.swaps();
+    // A reload between the accept and this subscription would otherwise go unseen: look at
+    // the settings once now, then at every swap.
+    swaps.mark_changed();
     let mut watching_swaps = true;
     loop {
         tokio::select! {
             () = close.closed() => return,
-            // A reload: if it changed the inbound TLS settings, close now rather than at
-            // the next look.
+            // A reload: if it changed the inbound TLS settings, close now.
             changed = swaps.changed(), if closing.is_none() && watching_swaps => {
                 watching_swaps = changed.is_ok();
                 if watching_swaps && live.current().tls_fingerprint() != tls_fingerprint {
@@ -243,10 +245,8 @@ async fn warden(
                     }
                 }
                 None => {
-                    let idle = idleness.look(&activity, every) >= limits.idle;
-                    let tls_changed = live.current().tls_fingerprint() != tls_fingerprint;
-                    if idle || tls_changed {
-                        tracing::debug!(idle, tls_changed, "closing the connection");
+                    if idleness.look(&activity, every) >= limits.idle {
+                        tracing::debug!("closing the idle connection");
                         close.send_replace(Close::Gracefully);
                         closing = Some(Instant::now());
                     }
