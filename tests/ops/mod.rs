@@ -145,6 +145,24 @@ async fn harness_with_bad_apple(ca: &TestCa, bad: SocketAddr) -> Harness {
     Harness::from_world(world).await
 }
 
+/// POSTs `{}` to `path` once over HTTP/1.1 and once over HTTP/2, and gives up on each after
+/// 300 ms: the HTTP/1.1 connection is closed, the HTTP/2 request's future dropped (which
+/// resets its stream).
+pub(crate) async fn post_and_abandon_on_h1_and_h2(addr: SocketAddr, secret: &str, path: &str) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    let request = http::Request::post(format!("http://{addr}{path}"))
+        .header("authorization", format!("Bearer {secret}"))
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), http2_client().request(request)).await;
+}
+
 pub(crate) async fn audit_lines(h: &Harness, n: usize) -> Vec<serde_json::Value> {
     audit_lines_in(h.world.dir.path(), n).await
 }
@@ -896,22 +914,7 @@ async fn apples_per_endpoint_limit_is_enforced_locally_per_app_when_asked() {
 async fn a_client_that_hangs_up_before_apples_answer_is_audited_once_on_h1_and_h2() {
     let ca = TestCa::new("bad apple CA");
     let h = harness_with_bad_apple(&ca, bad_apple(&ca, Behaviour::StallBeforeHeaders).await).await;
-    // HTTP/1.1: the request is sent whole, then the connection is closed.
-    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let head = format!(
-        "POST /v1/apps HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 2\r\n\r\n{{}}",
-        h.world.secret
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    drop(s);
-    // HTTP/2: the request's future is dropped, which resets its stream.
-    let h2 = http2_client();
-    let request = h
-        .request("POST", "/v1/apps")
-        .body(Full::new(Bytes::from_static(b"{}")))
-        .unwrap();
-    let _ = tokio::time::timeout(Duration::from_millis(300), h2.request(request)).await;
+    post_and_abandon_on_h1_and_h2(h.addr, &h.world.secret, "/v1/apps").await;
     let lines = audit_lines(&h, 2).await;
     assert_eq!(lines.len(), 2, "{lines:?}");
     for line in &lines {

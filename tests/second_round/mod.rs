@@ -550,26 +550,14 @@ async fn heads_hyper_would_refuse_by_itself_are_audited_and_answered_in_json_wit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_or_resets_before_apples_answer_is_audited_once_on_h1_and_h2() {
-    use tokio::io::AsyncWriteExt as _;
     let b = Binary::start(Setup::default(), |t| t).await;
     // Apple answers only after 1.5 s; each client gives up after 300 ms.
-    let path = "/v1/apps?standin_delay_ms=1500";
-    // HTTP/1.1: the request is sent whole, then the connection is closed.
-    let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 2\r\n\r\n{{}}",
-        b.world.secret
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    drop(s);
-    // HTTP/2: the request's future is dropped, which resets its stream (RST_STREAM).
-    let h2 = http2_client();
-    let request = b
-        .request("POST", path)
-        .body(Full::new(Bytes::from_static(b"{}")))
-        .unwrap();
-    let _ = tokio::time::timeout(Duration::from_millis(300), h2.request(request)).await;
+    crate::ops::post_and_abandon_on_h1_and_h2(
+        b.addr,
+        &b.world.secret,
+        "/v1/apps?standin_delay_ms=1500",
+    )
+    .await;
     let lines = binary_audit(&b, 2).await;
     assert_eq!(lines.len(), 2, "{lines:?}");
     for line in &lines {
