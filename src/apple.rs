@@ -42,6 +42,9 @@ pub enum Api {
     ExternalPurchase,
     /// Notary API: `/notary/`, on `appstoreconnect.apple.com` with App Store Connect keys.
     Notary,
+    /// Not forwarded: the in-app signatures the proxy makes itself with an In-App Purchase
+    /// key (`/proxy/v1/signatures/*`, DESIGN §15), for StoreKit to carry to Apple.
+    InAppSigning,
 }
 
 /// How a family's token is shaped. [ASC-JWT], [ASSA-JWT]
@@ -72,6 +75,9 @@ pub enum TokenStrategy {
     /// Apple Business/School Manager) and the form-injected `client_secret` (Sign in with
     /// Apple).
     PerRequest,
+    /// No token goes anywhere: the proxy answers with a signature for the client to hand to
+    /// StoreKit (the in-app signatures, DESIGN §15).
+    Answered,
 }
 
 /// Production or sandbox.
@@ -97,8 +103,18 @@ impl fmt::Display for Environment {
 }
 
 impl Api {
-    /// Every API, in the order the route table and `check` print them.
-    pub const ALL: [Api; 5] = [
+    /// Every API, in the order `check` prints them: the forwarded ones, then the proxy's own.
+    pub const ALL: [Api; 6] = [
+        Api::AppStoreConnect,
+        Api::AppStoreServer,
+        Api::AdvancedCommerce,
+        Api::ExternalPurchase,
+        Api::Notary,
+        Api::InAppSigning,
+    ];
+
+    /// The APIs the proxy forwards to, in the order the route table prints them.
+    pub const FORWARDED: [Api; 5] = [
         Api::AppStoreConnect,
         Api::AppStoreServer,
         Api::AdvancedCommerce,
@@ -114,6 +130,7 @@ impl Api {
             Api::AdvancedCommerce => "advanced-commerce",
             Api::ExternalPurchase => "external-purchase",
             Api::Notary => "notary",
+            Api::InAppSigning => "in-app-signing",
         }
     }
 
@@ -130,17 +147,20 @@ impl Api {
             Api::AdvancedCommerce => &["/advancedCommerce/"],
             Api::ExternalPurchase => &["/externalPurchase/"],
             Api::Notary => &["/notary/"],
+            Api::InAppSigning => &["/proxy/v1/signatures/"],
         }
     }
 
-    /// Apple's production base URL. [ASC-SPEC servers], [ASSA-CHANGELOG 2026-05-05], forum 749215
-    pub(crate) fn production_url(self) -> &'static str {
+    /// Apple's production base URL; `None` for the proxy's own endpoints.
+    /// [ASC-SPEC servers], [ASSA-CHANGELOG 2026-05-05], forum 749215
+    pub(crate) fn production_url(self) -> Option<&'static str> {
         match self {
-            Api::AppStoreConnect => "https://api.appstoreconnect.apple.com",
+            Api::AppStoreConnect => Some("https://api.appstoreconnect.apple.com"),
             Api::AppStoreServer | Api::AdvancedCommerce | Api::ExternalPurchase => {
-                "https://api.storekit.apple.com"
+                Some("https://api.storekit.apple.com")
             }
-            Api::Notary => "https://appstoreconnect.apple.com",
+            Api::Notary => Some("https://appstoreconnect.apple.com"),
+            Api::InAppSigning => None,
         }
     }
 
@@ -150,7 +170,7 @@ impl Api {
             Api::AppStoreServer | Api::AdvancedCommerce | Api::ExternalPurchase => {
                 Some("https://api.storekit-sandbox.apple.com")
             }
-            Api::AppStoreConnect | Api::Notary => None,
+            Api::AppStoreConnect | Api::Notary | Api::InAppSigning => None,
         }
     }
 
@@ -158,12 +178,15 @@ impl Api {
         self.sandbox_url().is_some()
     }
 
+    /// The claim family. The in-app signatures are StoreKit-shaped (`iss`, `iat`, `aud`,
+    /// `bid`) and made with the same In-App Purchase key.
     pub(crate) fn token_family(self) -> TokenFamily {
         match self {
             Api::AppStoreConnect | Api::Notary => TokenFamily::Connect,
-            Api::AppStoreServer | Api::AdvancedCommerce | Api::ExternalPurchase => {
-                TokenFamily::StoreKit
-            }
+            Api::AppStoreServer
+            | Api::AdvancedCommerce
+            | Api::ExternalPurchase
+            | Api::InAppSigning => TokenFamily::StoreKit,
         }
     }
 
@@ -173,7 +196,8 @@ impl Api {
             | Api::AppStoreServer
             | Api::AdvancedCommerce
             | Api::ExternalPurchase
-            | Api::Notary => Mount::Native,
+            | Api::Notary
+            | Api::InAppSigning => Mount::Native,
         }
     }
 
@@ -184,6 +208,7 @@ impl Api {
             | Api::AdvancedCommerce
             | Api::ExternalPurchase
             | Api::Notary => TokenStrategy::PerRequest,
+            Api::InAppSigning => TokenStrategy::Answered,
         }
     }
 
@@ -233,6 +258,71 @@ impl TokenFamily {
         }
     }
 }
+
+/// The in-app signatures an In-App Purchase key makes for StoreKit (APPLE.md §8), one per
+/// endpoint under `/proxy/v1/signatures/` (DESIGN §15).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SignatureKind {
+    /// Promotional offer, JWS form (V2): `aud` `promotional-offer`.
+    PromotionalOffer,
+    /// Introductory-offer eligibility: `aud` `introductory-offer-eligibility`.
+    IntroductoryOfferEligibility,
+    /// Advanced Commerce in-app request: `aud` `advanced-commerce-api`.
+    AdvancedCommerce,
+    /// Promotional offer, legacy signature: base64 DER over the U+2063-separated message.
+    PromotionalOfferV1,
+}
+
+impl SignatureKind {
+    pub const ALL: [SignatureKind; 4] = [
+        SignatureKind::PromotionalOffer,
+        SignatureKind::IntroductoryOfferEligibility,
+        SignatureKind::AdvancedCommerce,
+        SignatureKind::PromotionalOfferV1,
+    ];
+
+    /// The endpoint's last path segment, and the kind's name in audit records and metrics.
+    pub fn id(self) -> &'static str {
+        match self {
+            SignatureKind::PromotionalOffer => "promotional-offer",
+            SignatureKind::IntroductoryOfferEligibility => "introductory-offer-eligibility",
+            SignatureKind::AdvancedCommerce => "advanced-commerce",
+            SignatureKind::PromotionalOfferV1 => "promotional-offer-v1",
+        }
+    }
+
+    /// The kind at `/proxy/v1/signatures/<name>`.
+    pub fn from_id(name: &str) -> Option<SignatureKind> {
+        SignatureKind::ALL.into_iter().find(|k| k.id() == name)
+    }
+
+    /// The JWS `aud` claim; `None` for the legacy signature, which is not a JWS. [SK-JWS]
+    pub fn audience(self) -> Option<&'static str> {
+        match self {
+            SignatureKind::PromotionalOffer => Some("promotional-offer"),
+            SignatureKind::IntroductoryOfferEligibility => Some("introductory-offer-eligibility"),
+            SignatureKind::AdvancedCommerce => Some("advanced-commerce-api"),
+            SignatureKind::PromotionalOfferV1 => None,
+        }
+    }
+
+    /// The kind whose JWS carries `aud`.
+    pub fn from_audience(aud: &str) -> Option<SignatureKind> {
+        SignatureKind::ALL
+            .into_iter()
+            .find(|k| k.audience() == Some(aud))
+    }
+}
+
+impl fmt::Display for SignatureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.id())
+    }
+}
+
+/// The separator of the legacy V1 promotional-offer message: U+2063 INVISIBLE SEPARATOR.
+/// [SK-PROMO-V1]
+pub const V1_SEPARATOR: char = '\u{2063}';
 
 /// The kind of Apple API key, as App Store Connect issues them. [ASC-KEYS], [ASSA-KEYS]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

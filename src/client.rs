@@ -122,6 +122,8 @@ struct Client {
     rules: Vec<Rule>,
     key: Option<String>,
     bundle_id: Option<String>,
+    /// `[clients.signing]`; `None` signs nothing.
+    signing: Option<crate::config::SigningPolicy>,
     /// Shared with the runtime before a reload when the client keeps its name and rate, so a
     /// reload never refills a spent budget.
     bucket: Option<Arc<Bucket>>,
@@ -286,6 +288,12 @@ impl Clients {
     pub(crate) fn pinned_bundle_id(&self, who: &Identity) -> Option<&str> {
         who.index.and_then(|i| self.clients[i].bundle_id.as_deref())
     }
+
+    /// What this client may have signed (DESIGN §15); `None`, for a client without
+    /// `[clients.signing]` or an anonymous caller, signs nothing.
+    pub(crate) fn signing_policy(&self, who: &Identity) -> Option<&crate::config::SigningPolicy> {
+        who.index.and_then(|i| self.clients[i].signing.as_ref())
+    }
 }
 
 impl Client {
@@ -307,6 +315,7 @@ impl Client {
                 .collect(),
             key: c.key.clone(),
             bundle_id: c.bundle_id.clone(),
+            signing: c.signing.clone(),
             bucket,
         }
     }

@@ -22,6 +22,8 @@
 //! - `framing`: watches HTTP/1 framing under hyper to refuse request smuggling.
 //! - [`diagnose`]: pure: evidence of an Apple 401/403 → ranked likely causes with fixes.
 //! - [`explain`]: pure: any Apple JWT → every rule it breaks (the `explain` command).
+//! - [`signing`]: the in-app signatures (promotional offers, introductory-offer eligibility,
+//!   Advanced Commerce): request bodies, the `[clients.signing]` policy, Apple's formats.
 //! - `tls`: the inbound rustls acceptor (and mTLS) built from config.
 //! - [`proxy`]: the only module that knows the order of a request's steps, one file per
 //!   phase, and the one boundary error, [`proxy::Refusal`].
@@ -50,6 +52,10 @@
 //! - The path is checked before routing so that no path is ever normalised into another.
 //! - Policy is checked before minting so that a denied request never costs a signature and
 //!   never reaches Apple.
+//! - The proxy's own endpoints (`/proxy/v1/`, DESIGN §14) pass the same admission — the
+//!   same authentication, audit check, path checks, `allow` rules and rate limits — and are
+//!   then answered by `proxy`'s `own` phase instead of mint and forward; an in-app signature
+//!   is made only after its body and the client's `[clients.signing]` policy passed whole.
 //! - The client's `Authorization` is never copied upstream; ours is the only one, so a
 //!   client can never choose the credential Apple sees.
 //! - `finish` rides on the response body, so the record is written when the body ends or
@@ -73,6 +79,7 @@ pub mod proxy;
 pub mod route;
 pub(crate) mod runtime;
 pub mod server;
+pub mod signing;
 pub(crate) mod tls;
 pub mod token;
 

@@ -70,6 +70,15 @@ struct RetryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SignatureLabels {
+    kind: &'static str,
+    client: Shared,
+    /// `signed`, `denied` (the client's signing policy), `invalid` (the body), `refused`
+    /// (anything else the client caused: limits, size, method) or `error`.
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: String,
 }
@@ -97,6 +106,10 @@ pub struct Summary<'a> {
     /// Apple's status when Apple answered.
     pub upstream_status: Option<u16>,
     pub retried: bool,
+    /// The in-app signature kind, for requests to the signature endpoints.
+    pub signing: Option<&'static str>,
+    /// The proxy's error kind when it answered itself.
+    pub error: Option<&'static str>,
 }
 
 /// Counters owned by other parts, copied in at scrape time.
@@ -120,6 +133,7 @@ pub struct Metrics {
     upstream_duration: Family<ApiLabels, Histogram>,
     apple_auth_failures: Family<CauseLabels, Counter>,
     retries: Family<RetryLabels, Counter>,
+    signatures: Family<SignatureLabels, Counter>,
     rate_limit_remaining: Family<KeyLabels, Gauge>,
     tokens_minted: Counter,
     token_cache_hits: Counter,
@@ -188,6 +202,12 @@ impl Metrics {
             "upstream_retries",
             "Re-mint-and-retry after an Apple 401, by outcome",
             retries.clone(),
+        );
+        let signatures = Family::<SignatureLabels, Counter>::default();
+        registry.register(
+            "signatures",
+            "In-app signature requests (DESIGN §15), by kind, client and outcome",
+            signatures.clone(),
         );
         let rate_limit_remaining = Family::<KeyLabels, Gauge>::default();
         registry.register(
@@ -263,6 +283,7 @@ impl Metrics {
             upstream_duration,
             apple_auth_failures,
             retries,
+            signatures,
             rate_limit_remaining,
             tokens_minted,
             token_cache_hits,
@@ -309,6 +330,22 @@ impl Metrics {
                     api: s.api,
                     status: if status == 401 { "401" } else { "403" },
                     cause,
+                })
+                .inc();
+        }
+        if let Some(kind) = s.signing {
+            let outcome = match (s.decision, s.error) {
+                ("signed", _) => "signed",
+                (_, Some("signing_denied")) => "denied",
+                (_, Some("invalid_body" | "ambiguous_key")) => "invalid",
+                ("denied", _) => "refused",
+                _ => "error",
+            };
+            self.signatures
+                .get_or_create(&SignatureLabels {
+                    kind,
+                    client: Shared(s.client.unwrap_or(&self.unauthenticated).clone()),
+                    outcome,
                 })
                 .inc();
         }
@@ -394,7 +431,27 @@ mod tests {
             diagnosis: Some("CLOCK_SKEW"),
             upstream_status: Some(401),
             retried: true,
+            signing: None,
+            error: None,
         });
+        let shop: Arc<str> = Arc::from("shop");
+        let signature = |decision, error| Summary {
+            api: "in-app-signing",
+            client: Some(&shop),
+            status: 200,
+            decision,
+            duration: Duration::from_millis(1),
+            upstream: None,
+            diagnosis: None,
+            upstream_status: None,
+            retried: false,
+            signing: Some("promotional-offer"),
+            error,
+        };
+        m.observe(&signature("signed", None));
+        m.observe(&signature("signed", None));
+        m.observe(&signature("denied", Some("signing_denied")));
+        m.observe(&signature("denied", Some("invalid_body")));
         m.rate_limit_remaining("connect", 3121);
         let text = m.encode(Snapshot {
             tokens_minted: 3,
@@ -406,6 +463,9 @@ mod tests {
             r#"aap_apple_auth_failures_total{api="app-store-connect",status="401",cause="CLOCK_SKEW"} 1"#,
             r#"aap_upstream_retries_total{api="app-store-connect",outcome="refused_again"} 1"#,
             r#"aap_apple_rate_limit_remaining{key="connect"} 3121"#,
+            r#"aap_signatures_total{kind="promotional-offer",client="shop",outcome="signed"} 2"#,
+            r#"aap_signatures_total{kind="promotional-offer",client="shop",outcome="denied"} 1"#,
+            r#"aap_signatures_total{kind="promotional-offer",client="shop",outcome="invalid"} 1"#,
             "aap_tokens_minted_total 3",
             "aap_audit_healthy 1",
             "aap_request_duration_seconds_bucket",

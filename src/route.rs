@@ -55,14 +55,26 @@ pub enum Destination<'a> {
 }
 
 /// The proxy's own endpoints under `PROXY_PREFIX` (DESIGN §14), dispatched before Apple's
-/// route table. None yet: the in-app signature endpoints (§15) are the first to come.
+/// route table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoint {}
+pub enum Endpoint {
+    /// `signatures/<kind>`: an in-app signature (DESIGN §15).
+    Signature(crate::apple::SignatureKind),
+}
 
 impl Endpoint {
-    /// The endpoint at `rest` (the path after `PROXY_PREFIX`).
-    fn at(_rest: &str) -> Option<Endpoint> {
-        None
+    /// The endpoint at `rest` (the path after `PROXY_PREFIX`): exact names only, no
+    /// trailing slash or extra segment.
+    fn at(rest: &str) -> Option<Endpoint> {
+        let kind = rest.strip_prefix("signatures/")?;
+        crate::apple::SignatureKind::from_id(kind).map(Endpoint::Signature)
+    }
+
+    /// The API its audit records and metrics name.
+    pub fn api(self) -> Api {
+        match self {
+            Endpoint::Signature(_) => Api::InAppSigning,
+        }
     }
 }
 
@@ -104,13 +116,16 @@ fn base_of(uri: &Uri) -> String {
 impl Table {
     pub fn new(config: &Config) -> Table {
         let mut upstreams = BTreeMap::new();
-        for api in Api::ALL {
+        for api in Api::FORWARDED {
+            let Some(default_production) = api.production_url() else {
+                continue;
+            };
             let settings = config.api(api);
             let production = settings
                 .base_url
                 .as_ref()
                 .map(base_of)
-                .unwrap_or_else(|| api.production_url().to_string());
+                .unwrap_or_else(|| default_production.to_string());
             upstreams.insert((api, EnvKey::Production), Upstream { base: production });
             if let Some(default_sandbox) = api.sandbox_url() {
                 let sandbox = settings
@@ -311,12 +326,22 @@ mod tests {
         let t = table("");
         for path in [
             "/proxy/v1/",
-            "/proxy/v1/signatures/promotional-offer",
+            "/proxy/v1/signatures/",
+            "/proxy/v1/signatures/promotional-offer/",
+            "/proxy/v1/signatures/promotional-offer/x",
+            "/proxy/v1/signatures/Promotional-Offer",
             "/proxy/v1/v1/apps",
         ] {
             assert_eq!(
                 t.destination(path).unwrap_err(),
                 RouteError::NoEndpoint,
+                "{path}"
+            );
+        }
+        for kind in crate::apple::SignatureKind::ALL {
+            let path = format!("/proxy/v1/signatures/{}", kind.id());
+            assert!(
+                matches!(t.destination(&path), Ok(Destination::Own(Endpoint::Signature(k))) if k == kind),
                 "{path}"
             );
         }

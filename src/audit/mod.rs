@@ -20,7 +20,7 @@ mod redact;
 pub mod verify;
 mod writer;
 
-pub use record::{Decision, Marker, Record};
+pub use record::{Decision, Marker, Record, Signing};
 pub(crate) use redact::redact_query;
 pub use redact::{looks_secret, redact_path};
 
@@ -285,6 +285,7 @@ mod tests {
             duration_ms: 3,
             completed: true,
             error: None,
+            signing: None,
         }
     }
 

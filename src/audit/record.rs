@@ -15,6 +15,9 @@ use super::VERSION;
 pub enum Decision {
     /// Sent to Apple (whatever Apple answered).
     Forwarded,
+    /// An in-app signature was made and returned (DESIGN §15); the record's `signing`
+    /// says what was signed.
+    Signed,
     /// Refused by policy, limits or input checks.
     Denied,
     /// No valid client credential.
@@ -30,6 +33,7 @@ impl Decision {
     pub fn as_str(self) -> &'static str {
         match self {
             Decision::Forwarded => "forwarded",
+            Decision::Signed => "signed",
             Decision::Denied => "denied",
             Decision::Unauthenticated => "unauthenticated",
             Decision::NoRoute => "no_route",
@@ -88,6 +92,40 @@ pub struct Record {
     pub completed: bool,
     /// The proxy's error kind when it answered itself.
     pub error: Option<&'static str>,
+    /// Requests to the in-app signature endpoints only (absent on every other record):
+    /// what was asked to be signed and, when signed, the nonce and the signature's SHA-256.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing: Option<Box<Signing>>,
+}
+
+/// What an in-app signature request asked for (DESIGN §15), as far as its body parsed. Never
+/// the signature: `sha256` is the hex SHA-256 of the returned `signature` string.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Signing {
+    /// `promotional-offer`, `introductory-offer-eligibility`, `advanced-commerce`,
+    /// `promotional-offer-v1`.
+    pub kind: &'static str,
+    /// The `bid` signed (or the V1 message's bundle id).
+    pub bundle_id: Option<String>,
+    pub product_id: Option<String>,
+    pub offer_id: Option<String>,
+    pub transaction_id: Option<String>,
+    /// Introductory-offer eligibility: the grant asked for.
+    pub allow_introductory_offer: Option<bool>,
+    /// Advanced Commerce: the operation, the SKUs (at most [`Signing::MAX_SKUS`], then
+    /// `sku_count` says how many there were), the first currency and the highest price.
+    pub operation: Option<String>,
+    pub skus: Vec<String>,
+    pub sku_count: usize,
+    pub currency: Option<String>,
+    pub max_price: Option<i64>,
+    pub nonce: Option<String>,
+    pub sha256: Option<String>,
+}
+
+impl Signing {
+    /// SKUs listed in one record; the rest are counted.
+    pub const MAX_SKUS: usize = 16;
 }
 
 /// A chained line that is not a request (DESIGN §13b): the writer's trace of records it had

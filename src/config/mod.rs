@@ -218,6 +218,27 @@ pub struct ClientConfig {
     pub key: Option<String>,
     pub bundle_id: Option<String>,
     pub rate_limit: Option<RateLimit>,
+    /// `[clients.signing]`; `None`: the client signs nothing (DESIGN §15, default deny).
+    pub signing: Option<SigningPolicy>,
+}
+
+/// What a client may have the proxy sign with an In-App Purchase key (DESIGN §15). Every
+/// list is an allow list; an empty one allows nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SigningPolicy {
+    /// Globs over `product_id`, and over every `SKU` in an Advanced Commerce request.
+    pub products: Vec<String>,
+    /// Globs over `offer_id`.
+    pub offers: Vec<String>,
+    /// Whether the client may sign `allow_introductory_offer = true`.
+    pub grant_introductory_offer: bool,
+    /// Advanced Commerce `operation`s the client may sign.
+    pub operations: Vec<String>,
+    /// Advanced Commerce currencies (ISO 4217); `None`: any.
+    pub currencies: Option<Vec<String>>,
+    /// No `price` anywhere in an Advanced Commerce request may exceed it; set whenever
+    /// `operations` is.
+    pub max_price: Option<i64>,
 }
 
 /// `"20/s"`: at most `count` requests per `per`, with bursts up to `count`.

@@ -128,4 +128,21 @@ pub(super) struct RawClient {
     pub key: Option<String>,
     pub bundle_id: Option<String>,
     pub rate_limit: Option<String>,
+    pub signing: Option<RawSigning>,
+}
+
+/// `[clients.signing]`: what the client may have the proxy sign (DESIGN §15).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSigning {
+    #[serde(default)]
+    pub products: Vec<String>,
+    #[serde(default)]
+    pub offers: Vec<String>,
+    #[serde(default)]
+    pub grant_introductory_offer: bool,
+    #[serde(default)]
+    pub operations: Vec<String>,
+    pub currencies: Option<Vec<String>>,
+    pub max_price: Option<i64>,
 }

@@ -496,7 +496,7 @@ impl Validator<'_> {
                     field("apis"),
                     format!("a {} key cannot sign for {} (Apple rejects it)", kind.id(), api.id()),
                     match kind {
-                        KeyKind::InAppPurchase => "in-app-purchase keys serve app-store-server, advanced-commerce and external-purchase; use a team key for App Store Connect and notary".to_string(),
+                        KeyKind::InAppPurchase => "in-app-purchase keys serve app-store-server, advanced-commerce, external-purchase and in-app-signing; use a team key for App Store Connect and notary".to_string(),
                         KeyKind::Individual if api == Api::Notary => "notary needs a team key with the Developer role".to_string(),
                         _ => "the storekit APIs need an In-App Purchase key (App Store Connect → Users and Access → Integrations → In-App Purchase)".to_string(),
                     },
@@ -605,6 +605,10 @@ impl Validator<'_> {
                 ));
             }
         }
+        let signing = match c.signing {
+            Some(raw) => Some(self.signing(i, raw, c.key.as_deref(), keys)?),
+            None => None,
+        };
         Ok(ClientConfig {
             name: c.name,
             secret_sha256,
@@ -612,6 +616,7 @@ impl Validator<'_> {
             allow: c.allow,
             key: c.key,
             bundle_id: c.bundle_id,
+            signing,
             rate_limit: c
                 .rate_limit
                 .as_deref()
@@ -625,6 +630,98 @@ impl Validator<'_> {
                     })
                 })
                 .transpose()?,
+        })
+    }
+}
+
+impl Validator<'_> {
+    /// `clients[i].signing` (DESIGN §15): globs that can match something, Advanced Commerce
+    /// operations with the price bound they need, ISO 4217 currencies, and a key to sign with.
+    fn signing(
+        &self,
+        i: usize,
+        s: RawSigning,
+        pinned: Option<&str>,
+        keys: &[KeyConfig],
+    ) -> Result<SigningPolicy, ConfigError> {
+        let field = |name: &str| format!("clients[{i}].signing.{name}");
+        for (name, globs) in [("products", &s.products), ("offers", &s.offers)] {
+            if let Some(j) = globs.iter().position(|g| g.trim().is_empty()) {
+                return Err(self.invalid(
+                    format!("clients[{i}].signing.{name}[{j}]"),
+                    "is empty",
+                    "write a glob, e.g. \"com.example.pro.*\"",
+                ));
+            }
+        }
+        for (j, op) in s.operations.iter().enumerate() {
+            let ok = op.bytes().next().is_some_and(|b| b.is_ascii_uppercase())
+                && op.bytes().all(|b| b.is_ascii_uppercase() || b == b'_');
+            if !ok {
+                return Err(self.invalid(
+                    format!("clients[{i}].signing.operations[{j}]"),
+                    format!("`{op}` is not an Advanced Commerce operation name"),
+                    "write Apple's operation names, e.g. \"CREATE_ONE_TIME_CHARGE\", \"CREATE_SUBSCRIPTION\"",
+                ));
+            }
+        }
+        match s.max_price {
+            None if !s.operations.is_empty() => {
+                return Err(self.invalid(
+                    field("max_price"),
+                    "is required with `operations`: whoever obtains an Advanced Commerce signature fixes the price",
+                    "set the highest price the client may sign, in Apple's units, e.g. max_price = 99990",
+                ))
+            }
+            Some(p) if p < 0 => {
+                return Err(self.invalid(
+                    field("max_price"),
+                    format!("{p} is negative"),
+                    "set the highest price the client may sign, e.g. max_price = 99990",
+                ))
+            }
+            _ => {}
+        }
+        if let Some(currencies) = &s.currencies {
+            if currencies.is_empty() {
+                return Err(self.invalid(
+                    field("currencies"),
+                    "is empty",
+                    "list ISO 4217 codes, e.g. [\"USD\", \"EUR\"], or remove the line to allow any",
+                ));
+            }
+            for (j, c) in currencies.iter().enumerate() {
+                if !(c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase())) {
+                    return Err(self.invalid(
+                        format!("clients[{i}].signing.currencies[{j}]"),
+                        format!("`{c}` is not an ISO 4217 currency code"),
+                        "write three upper-case letters, e.g. \"USD\"",
+                    ));
+                }
+            }
+        }
+        let signs = |k: &KeyConfig| k.apis.contains(&Api::InAppSigning);
+        let usable = match pinned {
+            Some(name) => keys.iter().any(|k| k.name == name && signs(k)),
+            None => keys.iter().any(signs),
+        };
+        if !usable {
+            return Err(self.invalid(
+                format!("clients[{i}].signing"),
+                match pinned {
+                    Some(name) => format!("the client is pinned to key `{name}`, which does not list \"in-app-signing\" in its apis"),
+                    None => "no key lists \"in-app-signing\" in its apis, so nothing can be signed".to_string(),
+                },
+                "add \"in-app-signing\" to the apis of the In-App Purchase key that should sign",
+            ));
+        }
+        Ok(SigningPolicy {
+            products: s.products,
+            offers: s.offers,
+            grant_introductory_offer: s.grant_introductory_offer,
+            operations: s.operations,
+            currencies: s.currencies,
+            max_price: s.max_price,
         })
     }
 }

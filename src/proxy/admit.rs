@@ -29,7 +29,7 @@ pub(super) enum Admission<'a> {
     Apple(Admitted<'a>),
     /// A request for one of the proxy's own endpoints (DESIGN §14): authenticated, audited
     /// and allowed exactly like a forwarded one.
-    Own(Endpoint),
+    Own { who: Identity, endpoint: Endpoint },
 }
 
 /// A request the proxy will forward: who asks, where it goes, which key signs.
@@ -87,9 +87,12 @@ impl Proxy {
         }
         route::check_path(path).map_err(Refusal::BadPath)?;
         let destination = self.routes.destination(path).map_err(Refusal::NoRoute)?;
-        if let Destination::Apple(route) = &destination {
-            ex.api = Some(route.api);
-            ex.environment = Some(route.environment);
+        match &destination {
+            Destination::Apple(route) => {
+                ex.api = Some(route.api);
+                ex.environment = Some(route.environment);
+            }
+            Destination::Own(endpoint) => ex.api = Some(endpoint.api()),
         }
 
         if !self.clients.allows(&who, parts.method.as_str(), path) {
@@ -111,7 +114,7 @@ impl Proxy {
         }
         let route = match destination {
             Destination::Apple(route) => route,
-            Destination::Own(endpoint) => return Ok(Admission::Own(endpoint)),
+            Destination::Own(endpoint) => return Ok(Admission::Own { who, endpoint }),
         };
         let key = self.key_for(&who, route.api)?;
         self.check_apple_limits(&who, &route, key, parts.method.as_str())?;

@@ -46,8 +46,13 @@ impl Proxy {
             Ok(response) => {
                 // Every request is in the audit log already; at `info` the operational log
                 // keeps only what needs an operator's eye (refusals, failures, Apple's 401/403).
-                tracing::debug!(parent: &span, request_id = %id, %method, %path, status = response.status().as_u16(), head_ms, diagnosis = ex.diagnosis, "forwarded");
-                (response, Decision::Forwarded, None)
+                let decision = if ex.signing.as_ref().is_some_and(|s| s.sha256.is_some()) {
+                    Decision::Signed
+                } else {
+                    Decision::Forwarded
+                };
+                tracing::debug!(parent: &span, request_id = %id, %method, %path, status = response.status().as_u16(), head_ms, diagnosis = ex.diagnosis, decision = decision.as_str(), "answered");
+                (response, decision, None)
             }
             Err(refusal) => {
                 let kind = refusal.kind();
@@ -124,6 +129,7 @@ impl Exchange {
             duration_ms: 0,
             completed: false,
             error,
+            signing: self.signing.take(),
         };
         Some(Finisher {
             record: Some(record),
@@ -195,6 +201,8 @@ impl Drop for Finisher {
             diagnosis: record.diagnosis,
             upstream_status: record.upstream_status,
             retried: record.retried,
+            signing: record.signing.as_ref().map(|s| s.kind),
+            error: record.error,
         });
         if let Some(audit) = &self.sink.audit {
             audit.record(record);

@@ -49,6 +49,13 @@ impl Proxy {
         let token = match (request.api.token_strategy(), freshness) {
             (TokenStrategy::PerRequest, Freshness::Cached) => self.minter.token(request, now),
             (TokenStrategy::PerRequest, Freshness::Fresh) => self.minter.remint(request, now),
+            // Answered by the proxy itself (`own`); never routed to Apple, so never minted for.
+            (TokenStrategy::Answered, _) => {
+                return Err(Refusal::internal(
+                    "mint",
+                    format!("{} is not forwarded", request.api),
+                ))
+            }
         }
         .map_err(|e| match e {
             // An HSM or KMS that does not answer: 503, nothing sent to Apple (DESIGN §16).

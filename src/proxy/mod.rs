@@ -22,6 +22,7 @@ mod fallback;
 mod finish;
 mod inspect;
 mod mint;
+mod own;
 mod refusal;
 mod state;
 
@@ -141,7 +142,9 @@ impl Proxy {
         let admitted = match self.admit(&parts, cert, ex)? {
             Admission::Apple(admitted) => admitted,
             // The proxy's own endpoints (DESIGN §14) answer here; finish audits them.
-            Admission::Own(endpoint) => match endpoint {},
+            Admission::Own { who, endpoint } => {
+                return self.answer_own(endpoint, &who, &parts, body, ex).await
+            }
         };
 
         let request = self.token_request(&admitted, &parts);
@@ -209,6 +212,8 @@ pub struct Exchange {
     connect_retries: u32,
     /// Whether sandbox answered for production.
     sandbox_fallback: bool,
+    /// An in-app signature request: what it asked for, and what was signed.
+    signing: Option<Box<audit::Signing>>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Where the record goes; `None` once `finish` has taken it.
     sink: Option<finish::Sink>,
@@ -237,6 +242,7 @@ impl Proxy {
             received: Arc::new(forward::Meter::watched()),
             connect_retries: 0,
             sandbox_fallback: false,
+            signing: None,
             permit: None,
             sink: Some(finish::Sink {
                 audit: self.shared.audit.get().cloned(),

@@ -19,6 +19,7 @@ use crate::audit::Decision;
 use crate::client::AuthError;
 use crate::forward::{self, BoxError, ProxyBody};
 use crate::route::{self, PathError, RouteError};
+use crate::signing::{Denied, InputError};
 
 /// The error codes the proxy itself answers with (DESIGN §6, §16, §17). Stable: clients and
 /// tests match on them.
@@ -81,8 +82,17 @@ pub enum Refusal {
     MalformedHead { what: &'static str },
     /// A head longer than `bytes`, or with more than `headers` header fields.
     HeadTooLarge { bytes: usize, headers: usize },
-    /// The request body is (or declared itself) larger than `max_request_body`.
+    /// The request body is (or declared itself) larger than `max_request_body` (or, for a
+    /// signature endpoint, its 64 KiB).
     BodyTooLarge { limit: u64 },
+    /// One of the proxy's own endpoints was asked with a method it does not take.
+    MethodNotAllowed { allow: &'static str },
+    /// A signature request's body is not well-formed; the error names the field.
+    BadInput(InputError),
+    /// Several keys could sign this in-app signature and the body did not say which.
+    AmbiguousKey { choices: String },
+    /// The client's `[clients.signing]` policy does not allow this signature.
+    SigningDenied { client: String, denied: Denied },
     /// The client's own `rate_limit` is spent.
     RateLimited {
         client: String,
@@ -144,7 +154,11 @@ impl Refusal {
             | Refusal::MethodNotProxied { .. }
             | Refusal::Smuggling
             | Refusal::MalformedHead { .. }
+            | Refusal::BadInput(_)
+            | Refusal::AmbiguousKey { .. }
             | Refusal::ClientDisconnected => StatusCode::BAD_REQUEST,
+            Refusal::SigningDenied { .. } => StatusCode::FORBIDDEN,
+            Refusal::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::TargetTooLong { .. } => StatusCode::URI_TOO_LONG,
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -165,8 +179,11 @@ impl Refusal {
     pub fn code(&self) -> &'static str {
         match self {
             Refusal::Unauthenticated(_) => codes::UNAUTHENTICATED,
-            Refusal::Forbidden { .. } => codes::FORBIDDEN,
+            Refusal::Forbidden { .. } | Refusal::SigningDenied { .. } => codes::FORBIDDEN,
             Refusal::NoRoute(_) | Refusal::NoKey { .. } => codes::NO_ROUTE,
+            Refusal::MethodNotAllowed { .. }
+            | Refusal::BadInput(_)
+            | Refusal::AmbiguousKey { .. } => codes::BAD_REQUEST,
             Refusal::BadPath(_)
             | Refusal::MethodNotProxied { .. }
             | Refusal::TargetTooLong { .. }
@@ -190,6 +207,9 @@ impl Refusal {
         match self {
             Refusal::Unauthenticated(_) => "Proxy authentication required",
             Refusal::Forbidden { .. } => "Forbidden by proxy policy",
+            Refusal::SigningDenied { .. } => "Forbidden by the client's signing policy",
+            Refusal::MethodNotAllowed { .. } => "Method not allowed",
+            Refusal::BadInput(_) | Refusal::AmbiguousKey { .. } => "Bad request",
             Refusal::NoRoute(_) => "No route",
             Refusal::NoKey { .. } => "No key for this API",
             Refusal::BadPath(_)
@@ -217,6 +237,10 @@ impl Refusal {
         match self {
             Refusal::Unauthenticated(_) => "unauthenticated",
             Refusal::Forbidden { .. } => "forbidden",
+            Refusal::SigningDenied { .. } => "signing_denied",
+            Refusal::MethodNotAllowed { .. } => "method_not_allowed",
+            Refusal::BadInput(_) => "invalid_body",
+            Refusal::AmbiguousKey { .. } => "ambiguous_key",
             Refusal::NoRoute(_) => "no_route",
             Refusal::NoKey { .. } => "no_key",
             Refusal::BadPath(_) | Refusal::MethodNotProxied { .. } => "bad_request",
@@ -242,6 +266,10 @@ impl Refusal {
         match self {
             Refusal::Unauthenticated(_)
             | Refusal::Forbidden { .. }
+            | Refusal::SigningDenied { .. }
+            | Refusal::MethodNotAllowed { .. }
+            | Refusal::BadInput(_)
+            | Refusal::AmbiguousKey { .. }
             | Refusal::NoRoute(_)
             | Refusal::BadPath(_)
             | Refusal::MethodNotProxied { .. }
@@ -271,6 +299,10 @@ impl Refusal {
             Refusal::Unauthenticated(_) => Decision::Unauthenticated,
             Refusal::NoRoute(_) | Refusal::NoKey { .. } => Decision::NoRoute,
             Refusal::Forbidden { .. }
+            | Refusal::SigningDenied { .. }
+            | Refusal::MethodNotAllowed { .. }
+            | Refusal::BadInput(_)
+            | Refusal::AmbiguousKey { .. }
             | Refusal::BadPath(_)
             | Refusal::MethodNotProxied { .. }
             | Refusal::TargetTooLong { .. }
@@ -327,6 +359,16 @@ impl Refusal {
             Refusal::Unauthenticated(AuthError::Missing) => "send your proxy client secret as `Proxy-Authorization: Bearer aap_…` or `Authorization: Bearer aap_…`".into(),
             Refusal::Unauthenticated(AuthError::Invalid) => "the client secret is not valid".into(),
             Refusal::Forbidden { detail } => detail.clone(),
+            Refusal::SigningDenied { client, denied } => {
+                format!("client `{client}` may not sign this: {denied}")
+            }
+            Refusal::MethodNotAllowed { allow } => {
+                format!("this endpoint takes {allow} only")
+            }
+            Refusal::BadInput(e) => format!("{e}"),
+            Refusal::AmbiguousKey { choices } => format!(
+                "several keys sign in-app signatures; say which app with `bundle_id`: {choices}"
+            ),
             Refusal::NoRoute(e) => format!(
                 "{e}; known path prefixes: {}",
                 route::known_prefixes().join(", ")
@@ -418,6 +460,9 @@ impl Refusal {
         if let Some(secs) = self.retry_after() {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if let Refusal::MethodNotAllowed { allow } = &self {
+            h.insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
         if status == StatusCode::UNAUTHORIZED {
             h.insert(
                 header::WWW_AUTHENTICATE,
@@ -494,6 +539,10 @@ mod tests {
             (Refusal::MalformedHead { what: "x" }, 400, codes::BAD_REQUEST, "malformed_request", F::Client, D::Denied, None),
             (Refusal::HeadTooLarge { bytes: 1, headers: 1 }, 431, codes::BAD_REQUEST, "head_too_large", F::Client, D::Denied, None),
             (Refusal::BodyTooLarge { limit: 1 }, 413, codes::BODY_TOO_LARGE, "body_too_large", F::Client, D::Denied, None),
+            (Refusal::MethodNotAllowed { allow: "POST" }, 405, codes::BAD_REQUEST, "method_not_allowed", F::Client, D::Denied, None),
+            (Refusal::BadInput(InputError::NotObject), 400, codes::BAD_REQUEST, "invalid_body", F::Client, D::Denied, None),
+            (Refusal::AmbiguousKey { choices: "a, b".into() }, 400, codes::BAD_REQUEST, "ambiguous_key", F::Client, D::Denied, None),
+            (Refusal::SigningDenied { client: "shop".into(), denied: Denied { rule: "signing.products", value: "product `x`".into() } }, 403, codes::FORBIDDEN, "signing_denied", F::Client, D::Denied, None),
             (Refusal::RateLimited { client: "ci".into(), retry_after: s }, 429, codes::RATE_LIMITED, "rate_limited", F::Client, D::Denied, Some(2)),
             (Refusal::AppleLimit { rate: 10.0, endpoint: "x", environment: Environment::Production, share: true, retry_after: s }, 429, codes::RATE_LIMITED, "apple_limit", F::Client, D::Denied, Some(2)),
             (Refusal::Overloaded { max: 1 }, 503, codes::OVERLOADED, "overloaded", F::Proxy, D::Denied, Some(1)),

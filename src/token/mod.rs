@@ -276,6 +276,16 @@ impl Minter {
         self.keys.get(name).map(|k| &k.config)
     }
 
+    /// The signer of key `name`: the in-app signatures (DESIGN §15) sign with it directly.
+    pub(crate) fn signer(&self, name: &str) -> Option<&dyn Signer> {
+        self.keys.get(name).map(|k| &*k.signer)
+    }
+
+    /// How far `iat` (and the V1 timestamp) is back-dated from Apple's now, in seconds.
+    pub(crate) fn iat_leeway_secs(&self) -> i64 {
+        self.iat_leeway
+    }
+
     /// The public key of `name` (uncompressed SEC1), for `check` and tests.
     pub fn public_key(&self, name: &str) -> Option<&[u8]> {
         self.keys.get(name).map(|k| k.signer.public_key())

@@ -61,7 +61,7 @@ pub struct MemoryKey {
 }
 
 impl MemoryKey {
-    pub(super) fn new(pair: EcdsaKeyPair, rng: SystemRandom) -> MemoryKey {
+    pub(crate) fn new(pair: EcdsaKeyPair, rng: SystemRandom) -> MemoryKey {
         MemoryKey { pair, rng }
     }
 }
