@@ -9,6 +9,7 @@ mod hardening;
 mod ops;
 mod second_round;
 mod shape;
+mod signing;
 mod support;
 
 use std::process::Stdio;

@@ -526,6 +526,85 @@ mod tests {
         }
     }
 
+    /// An In-App Purchase key that signs in-app signatures, and a client with `signing`.
+    fn signing_config(key_apis: &str, signing: &str) -> String {
+        format!(
+            "[[keys]]\nname = \"iap\"\nkind = \"in-app-purchase\"\nkey_id = \"2X9R4HXF34\"\nissuer_id = \"{ISS}\"\nbundle_id = \"com.example.app\"\nprivate_key_file = \"keys/SubscriptionKey_2X9R4HXF34.p8\"\napis = {key_apis}\n\
+             [[clients]]\nname = \"shop\"\nsecret_sha256 = \"{}\"\nallow = [\"POST /proxy/v1/signatures/*\"]\n[clients.signing]\n{signing}\n",
+            "ab".repeat(32)
+        )
+    }
+
+    #[test]
+    fn a_signing_policy_is_validated_naming_the_field() {
+        let ok = signing_config(
+            r#"["app-store-server", "in-app-signing"]"#,
+            "products = [\"com.example.*\"]\noffers = [\"winback-*\"]\ngrant_introductory_offer = true\noperations = [\"CREATE_ONE_TIME_CHARGE\"]\ncurrencies = [\"USD\"]\nmax_price = 99990",
+        );
+        let c = parse(&ok).unwrap();
+        let policy = c.clients[0].signing.as_ref().unwrap();
+        assert_eq!(policy.max_price, Some(99990));
+        assert!(policy.grant_introductory_offer);
+        assert_eq!(policy.currencies.as_deref(), Some(&["USD".to_string()][..]));
+        // No table: None (signs nothing).
+        let without = &ok[..ok.find("[clients.signing]").unwrap()];
+        assert!(parse(without).unwrap().clients[0].signing.is_none());
+        let iap = r#"["in-app-signing"]"#;
+        let cases = [
+            (
+                signing_config(iap, "operations = [\"CREATE_ONE_TIME_CHARGE\"]"),
+                "clients[0].signing.max_price",
+            ),
+            (
+                signing_config(iap, "max_price = -1"),
+                "clients[0].signing.max_price",
+            ),
+            (
+                signing_config(iap, "operations = [\"create\"]\nmax_price = 1"),
+                "clients[0].signing.operations[0]",
+            ),
+            (
+                signing_config(iap, "currencies = [\"usd\"]"),
+                "clients[0].signing.currencies[0]",
+            ),
+            (
+                signing_config(iap, "currencies = []"),
+                "clients[0].signing.currencies",
+            ),
+            (
+                signing_config(iap, "products = [\"\"]"),
+                "clients[0].signing.products[0]",
+            ),
+            (
+                signing_config(iap, "offers = [\"a\", \" \"]"),
+                "clients[0].signing.offers[1]",
+            ),
+            (signing_config(iap, "max_pric = 1"), "max_pric"),
+            (
+                signing_config(r#"["app-store-server"]"#, "products = [\"a\"]"),
+                "clients[0].signing",
+            ),
+            (
+                signing_config(iap, "products = [\"a\"]")
+                    .replace("[clients.signing]", "key = \"iap2\"\n[clients.signing]"),
+                "clients[0].key",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        // A team key cannot sign in-app signatures: Apple's In-App Purchase key does.
+        let err =
+            parse(&key_block("").replace(r#"["app-store-connect"]"#, r#"["in-app-signing"]"#))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("keys[0].apis") && err.contains("in-app-signing"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn rate_limits_parse() {
         let r = |count, secs| {

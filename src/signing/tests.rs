@@ -403,7 +403,8 @@ fn policy() -> SigningPolicy {
 fn every_policy_rule_allows_what_it_lists_and_refuses_the_rest_naming_rule_and_value() {
     use Kind::*;
     let ac = |request: Value| json!({"request": request}).to_string();
-    let cases: Vec<(Kind, String, Option<(&str, &str)>)> = vec![
+    type Case = (Kind, String, Option<(&'static str, &'static str)>);
+    let cases: Vec<Case> = vec![
         (PromotionalOffer, json!({"product_id":"com.example.pro.year","offer_id":"winback-3"}).to_string(), None),
         (PromotionalOffer, json!({"product_id":"com.example.free","offer_id":"winback-3"}).to_string(), Some(("signing.products", "com.example.free"))),
         (PromotionalOffer, json!({"product_id":"com.example.pro.year","offer_id":"loyal-1"}).to_string(), Some(("signing.offers", "loyal-1"))),

@@ -11,20 +11,20 @@ use http_body_util::{BodyExt as _, Full};
 use crate::support::*;
 
 /// The real binary serving a world whose config `edit` changed; killed on drop.
-struct Binary {
-    world: World,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    child: Child,
+pub(crate) struct Binary {
+    pub(crate) world: World,
+    pub(crate) addr: SocketAddr,
+    pub(crate) admin: SocketAddr,
+    pub(crate) child: Child,
 }
 
 impl Binary {
-    async fn start(setup: Setup, edit: impl FnOnce(String) -> String) -> Binary {
+    pub(crate) async fn start(setup: Setup, edit: impl FnOnce(String) -> String) -> Binary {
         Binary::start_with(setup, edit, |_| {}).await
     }
 
     /// [`Binary::start`] that first writes `files` into the world's directory.
-    async fn start_with(
+    pub(crate) async fn start_with(
         setup: Setup,
         edit: impl FnOnce(String) -> String,
         files: impl FnOnce(&std::path::Path),
@@ -39,7 +39,14 @@ impl Binary {
                 &format!("admin_listen = \"127.0.0.1:{admin_port}\""),
             );
         std::fs::write(&world.config_path, edit(text)).unwrap();
-        let mut child = spawn_serve(&world.config_path);
+        let mut child = match setup.rust_log {
+            Some(level) => spawn_serve_logging(
+                &world.config_path,
+                level,
+                &world.dir.path().join("stderr.log"),
+            ),
+            None => spawn_serve(&world.config_path),
+        };
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
         wait_listening(addr, &mut child).await;
@@ -52,14 +59,14 @@ impl Binary {
         }
     }
 
-    fn request(&self, method: &str, path: &str) -> http::request::Builder {
+    pub(crate) fn request(&self, method: &str, path: &str) -> http::request::Builder {
         http::Request::builder()
             .method(method)
             .uri(format!("http://{}{path}", self.addr))
             .header("authorization", format!("Bearer {}", self.world.secret))
     }
 
-    async fn metrics(&self) -> String {
+    pub(crate) async fn metrics(&self) -> String {
         let r = send(
             http::Request::get(format!("http://{}/metrics", self.admin))
                 .body(Full::new(Bytes::new()))
@@ -444,7 +451,7 @@ async fn the_framing_guard_never_switches_itself_off() {
 }
 
 /// The audit lines the binary has written so far (waiting until there are `n`).
-async fn binary_audit(b: &Binary, n: usize) -> Vec<serde_json::Value> {
+pub(crate) async fn binary_audit(b: &Binary, n: usize) -> Vec<serde_json::Value> {
     crate::ops::audit_lines_in(b.world.dir.path(), n).await
 }
 

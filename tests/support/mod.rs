@@ -38,6 +38,9 @@ pub struct Setup {
     pub connect_base_url: Option<String>,
     /// Extra TOML appended to [server].
     pub server_toml: String,
+    /// The real binary's `RUST_LOG`, with its operational log written to `stderr.log` in
+    /// the world's directory (default: `warn`, piped).
+    pub rust_log: Option<&'static str>,
 }
 
 /// The stand-in plus a config for the proxy in front of it, written to a temp dir by the
@@ -315,6 +318,19 @@ pub fn spawn_serve(config: &Path) -> Child {
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Starts the real binary with `serve --config` at log level `level`, its operational log
+/// (stderr) written to `log`.
+pub fn spawn_serve_logging(config: &Path, level: &str, log: &Path) -> Child {
+    bin()
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", level)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap()
 }

@@ -215,6 +215,9 @@ pub struct Client {
     pub allow: Vec<String>,
     /// `key`: pin the client to one key instead of each API's default.
     pub key: Option<Slot>,
+    /// More of the client's table, after its keys: e.g. `bundle_id = "…"`, or a
+    /// `[clients.signing]` sub-table.
+    pub toml: String,
 }
 
 impl Client {
@@ -223,6 +226,15 @@ impl Client {
             name: name.to_string(),
             allow: allow.iter().map(|rule| rule.to_string()).collect(),
             key: None,
+            toml: String::new(),
+        }
+    }
+
+    /// The same client with `toml` added to its table.
+    pub fn with_toml(self, toml: &str) -> Client {
+        Client {
+            toml: toml.to_string(),
+            ..self
         }
     }
 
@@ -486,7 +498,7 @@ fn config_text(options: &Options, urls: &Urls, clients: &[Issued]) -> String {
             "in-app-purchase",
             true,
             true,
-            r#"["app-store-server", "advanced-commerce", "external-purchase"]"#,
+            r#"["app-store-server", "advanced-commerce", "external-purchase", "in-app-signing"]"#,
         ),
     ] {
         let key = identity.key(slot);
@@ -520,6 +532,7 @@ fn config_text(options: &Options, urls: &Urls, clients: &[Issued]) -> String {
         if let Some(slot) = client.key {
             let _ = writeln!(t, "key = {}", quoted(identity.key(slot).name));
         }
+        t.push_str(&lines(&client.toml));
     }
     t.push_str(&lines(&options.extra_toml));
     t

@@ -20,6 +20,7 @@ mod body;
 mod exchange;
 mod fault;
 pub mod fixture;
+pub mod in_app;
 mod tls;
 mod verify;
 
