@@ -366,7 +366,12 @@ pub(crate) fn is_plausible_key_id(key_id: &str) -> bool {
 
 /// Issuer ids are UUIDs (8-4-4-4-12 hex). [ASC-JWT]
 pub(crate) fn is_plausible_issuer_id(issuer: &str) -> bool {
-    let groups: Vec<&str> = issuer.split('-').collect();
+    is_uuid(issuer)
+}
+
+/// `8-4-4-4-12` hex digits, any case: issuer ids, nonces, app account tokens.
+pub fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
     groups.len() == 5
         && groups
             .iter()

@@ -1,14 +1,18 @@
 //! `apple-api-proxy explain`: decode any App Store Connect or storekit JWT and list every
 //! Apple rule it breaks — no key needed. Pure: token text and `now` in, [`Report`] out.
 //!
-//! The rules are APPLE.md §2's, checked from the token alone; with a key's public half (from
-//! `--config`) the signature is verified and `kid`/`iss` are compared with the configured key.
+//! The rules are APPLE.md §2's, checked from the token alone — or, for the three in-app
+//! signature forms (promotional offer, introductory-offer eligibility, Advanced Commerce;
+//! recognised by their `aud`), APPLE.md §8's. With a key's public half (from `--config`) the
+//! signature is verified and `kid`/`iss` are compared with the configured key.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde_json::Value;
 
-use crate::apple::{self, Api, TokenFamily};
+use base64::engine::general_purpose::STANDARD;
+
+use crate::apple::{self, Api, SignatureKind, TokenFamily};
 
 /// Resources whose GET-only scopes may have long-lived (up to 6 months) tokens (APPLE.md §2,
 /// INFERENCE mapping to path resources).
@@ -40,6 +44,8 @@ pub struct Report {
     pub claims: Value,
     /// The API family the claims point to, and why.
     pub api: Option<(TokenFamily, &'static str)>,
+    /// The in-app signature form, when `aud` names one (then `api` is `None`).
+    pub in_app: Option<SignatureKind>,
     /// Every rule broken, as sentences.
     pub problems: Vec<String>,
     /// Facts worth saying that break no rule.
@@ -95,6 +101,17 @@ pub fn explain(token: &str, now: i64) -> Report {
         }
     }
 
+    let in_app = claims
+        .get("aud")
+        .and_then(Value::as_str)
+        .and_then(SignatureKind::from_audience);
+    if let Some(kind) = in_app {
+        r.in_app = Some(kind);
+        check_in_app(&claims, kind, now, &mut r);
+        r.header = header;
+        r.claims = claims;
+        return r;
+    }
     let family = if claims.get("bid").is_some() {
         Some((
             TokenFamily::StoreKit,
@@ -237,6 +254,123 @@ fn check_claims(claims: &Value, family: Option<TokenFamily>, now: i64, r: &mut R
     }
 }
 
+/// The rules of APPLE.md §8.1 for the three in-app JWS forms.
+fn check_in_app(claims: &Value, kind: SignatureKind, now: i64, r: &mut Report) {
+    let p = &mut r.problems;
+    let text = |name: &str| claims.get(name).and_then(Value::as_str);
+    match text("iss") {
+        Some(iss) if apple::is_plausible_issuer_id(iss) => {}
+        Some(iss) => p.push(format!(
+            "iss \"{iss}\" is not an Issuer ID (a UUID, 8-4-4-4-12); Apple's own JSON examples spell it one hyphen short — copy it from App Store Connect"
+        )),
+        None => p.push("no iss; in-app signatures carry your Issuer ID".into()),
+    }
+    match claims.get("iat") {
+        Some(Value::Number(n)) if n.is_i64() => {
+            let iat = n.as_i64().unwrap_or_default();
+            if iat > 1_000_000_000_000 {
+                p.push("iat looks like milliseconds; it is UNIX seconds (the legacy signature's timestamp is the one in milliseconds)".into());
+            } else if iat > now {
+                p.push(format!("iat is {} s in the future; Apple derives the signature's expiry from iat, and a future iat is refused (check this host's clock)", iat - now));
+            } else if now - iat > 24 * 3600 {
+                r.notes.push(format!("issued {} h ago; Apple derives the expiry from iat (the legacy signature is good for 24 h; the JWS window is not documented)", (now - iat) / 3600));
+            }
+        }
+        Some(_) => p.push("iat is not integer UNIX seconds".into()),
+        None => p.push("no iat claim; Apple derives the signature's expiry from it".into()),
+    }
+    if claims.get("exp").is_some() {
+        p.push("exp is set; Apple says including it makes the request fail (the expiry is derived from iat)".into());
+    }
+    if claims.get("scope").is_some() {
+        p.push("scope is set; in-app signatures take none".into());
+    }
+    if text("bid").is_none_or(str::is_empty) {
+        p.push("bid is missing or empty; it must be the app's bundle id".into());
+    }
+    match text("nonce") {
+        Some(n) if apple::is_uuid(n) => {
+            if n != n.to_lowercase() {
+                r.notes.push("nonce is upper-case; whether Apple minds for the JWS forms is unverified, but the legacy signature needs lower case — emit lower case".into());
+            }
+        }
+        Some(n) => p.push(format!(
+            "nonce \"{n}\" is not a UUID; Apple wants a new UUID for every signature"
+        )),
+        None => p.push("no nonce; Apple wants a new UUID for every signature".into()),
+    }
+    let p = &mut r.problems;
+    let required_text = |name: &str, p: &mut Vec<String>| match claims.get(name) {
+        Some(Value::String(s)) if !s.is_empty() => {}
+        Some(_) => p.push(format!("{name} must be a non-empty string")),
+        None => p.push(format!("no {name}; the {} form requires it", kind.id())),
+    };
+    let transaction_id = |required: bool, p: &mut Vec<String>, notes: &mut Vec<String>| {
+        match claims.get("transactionId") {
+            Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {}
+            Some(Value::String(s)) if apple::is_uuid(s) => p.push("transactionId is a UUID; it is Apple's numeric transaction id (or the appTransactionID), not an appAccountToken".into()),
+            Some(_) => p.push("transactionId must be Apple's transaction id as a string of digits".into()),
+            None if required => p.push("no transactionId; the introductory-offer eligibility form requires it".into()),
+            None => notes.push("no transactionId; Apple recommends one (any of the customer's transactions, or the appTransactionID), and Retention Messaging's V2 offers require the originalTransactionId".into()),
+        }
+    };
+    let extra: &[&str] = match kind {
+        SignatureKind::PromotionalOffer => {
+            required_text("productId", p);
+            required_text("offerIdentifier", p);
+            transaction_id(false, p, &mut r.notes);
+            &["productId", "offerIdentifier", "transactionId"]
+        }
+        SignatureKind::IntroductoryOfferEligibility => {
+            required_text("productId", p);
+            match claims.get("allowIntroductoryOffer") {
+                Some(Value::Bool(_)) => {}
+                Some(_) => p.push("allowIntroductoryOffer must be true or false (a JSON boolean)".into()),
+                None => p.push("no allowIntroductoryOffer; the introductory-offer eligibility form requires it".into()),
+            }
+            transaction_id(true, p, &mut r.notes);
+            &["productId", "allowIntroductoryOffer", "transactionId"]
+        }
+        SignatureKind::AdvancedCommerce => {
+            match claims.get("request") {
+                Some(Value::String(s)) => match STANDARD.decode(s) {
+                    Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+                        Ok(Value::Object(request)) => {
+                            if !request.contains_key("operation") {
+                                p.push("the decoded request has no operation".into());
+                            }
+                        }
+                        _ => p.push("request does not decode to a UTF-8 JSON object".into()),
+                    },
+                    Err(_) if URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')).is_ok() => p.push(
+                        "request is base64url; Apple wants standard base64 (+/ and = padding) of the request's UTF-8 JSON".into(),
+                    ),
+                    Err(_) => p.push("request is not standard base64".into()),
+                },
+                Some(Value::Object(_)) => p.push("request is a JSON object; it must be the standard base64 of the request's UTF-8 JSON".into()),
+                Some(_) => p.push("request must be the standard base64 of the request's UTF-8 JSON".into()),
+                None => p.push("no request; the Advanced Commerce form carries the request object, base64-encoded".into()),
+            }
+            &["request"]
+        }
+        // The legacy form is not a JWS; `from_audience` never yields it.
+        SignatureKind::PromotionalOfferV1 => &[],
+    };
+    if let Some(map) = claims.as_object() {
+        for name in map.keys() {
+            let known = ["iss", "iat", "aud", "bid", "nonce", "exp", "scope"]
+                .contains(&name.as_str())
+                || extra.contains(&name.as_str());
+            if !known {
+                r.notes.push(format!(
+                    "claim `{name}` is not one of the {} form's",
+                    kind.id()
+                ));
+            }
+        }
+    }
+}
+
 /// Checks `scope` is an array of `"METHOD /path[?query]"` strings; returns the entries.
 fn check_scope(scope: Option<&Value>, p: &mut Vec<String>) -> Vec<String> {
     let Some(scope) = scope else {
@@ -334,6 +468,201 @@ mod tests {
         let r = explain(&format!("Bearer {t}"), NOW);
         assert!(r.problems.is_empty(), "{:?}", r.problems);
         assert_eq!(r.api.unwrap().0, TokenFamily::StoreKit);
+    }
+
+    /// Apple's three example payloads (APPLE.md §8.1), with the issuer id spelt as a UUID
+    /// and Apple's example `iat`.
+    fn apple_in_app_examples() -> Vec<(SignatureKind, Value)> {
+        let request = STANDARD.encode(r#"{"operation":"CREATE_ONE_TIME_CHARGE","version":"1"}"#);
+        vec![
+            (
+                SignatureKind::PromotionalOffer,
+                serde_json::json!({"iss":"57246542-96fe-1a63-e053-0824d011072a","iat":1741043663,"aud":"promotional-offer","bid":"com.example.testbundleid","nonce":"368f3088-dcd5-11ef-b3c8-325096b39f46","productId":"com.example.product","offerIdentifier":"com.example.product.offer","transactionId":"1000011859217"}),
+            ),
+            (
+                SignatureKind::IntroductoryOfferEligibility,
+                serde_json::json!({"iss":"57246542-96fe-1a63-e053-0824d011072a","iat":1741043663,"aud":"introductory-offer-eligibility","bid":"com.example.testbundleid","nonce":"cfb43594-4f92-4fe2-8b06-d947a848adaa","productId":"com.example.product","allowIntroductoryOffer":false,"transactionId":"1000011859217"}),
+            ),
+            (
+                SignatureKind::AdvancedCommerce,
+                serde_json::json!({"iss":"57246542-96fe-1a63-e053-0824d011072a","iat":1741043663,"aud":"advanced-commerce-api","bid":"com.example.testbundleid","nonce":"df2b8374-95a1-425b-a6a5-77a4d7648333","request":request}),
+            ),
+        ]
+    }
+
+    #[test]
+    fn apples_in_app_examples_are_recognised_and_break_nothing() {
+        for (kind, claims) in apple_in_app_examples() {
+            let r = explain(&jwt(good_header(), claims, &[1; 64]), 1_741_043_700);
+            assert_eq!(r.in_app, Some(kind));
+            assert!(r.api.is_none());
+            assert!(r.problems.is_empty(), "{kind}: {:?}", r.problems);
+        }
+    }
+
+    #[test]
+    fn every_in_app_rule_broken_is_named() {
+        let now = 1_741_043_700;
+        let base = apple_in_app_examples();
+        let with = |i: usize, edit: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+            let mut claims = base[i].1.clone();
+            edit(claims.as_object_mut().unwrap());
+            explain(&jwt(good_header(), claims, &[1; 64]), now)
+                .problems
+                .join(" | ")
+        };
+        let cases: Vec<(
+            usize,
+            Box<dyn Fn(&mut serde_json::Map<String, Value>)>,
+            &str,
+        )> = vec![
+            (
+                0,
+                Box::new(|c| {
+                    c.insert("exp".into(), (now + 60).into());
+                }),
+                "exp is set",
+            ),
+            (
+                0,
+                Box::new(|c| {
+                    c.insert("scope".into(), serde_json::json!(["x"]));
+                }),
+                "scope is set",
+            ),
+            // Apple's JSON examples' one-hyphen-short issuer id.
+            (
+                0,
+                Box::new(|c| {
+                    c.insert("iss".into(), "57246542-96fe-1a63e053-0824d011072a".into());
+                }),
+                "one hyphen short",
+            ),
+            (
+                0,
+                Box::new(|c| {
+                    c.insert("iat".into(), (now + 600).into());
+                }),
+                "in the future",
+            ),
+            (
+                0,
+                Box::new(|c| {
+                    c.insert("iat".into(), (now * 1000).into());
+                }),
+                "milliseconds",
+            ),
+            (
+                0,
+                Box::new(|c| {
+                    c.remove("iat");
+                }),
+                "no iat",
+            ),
+            (
+                0,
+                Box::new(|c| {
+                    c.insert("nonce".into(), "abc".into());
+                }),
+                "not a UUID",
+            ),
+            (
+                0,
+                Box::new(|c| {
+                    c.remove("offerIdentifier");
+                }),
+                "no offerIdentifier",
+            ),
+            (
+                0,
+                Box::new(|c| {
+                    c.insert(
+                        "transactionId".into(),
+                        "368f3088-dcd5-11ef-b3c8-325096b39f46".into(),
+                    );
+                }),
+                "not an appAccountToken",
+            ),
+            (
+                0,
+                Box::new(|c| {
+                    c.insert("bid".into(), "".into());
+                }),
+                "bid is missing or empty",
+            ),
+            (
+                1,
+                Box::new(|c| {
+                    c.insert("allowIntroductoryOffer".into(), "false".into());
+                }),
+                "JSON boolean",
+            ),
+            (
+                1,
+                Box::new(|c| {
+                    c.remove("transactionId");
+                }),
+                "requires it",
+            ),
+            (
+                2,
+                Box::new(|c| {
+                    c.insert(
+                        "request".into(),
+                        URL_SAFE_NO_PAD
+                            .encode(r#"{"operation":"X","k":"??>>"}"#)
+                            .into(),
+                    );
+                }),
+                "base64url",
+            ),
+            (
+                2,
+                Box::new(|c| {
+                    c.insert("request".into(), serde_json::json!({"operation":"X"}));
+                }),
+                "is a JSON object",
+            ),
+            (
+                2,
+                Box::new(|c| {
+                    c.insert("request".into(), STANDARD.encode("[1]").into());
+                }),
+                "JSON object",
+            ),
+            (
+                2,
+                Box::new(|c| {
+                    c.remove("request");
+                }),
+                "no request",
+            ),
+        ];
+        for (i, edit, want) in cases {
+            let problems = with(i, &*edit);
+            assert!(problems.contains(want), "{want}: {problems}");
+        }
+        // An uppercase nonce or a missing promotional transactionId is a note, not a rule.
+        let mut claims = base[0].1.clone();
+        claims["nonce"] = "368F3088-DCD5-11EF-B3C8-325096B39F46".into();
+        claims.as_object_mut().unwrap().remove("transactionId");
+        let r = explain(&jwt(good_header(), claims, &[1; 64]), now);
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.notes.len(), 2, "{:?}", r.notes);
+        // A DER signature and a wrong header are named for in-app forms too.
+        let r = explain(
+            &jwt(
+                serde_json::json!({"alg":"HS256","kid":"2X9R4HXF34"}),
+                base[0].1.clone(),
+                &[0x30; 70],
+            ),
+            now,
+        );
+        let all = r.problems.join(" | ");
+        assert!(
+            all.contains("DER") && all.contains("HS256") && all.contains("typ"),
+            "{all}"
+        );
     }
 
     #[test]

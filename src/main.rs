@@ -242,6 +242,23 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             upstream.base
         );
     }
+    let signing_keys: Vec<&str> = config
+        .keys
+        .iter()
+        .filter(|k| k.apis.contains(&apple::Api::InAppSigning))
+        .map(|k| k.name.as_str())
+        .collect();
+    println!(
+        "  {:<18} {:<11} {:<44} {}",
+        apple::Api::InAppSigning.id(),
+        "-",
+        "(answered by the proxy: /proxy/v1/signatures/*)",
+        if signing_keys.is_empty() {
+            "(none: requests get 404)".to_string()
+        } else {
+            signing_keys.join(", ")
+        }
+    );
     println!("\nCLIENTS");
     if config.server.allow_anonymous {
         println!("  anonymous          allowed (server.allow_anonymous = true): every route, audited as `anonymous`");
@@ -263,6 +280,57 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             }
         );
     }
+    println!("\nSIGNING (in-app signatures; a client without [clients.signing] signs nothing)");
+    let mut any = false;
+    for c in &config.clients {
+        let Some(p) = &c.signing else { continue };
+        any = true;
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "(none)".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        println!("  {}", c.name);
+        println!("    products:   {}", list(&p.products));
+        println!("    offers:     {}", list(&p.offers));
+        println!(
+            "    introductory offers: {}",
+            if p.grant_introductory_offer {
+                "may grant (allow_introductory_offer = true)"
+            } else {
+                "may only deny (allow_introductory_offer = false)"
+            }
+        );
+        println!("    advanced commerce operations: {}", list(&p.operations));
+        if !p.operations.is_empty() {
+            println!(
+                "    currencies: {}   max price: {}",
+                p.currencies.as_deref().map_or("(any)".to_string(), list),
+                p.max_price.map_or("-".to_string(), |m| m.to_string())
+            );
+        }
+        let callable: Vec<&str> = apple::SignatureKind::ALL
+            .iter()
+            .map(|k| k.id())
+            .filter(|id| {
+                let path = format!("/proxy/v1/signatures/{id}");
+                c.allow.iter().any(|rule| rule_reaches(rule, &path))
+            })
+            .collect();
+        println!(
+            "    endpoints its allow rules reach: {}",
+            if callable.is_empty() {
+                "(none: add \"POST /proxy/v1/signatures/*\" to allow)".to_string()
+            } else {
+                callable.join(", ")
+            }
+        );
+    }
+    if !any {
+        println!("  (no client may sign)");
+    }
     if !warnings.is_empty() {
         println!("\nWARNINGS");
         for w in &warnings {
@@ -270,6 +338,17 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether an allow rule (`METHOD /glob`) lets a POST reach `path`.
+fn rule_reaches(rule: &str, path: &str) -> bool {
+    let mut parts = rule.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some(method), Some(glob)) => {
+            (method == "*" || method == "POST") && apple_api_proxy::client::glob_match(glob, path)
+        }
+        _ => false,
+    }
 }
 
 fn print_token(path: &std::path::Path, key: Option<&str>, request: &str) -> anyhow::Result<()> {
@@ -354,12 +433,17 @@ fn explain(token: Option<String>, config: Option<&std::path::Path>) -> anyhow::R
     let mut problems = report.problems.clone();
     println!("header: {}", report.header);
     println!("claims: {}", report.claims);
-    match report.api {
-        Some((family, why)) => println!(
+    match (report.api, report.in_app) {
+        (_, Some(kind)) => println!(
+            "api:    in-app signature, {} form — its aud is \"{}\": made with an In-App Purchase key and handed to StoreKit (APPLE.md §8)",
+            kind.id(),
+            kind.audience().unwrap_or_default()
+        ),
+        (Some((family, why)), None) => println!(
             "api:    {} — {why}",
             apple_api_proxy::explain::family_apis(family).join(" / ")
         ),
-        None => println!("api:    unknown"),
+        (None, None) => println!("api:    unknown"),
     }
     for note in &report.notes {
         println!("note:   {note}");
@@ -383,6 +467,24 @@ fn explain(token: Option<String>, config: Option<&std::path::Path>) -> anyhow::R
                     k.kind.id(),
                     config.source
                 );
+                if report.in_app.is_some() {
+                    if k.kind != apple::KeyKind::InAppPurchase {
+                        problems.push(format!(
+                            "key `{}` is a {} key; in-app signatures are made with an In-App Purchase key",
+                            k.name,
+                            k.kind.id()
+                        ));
+                    }
+                    let bid = report.claims.get("bid").and_then(|v| v.as_str());
+                    if bid.is_some() && k.bundle_id.as_deref() != bid {
+                        problems.push(format!(
+                            "bid {:?} differs from key `{}`'s bundle_id {:?}",
+                            bid.unwrap_or(""),
+                            k.name,
+                            k.bundle_id.as_deref().unwrap_or("")
+                        ));
+                    }
+                }
                 let iss = report.claims.get("iss").and_then(|v| v.as_str());
                 if k.issuer_id.as_deref() != iss {
                     problems.push(format!(
@@ -402,7 +504,14 @@ fn explain(token: Option<String>, config: Option<&std::path::Path>) -> anyhow::R
         }
     }
     if problems.is_empty() {
-        println!("\nOK: breaks none of the rules the proxy knows (APPLE.md §2)");
+        println!(
+            "\nOK: breaks none of the rules the proxy knows (APPLE.md {})",
+            if report.in_app.is_some() {
+                "§8"
+            } else {
+                "§2"
+            }
+        );
         Ok(())
     } else {
         println!("\nbreaks {} rule(s):", problems.len());

@@ -27,7 +27,7 @@ use crate::token::{SignError, Signer};
 pub use input::{Ask, InputError, MAX_BODY};
 pub use policy::Denied;
 
-pub use crate::apple::{SignatureKind as Kind, V1_SEPARATOR};
+pub use crate::apple::{is_uuid, SignatureKind as Kind, V1_SEPARATOR};
 
 /// The key that signs, and what the signature names: its Apple key id, the issuer, and
 /// the bundle id (`bid`, or the V1 message's `appBundleId`).
@@ -204,16 +204,6 @@ pub fn nonce(rng: &dyn ring::rand::SecureRandom) -> Result<String, ring::error::
         &hex[16..20],
         &hex[20..]
     ))
-}
-
-/// `8-4-4-4-12` hex digits, any case (APPLE.md §8.2's `appAccountToken`).
-pub fn is_uuid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]

@@ -685,3 +685,109 @@ async fn no_signature_reaches_the_audit_log_the_operational_log_or_an_error() {
     // Nor a client secret or the request's base64 (the signed payload).
     assert!(!audit.contains(&shop.secret) && !ops.contains(&shop.secret));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_lists_which_clients_may_sign_what() {
+    let shop = shop();
+    let unreachable = Shop::new("no-route", r#""GET /v1/*""#, POLICY);
+    let world = World::new(&Setup::default(), "127.0.0.1:0").await;
+    let text = std::fs::read_to_string(&world.config_path).unwrap();
+    std::fs::write(&world.config_path, text + &shop.toml + &unreachable.toml).unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&world.config_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let signing = &stdout[stdout.find("SIGNING").expect("a SIGNING section")..];
+    for want in [
+        "shop",
+        "products:   com.example.pro.*, BOOK_*",
+        "offers:     winback-*",
+        "may only deny",
+        "advanced commerce operations: CREATE_ONE_TIME_CHARGE",
+        "currencies: USD, EUR   max price: 99990",
+        "endpoints its allow rules reach: promotional-offer, introductory-offer-eligibility, advanced-commerce, promotional-offer-v1",
+        "no-route",
+        "(none: add \"POST /proxy/v1/signatures/*\" to allow)",
+    ] {
+        assert!(signing.contains(want), "{want}: {signing}");
+    }
+    // `tester` has no [clients.signing] and is not listed as a signer.
+    assert!(!signing.contains("tester"), "{signing}");
+    assert!(stdout.contains("in-app-signing     -"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_recognises_the_proxys_in_app_signatures_and_names_what_breaks_apples_rules() {
+    let shop = shop();
+    let b = start(&[&shop], Setup::default()).await;
+    let r = post(
+        &b,
+        &shop.secret,
+        "advanced-commerce",
+        &json!({"request": apple_request()}).to_string(),
+    )
+    .await;
+    let jws = r.json()["signature"].as_str().unwrap().to_string();
+    let out = bin()
+        .args(["explain", "--config"])
+        .arg(&b.world.config_path)
+        .arg(&jws)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("in-app signature, advanced-commerce form"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("signature verifies with key `storekit`"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("OK: breaks none of the rules the proxy knows (APPLE.md §8)"),
+        "{stdout}"
+    );
+    // The same claims with an `exp` and a base64url request, signed by nobody: each named.
+    let (header, payload) = {
+        let mut parts = jws.split('.');
+        (
+            parts.next().unwrap().to_string(),
+            parts.next().unwrap().to_string(),
+        )
+    };
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut claims: Value = serde_json::from_slice(&b64.decode(payload).unwrap()).unwrap();
+    claims["exp"] = (now() + 600).into();
+    // `??>` is `Pz8-` in base64url: a character standard base64 does not have.
+    let mut request = apple_request();
+    request["note"] = "??>>".into();
+    claims["request"] = b64.encode(request.to_string()).into();
+    let forged = format!(
+        "{header}.{}.{}",
+        b64.encode(claims.to_string()),
+        b64.encode([7u8; 64])
+    );
+    let out = bin()
+        .args(["explain", "--config"])
+        .arg(&b.world.config_path)
+        .arg(&forged)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    for want in [
+        "exp is set",
+        "base64url",
+        "does not verify with key `storekit`",
+    ] {
+        assert!(stdout.contains(want), "{want}: {stdout}");
+    }
+}
