@@ -511,11 +511,8 @@ mod tests {
                 .problems
                 .join(" | ")
         };
-        let cases: Vec<(
-            usize,
-            Box<dyn Fn(&mut serde_json::Map<String, Value>)>,
-            &str,
-        )> = vec![
+        type Edit = Box<dyn Fn(&mut serde_json::Map<String, Value>)>;
+        let cases: Vec<(usize, Edit, &str)> = vec![
             (
                 0,
                 Box::new(|c| {
