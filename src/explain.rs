@@ -515,14 +515,14 @@ mod tests {
         let cases: Vec<(usize, Edit, &str)> = vec![
             (
                 0,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.insert("exp".into(), (now + 60).into());
                 }),
                 "exp is set",
             ),
             (
                 0,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.insert("scope".into(), serde_json::json!(["x"]));
                 }),
                 "scope is set",
@@ -530,49 +530,49 @@ mod tests {
             // Apple's JSON examples' one-hyphen-short issuer id.
             (
                 0,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.insert("iss".into(), "57246542-96fe-1a63e053-0824d011072a".into());
                 }),
                 "one hyphen short",
             ),
             (
                 0,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.insert("iat".into(), (now + 600).into());
                 }),
                 "in the future",
             ),
             (
                 0,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.insert("iat".into(), (now * 1000).into());
                 }),
                 "milliseconds",
             ),
             (
                 0,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.remove("iat");
                 }),
                 "no iat",
             ),
             (
                 0,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.insert("nonce".into(), "abc".into());
                 }),
                 "not a UUID",
             ),
             (
                 0,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.remove("offerIdentifier");
                 }),
                 "no offerIdentifier",
             ),
             (
                 0,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.insert(
                         "transactionId".into(),
                         "368f3088-dcd5-11ef-b3c8-325096b39f46".into(),
@@ -582,28 +582,28 @@ mod tests {
             ),
             (
                 0,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.insert("bid".into(), "".into());
                 }),
                 "bid is missing or empty",
             ),
             (
                 1,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.insert("allowIntroductoryOffer".into(), "false".into());
                 }),
                 "JSON boolean",
             ),
             (
                 1,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.remove("transactionId");
                 }),
                 "requires it",
             ),
             (
                 2,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.insert(
                         "request".into(),
                         URL_SAFE_NO_PAD
@@ -615,21 +615,21 @@ mod tests {
             ),
             (
                 2,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.insert("request".into(), serde_json::json!({"operation":"X"}));
                 }),
                 "is a JSON object",
             ),
             (
                 2,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.insert("request".into(), STANDARD.encode("[1]").into());
                 }),
                 "JSON object",
             ),
             (
                 2,
-                Box::new(|c| {
+                Box::new(move |c| {
                     c.remove("request");
                 }),
                 "no request",
