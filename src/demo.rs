@@ -19,6 +19,9 @@ use apple_standin::fixture::{self, Client, Identity, Slot};
 
 /// The client the examples use: allowed App Store Connect reads, storekit and notary.
 const DEMO_CLIENT: &str = "demo";
+/// The demo client's `[clients.signing]`: promotional offers on the demo's pro products.
+const DEMO_SIGNING: &str =
+    "[clients.signing]\nproducts = [\"com.example.demo.pro.*\"]\noffers = [\"winback-*\"]\n";
 /// A client pinned to the individual key, to show a diagnosis.
 const ANALYST_CLIENT: &str = "analyst";
 
@@ -64,8 +67,11 @@ pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
                     "* /inApps/*",
                     "* /sandbox/inApps/*",
                     "GET /notary/*",
+                    "POST /proxy/v1/signatures/*",
                 ],
-            ),
+            )
+            // What it may have the proxy sign with the In-App Purchase key (DESIGN §15).
+            .with_toml(DEMO_SIGNING),
             Client::new(ANALYST_CLIENT, &["GET /v1/*"]).pinned(Slot::Individual),
         ],
         ..fixture::Options::default()
@@ -131,6 +137,12 @@ impl Demo {
                 format!(
                     "curl -sS -H 'Authorization: Bearer {}' '{base}/v1/salesReports?filter%5BreportType%5D=SALES'",
                     self.analyst_secret
+                ),
+            ),
+            (
+                "In-app signature: a promotional offer for StoreKit, signed by the proxy under the client's [clients.signing] policy (the key stays here)",
+                format!(
+                    "curl -sS {auth} -H 'Content-Type: application/json' -d '{{\"product_id\":\"com.example.demo.pro.monthly\",\"offer_id\":\"winback-1\",\"transaction_id\":\"2000000123456789\"}}' '{base}/proxy/v1/signatures/promotional-offer'"
                 ),
             ),
             (

@@ -1304,6 +1304,7 @@ async fn demo_prints_curl_lines_that_work_as_pasted_and_stops_on_ctrl_c() {
         .arg("--version")
         .output()
         .is_ok();
+    let mut signed = false;
     for line in &curls {
         let body = if have_curl {
             let out = tokio::process::Command::new("sh")
@@ -1331,11 +1332,22 @@ async fn demo_prints_curl_lines_that_work_as_pasted_and_stops_on_ctrl_c() {
         }
         let json: serde_json::Value = serde_json::from_str(&body)
             .unwrap_or_else(|e| panic!("{line}: not JSON ({e}): {body}"));
+        if line.contains("/proxy/v1/signatures/") {
+            let jws = json["signature"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{body}"));
+            let (_, claims) = decode_jwt(jws);
+            assert_eq!(claims["aud"], "promotional-offer", "{claims}");
+            assert_eq!(claims["productId"], "com.example.demo.pro.monthly");
+            signed = true;
+            continue;
+        }
         assert!(
             json.get("data").is_some() || json["errors"][0]["code"].is_string(),
             "Apple-shaped JSON: {body}"
         );
     }
+    assert!(signed || !have_curl, "the demo signs a promotional offer");
     let pid = child.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-INT", &pid])
