@@ -10,6 +10,8 @@
 //! - `request/*`: the steps before minting (client secret check, path check, route, policy),
 //!   the upstream header copy, and the audit path redaction.
 //! - `diagnose/*`: the 401 doctor on representative evidence (only on Apple's 401/403).
+//! - `signing/*`: an in-app signature request's own work (DESIGN §15): the body parsed and
+//!   checked, the policy, and the whole of it with the nonce and the ES256 signature.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -247,6 +249,66 @@ fn bench_request(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_signing(c: &mut Criterion) {
+    use apple_api_proxy::config::SigningPolicy;
+    use apple_api_proxy::signing::{self, input, policy, Kind};
+    let fixture = fixture();
+    let iap = fixture
+        .config
+        .key(Identity::TEST.iap.name)
+        .expect("the fixture's in-app purchase key");
+    let signer = token::key::load(&iap.source).expect("the key loads").key;
+    let rules = SigningPolicy {
+        products: vec!["com.example.pro.*".into(), "BOOK_*".into()],
+        offers: vec!["winback-*".into()],
+        grant_introductory_offer: false,
+        operations: vec!["CREATE_ONE_TIME_CHARGE".into()],
+        currencies: Some(vec!["USD".into()]),
+        max_price: Some(99_990),
+    };
+    let offer = br#"{"product_id":"com.example.pro.monthly","offer_id":"winback-1","transaction_id":"2000000123456789"}"#;
+    let v1 = br#"{"product_id":"com.example.pro.monthly","offer_id":"winback-1","app_account_token":"8e9a4d5c-1b2f-4a3e-9c8d-7b6a5f4e3d2c"}"#;
+    let commerce = br#"{"request":{"operation":"CREATE_ONE_TIME_CHARGE","version":"1","requestInfo":{"requestReferenceId":"f55df048-4cd8-4261-b404-b6f813ff70e5"},"currency":"USD","taxCode":"C003-00-2","storefront":"USA","item":{"SKU":"BOOK_SHERLOCK_HOMLES","displayName":"Sherlock Holmes","description":"The Sherlock Holmes, 5th Edition","price":4990}}}"#;
+    let key = signing::SigningKey {
+        signer: &signer,
+        key_id: Identity::TEST.iap.key_id,
+        issuer_id: ISSUER,
+        bundle_id: Identity::TEST.bundle_id,
+    };
+    let rng = SystemRandom::new();
+    let mut g = c.benchmark_group("signing");
+    g.bench_function("promotional_offer_parse_and_policy", |b| {
+        b.iter(|| {
+            let ask = input::parse(Kind::PromotionalOffer, black_box(offer)).expect("parses");
+            policy::check(Some(&rules), &ask).expect("allowed");
+            black_box(ask)
+        })
+    });
+    g.bench_function("advanced_commerce_parse_and_policy", |b| {
+        b.iter(|| {
+            let ask = input::parse(Kind::AdvancedCommerce, black_box(commerce)).expect("parses");
+            policy::check(Some(&rules), &ask).expect("allowed");
+            black_box(ask)
+        })
+    });
+    g.bench_function("promotional_offer_signed", |b| {
+        b.iter(|| {
+            let ask = input::parse(Kind::PromotionalOffer, black_box(offer)).expect("parses");
+            policy::check(Some(&rules), &ask).expect("allowed");
+            let nonce = signing::nonce(&rng).expect("random");
+            black_box(signing::sign(&ask, &key, 1_796_218_860_000, nonce).expect("signs"))
+        })
+    });
+    g.bench_function("promotional_offer_v1_signed", |b| {
+        b.iter(|| {
+            let ask = input::parse(Kind::PromotionalOfferV1, black_box(v1)).expect("parses");
+            let nonce = signing::nonce(&rng).expect("random");
+            black_box(signing::sign(&ask, &key, 1_796_218_860_000, nonce).expect("signs"))
+        })
+    });
+    g.finish();
+}
+
 fn bench_diagnose(c: &mut Criterion) {
     let claims = Claims {
         iss: Some(ISSUER.into()),
@@ -334,6 +396,6 @@ fn short() -> Criterion {
 criterion_group! {
     name = benches;
     config = short();
-    targets = bench_ring, bench_mint, bench_request, bench_diagnose
+    targets = bench_ring, bench_mint, bench_request, bench_diagnose, bench_signing
 }
 criterion_main!(benches);

@@ -4,10 +4,13 @@
 # run against the same local HTTPS upstream, using the shared harness in ../shared/bench
 # (see its README). Prints the table the README's "Performance" section quotes, then the
 # figures the harness does not take (benches/load/extras.sh: idle RSS and RSS with 1,000
-# client connections, latency at half of peak load, a 1 GiB streamed response).
+# client connections, latency at half of peak load, a 1 GiB streamed response), then the
+# `sign` mode (benches/load/sign.sh: in-app signatures against nginx's floor and ring's raw
+# sign, signatures/s per core, p99 at half of peak).
 #
 #   scripts/loadtest.sh                   # 3 rounds (~5 min) + extras (~1.5 min)
 #   ROUNDS=1 EXTRAS=0 scripts/loadtest.sh # a quick look (~1.5 min), noisier
+#   SIGN=0 scripts/loadtest.sh            # without the sign mode (~2 min with 3 rounds)
 #
 # Passed through to the harness: ROUNDS, DURATION, WARMUP, START_WARMUP, CONNECTIONS,
 # THREADS, MODES, PROXIES, UPSTREAM_PORT, LISTEN_PORT, WORK_DIR (see its README).
@@ -42,5 +45,9 @@ PROJECT_CMD="exec $(printf '%q' "$BENCH_DIR/project-cmd.sh")" "$BENCH_DIR/run.sh
 if [[ ${EXTRAS:-1} != 0 ]]; then
   echo
   "$ROOT/benches/load/extras.sh" || status=$?
+fi
+if [[ ${SIGN:-1} != 0 ]]; then
+  echo
+  "$ROOT/benches/load/sign.sh" || status=$?
 fi
 exit "$status"
