@@ -269,8 +269,10 @@ fn bench_signing(c: &mut Criterion) {
     let offer = br#"{"product_id":"com.example.pro.monthly","offer_id":"winback-1","transaction_id":"2000000123456789"}"#;
     let v1 = br#"{"product_id":"com.example.pro.monthly","offer_id":"winback-1","app_account_token":"8e9a4d5c-1b2f-4a3e-9c8d-7b6a5f4e3d2c"}"#;
     let commerce = br#"{"request":{"operation":"CREATE_ONE_TIME_CHARGE","version":"1","requestInfo":{"requestReferenceId":"f55df048-4cd8-4261-b404-b6f813ff70e5"},"currency":"USD","taxCode":"C003-00-2","storefront":"USA","item":{"SKU":"BOOK_SHERLOCK_HOMLES","displayName":"Sherlock Holmes","description":"The Sherlock Holmes, 5th Edition","price":4990}}}"#;
+    let header = signing::jose_header(Identity::TEST.iap.key_id);
     let key = signing::SigningKey {
         signer: &signer,
+        header_b64: &header,
         key_id: Identity::TEST.iap.key_id,
         issuer_id: ISSUER,
         bundle_id: Identity::TEST.bundle_id,

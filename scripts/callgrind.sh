@@ -6,6 +6,7 @@
 #
 #   scripts/callgrind.sh [BIN] [TAG]     # BIN defaults to target/release/apple-api-proxy
 #   DURATION=15 WARMUP=5 WORK_DIR=/tmp/cgbench scripts/callgrind.sh OLD_BIN old
+#   MODE=sign scripts/callgrind.sh       # in-app signatures (benches/load/sign.lua) instead
 #
 # Build both sides the same way first, e.g.
 #   RUSTFLAGS="-C force-frame-pointers=yes" cargo build --release --bin apple-api-proxy
@@ -65,10 +66,21 @@ issuer_id = "57246542-96fe-1a63-e053-0824d011072a"
 private_key_file = "$KEY_FILE"
 apis = ["app-store-connect"]
 token_lifetime = "20m"
+[[keys]]
+name = "iap"
+kind = "in-app-purchase"
+key_id = "BENCHKEY02"
+issuer_id = "57246542-96fe-1a63-e053-0824d011072a"
+bundle_id = "com.example.app"
+private_key_file = "$KEY_FILE"
+apis = ["in-app-signing"]
 [[clients]]
 name = "bench"
 secret_sha256 = "$(printf '%s' "$secret" | sha256sum | cut -d' ' -f1)"
-allow = ["GET /v1/*"]
+allow = ["GET /v1/*", "POST /proxy/v1/signatures/*"]
+[clients.signing]
+products = ["com.example.pro.*"]
+offers = ["winback-*"]
 TOML
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -87,9 +99,11 @@ pids+=("$vg")
 for _ in $(seq 600); do port_open "$LISTEN_PORT" && break; kill -0 "$vg" || { cat "proxy.$TAG.log"; exit 1; }; sleep 0.2; done
 export BENCH_MODE=fixed BENCH_AUTH=$secret
 url=http://127.0.0.1:$LISTEN_PORT/
-timeout 120 taskset -c 1 wrk -t2 -c32 -d"${WARMUP}s" -s "$BENCH_DIR/load.lua" "$url" >/dev/null
+script=$BENCH_DIR/load.lua
+[[ ${MODE:-fixed} == sign ]] && script=$ROOT/benches/load/sign.lua
+timeout 120 taskset -c 1 wrk -t2 -c32 -d"${WARMUP}s" -s "$script" "$url" >/dev/null
 callgrind_control -i on "$vg" >/dev/null 2>&1
-out=$(timeout 120 taskset -c 1 wrk -t2 -c32 -d"${DURATION}s" -s "$BENCH_DIR/load.lua" "$url")
+out=$(timeout 120 taskset -c 1 wrk -t2 -c32 -d"${DURATION}s" -s "$script" "$url")
 callgrind_control -i off "$vg" >/dev/null 2>&1
 callgrind_control -d measured "$vg" >/dev/null 2>&1
 sleep 1

@@ -110,14 +110,20 @@ pub struct Signing {
     pub product_id: Option<String>,
     pub offer_id: Option<String>,
     pub transaction_id: Option<String>,
-    /// Introductory-offer eligibility: the grant asked for.
+    /// Introductory-offer eligibility only: the grant asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_introductory_offer: Option<bool>,
-    /// Advanced Commerce: the operation, the SKUs (at most [`Signing::MAX_SKUS`], then
+    /// Advanced Commerce only: the operation, the SKUs (at most [`Signing::MAX_SKUS`], then
     /// `sku_count` says how many there were), the first currency and the highest price.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub operation: Option<String>,
-    pub skus: Vec<String>,
-    pub sku_count: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skus: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sku_count: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub currency: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_price: Option<i64>,
     pub nonce: Option<String>,
     pub sha256: Option<String>,

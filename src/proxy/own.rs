@@ -78,7 +78,7 @@ impl Proxy {
         ex.key = Some(key.name.as_str().into());
         ex.key_id = Some(key.key_id.as_str().into());
 
-        let signer = self.minter.signer(&key.name).ok_or_else(|| {
+        let (signer, header_b64) = self.minter.signer(&key.name).ok_or_else(|| {
             Refusal::internal("sign", format!("key `{}` is not loaded", key.name))
         })?;
         let issuer_id = key.issuer_id.as_deref().ok_or_else(|| {
@@ -91,6 +91,7 @@ impl Proxy {
             &ask,
             &signing::SigningKey {
                 signer,
+                header_b64,
                 key_id: &key.key_id,
                 issuer_id,
                 bundle_id,
@@ -107,27 +108,20 @@ impl Proxy {
             }
             e => Refusal::internal("sign", e),
         })?;
-        let answer = match kind {
-            Kind::PromotionalOfferV1 => serde_json::json!({
-                "signature": signed.signature,
-                "key_id": key.key_id,
-                "nonce": signed.nonce,
-                "timestamp": signed.time,
-            }),
-            _ => serde_json::json!({
-                "signature": signed.signature,
-                "key_id": key.key_id,
-                "nonce": signed.nonce,
-                "issued_at": signed.time,
-            }),
+        let answer = Answer {
+            issued_at: (kind != Kind::PromotionalOfferV1).then_some(signed.time),
+            key_id: &key.key_id,
+            nonce: &signed.nonce,
+            signature: &signed.signature,
+            timestamp: (kind == Kind::PromotionalOfferV1).then_some(signed.time),
         };
+        let answer = serde_json::to_vec(&answer).map_err(|e| Refusal::internal("sign", e))?;
         if let Some(record) = ex.signing.as_deref_mut() {
             record.nonce = Some(signed.nonce.clone());
             record.sha256 = Some(signed.sha256.clone());
         }
         tracing::debug!(kind = kind.id(), key = %key.name, sha256 = %signed.sha256, "signed");
-        let mut response =
-            Response::new(forward::boxed(Full::new(Bytes::from(answer.to_string()))));
+        let mut response = Response::new(forward::boxed(Full::new(Bytes::from(answer))));
         *response.status_mut() = StatusCode::OK;
         let h = response.headers_mut();
         h.insert(
@@ -256,6 +250,19 @@ impl Proxy {
     }
 }
 
+/// A signature endpoint's answer (DESIGN §15): `issued_at` for the JWS forms, `timestamp`
+/// (milliseconds) for the legacy one. Keys in alphabetical order, as they always were.
+#[derive(serde::Serialize)]
+struct Answer<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    issued_at: Option<i64>,
+    key_id: &'a str,
+    nonce: &'a str,
+    signature: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timestamp: Option<i64>,
+}
+
 /// `com.example.a (key `a`), com.example.b (key `b`)`.
 fn choices(keys: &[&KeyConfig]) -> String {
     keys.iter()
@@ -279,13 +286,15 @@ fn note_ask(record: &mut audit::Signing, ask: &Ask) {
     record.allow_introductory_offer = ask.allow_introductory_offer;
     if let Some(commerce) = &ask.commerce {
         record.operation = Some(commerce.operation.clone());
-        record.sku_count = commerce.skus.len();
-        record.skus = commerce
-            .skus
-            .iter()
-            .take(audit::Signing::MAX_SKUS)
-            .map(|(_, sku)| sku.clone())
-            .collect();
+        record.sku_count = Some(commerce.skus.len());
+        record.skus = Some(
+            commerce
+                .skus
+                .iter()
+                .take(audit::Signing::MAX_SKUS)
+                .map(|(_, sku)| sku.clone())
+                .collect(),
+        );
         record.currency = commerce.currencies.first().map(|(_, c)| c.clone());
         record.max_price = commerce.max_price();
     }

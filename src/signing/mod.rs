@@ -33,6 +33,8 @@ pub use crate::apple::{is_uuid, SignatureKind as Kind, V1_SEPARATOR};
 /// the bundle id (`bid`, or the V1 message's `appBundleId`).
 pub struct SigningKey<'a> {
     pub signer: &'a dyn Signer,
+    /// base64url of `{"alg":"ES256","kid":<key_id>,"typ":"JWT"}` ([`jose_header`]).
+    pub header_b64: &'a str,
     pub key_id: &'a str,
     pub issuer_id: &'a str,
     pub bundle_id: &'a str,
@@ -119,9 +121,10 @@ pub fn sign(
                     .as_deref()
                     .map(|json| STANDARD.encode(json)),
             };
-            let header = serde_json::json!({"alg": "ES256", "kid": key.key_id, "typ": "JWT"});
             let payload = serde_json::to_vec(&claims).map_err(|_| SigningError::Encode)?;
-            let mut jws = URL_SAFE_NO_PAD.encode(header.to_string());
+            let mut jws =
+                String::with_capacity(key.header_b64.len() + payload.len().div_ceil(3) * 4 + 90);
+            jws.push_str(key.header_b64);
             jws.push('.');
             URL_SAFE_NO_PAD.encode_string(payload, &mut jws);
             let raw = key
@@ -150,6 +153,12 @@ pub fn sign(
         }
     };
     Ok(finished(signature, nonce, apple_now_ms))
+}
+
+/// base64url of the JOSE header every in-app JWS carries: `{"alg":"ES256","kid":…,"typ":"JWT"}`.
+pub fn jose_header(key_id: &str) -> String {
+    let header = serde_json::json!({"alg": "ES256", "kid": key_id, "typ": "JWT"});
+    URL_SAFE_NO_PAD.encode(header.to_string())
 }
 
 fn finished(signature: String, nonce: String, time: i64) -> Signed {

@@ -35,8 +35,10 @@ fn key() -> MemoryKey {
 
 fn signed(kind: Kind, body: Value, signer: &MemoryKey) -> (Signed, Ask) {
     let ask = parse(kind, body.to_string().as_bytes()).unwrap();
+    let header = jose_header(KID);
     let key = SigningKey {
         signer,
+        header_b64: &header,
         key_id: KID,
         issuer_id: ISSUER,
         bundle_id: BUNDLE,

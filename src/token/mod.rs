@@ -276,9 +276,12 @@ impl Minter {
         self.keys.get(name).map(|k| &k.config)
     }
 
-    /// The signer of key `name`: the in-app signatures (DESIGN §15) sign with it directly.
-    pub(crate) fn signer(&self, name: &str) -> Option<&dyn Signer> {
-        self.keys.get(name).map(|k| &*k.signer)
+    /// The signer of key `name` and its JOSE header (`{"alg":"ES256","kid":…,"typ":"JWT"}`,
+    /// base64url, made once per key): the in-app signatures (DESIGN §15) sign with it directly.
+    pub(crate) fn signer(&self, name: &str) -> Option<(&dyn Signer, &str)> {
+        self.keys
+            .get(name)
+            .map(|k| (&*k.signer, k.header_b64.as_str()))
     }
 
     /// How far `iat` (and the V1 timestamp) is back-dated from Apple's now, in seconds.
