@@ -16,6 +16,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 : "${WORK_DIR:?set WORK_DIR to the work dir of a harness run, which holds the CA, certificates and key}"
 LISTEN_PORT=${LISTEN_PORT:-18080} UPSTREAM_PORT=${UPSTREAM_PORT:-18443}
+BENCH_DIR=${BENCH_DIR:-$ROOT/../shared/bench}   # its load.lua drives nginx's `fixed` floor
 ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-8}
 KEY_FILE="$WORK_DIR/AuthKey_BENCHKEY01.p8" KEY_ID=BENCHKEY01 ISSUER_ID=57246542-96fe-1a63-e053-0824d011072a
 export BENCH_AUTH=${BENCH_AUTH:-aap_benchsecret}
@@ -38,7 +39,7 @@ start() { # cpu logname command... -> $PID
   PID=$!; PIDS+=("$PID"); }
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 median() { python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
-# wrk against the proxy port; script, connections, delay_ms, seconds; measures $1's CPU.
+# wrk against the proxy port: pid script connections delay_ms seconds; measures pid's CPU.
 # -> "rps cpu_us_per_request p50_ms p99_ms errors"
 window() {
   local pid=$1 script=$2 conns=$3 delay=$4 secs=$5 t0 t1 out
@@ -105,8 +106,8 @@ ng_cpu=() px_cpu=() px_rps=() px_err=()
 for round in $(seq "$ROUNDS"); do
   start 0 nginx nginx -p "$WORK_DIR" -e "$WORK_DIR/sign-nginx.err" -c "$WORK_DIR/nginx-proxy.conf"
   NG=$PID; wait_port "$LISTEN_PORT"
-  window "$NG" "$HERE/paced.lua" 32 0 2 >/dev/null   # warm-up
-  read -r rps cpu _ _ err < <(window "$NG" "$HERE/paced.lua" 32 0 "$DURATION")
+  window "$NG" "$BENCH_DIR/load.lua" 32 0 2 >/dev/null   # warm-up
+  read -r rps cpu _ _ err < <(window "$NG" "$BENCH_DIR/load.lua" 32 0 "$DURATION")
   echo "round $round: nginx fixed $rps req/s, $cpu µs CPU/request, errors $err"
   ng_cpu+=("$cpu"); stop "$NG"
   start 0 project ./target/release/apple-api-proxy serve --config "$WORK_DIR/sign-proxy.toml"
@@ -122,12 +123,19 @@ ng=$(median "${ng_cpu[@]}") px=$(median "${px_cpu[@]}") rps=$(median "${px_rps[@
 echo "== sign: 3. latency at half of the proxy's peak (wrk paced, 2 ms between requests per connection)"
 conns=$(python3 -c "print(max(2, round($rps / 2 * 0.0024)))")
 read -r hrps _ p50 p99 herr < <(window "$PX" "$HERE/sign.lua" "$conns" 2 "$DURATION")
-echo "offered ~$((${rps%.*} / 2))/s with $conns connections: $hrps signatures/s, p50 $p50 ms, p99 $p99 ms, errors $herr"
+echo "proxy, offered ~$((${rps%.*} / 2))/s with $conns connections: $hrps signatures/s, p50 $p50 ms, p99 $p99 ms, errors $herr"
 stop "$PX"
+# The machine's own floor at the same pacing: nginx proxying `fixed` GETs (no signing).
+start 0 nginx nginx -p "$WORK_DIR" -e "$WORK_DIR/sign-nginx.err" -c "$WORK_DIR/nginx-proxy.conf"
+NG=$PID; wait_port "$LISTEN_PORT"
+window "$NG" "$BENCH_DIR/load.lua" 32 0 2 >/dev/null   # warm-up
+read -r nrps _ np50 np99 nerr < <(window "$NG" "$HERE/paced.lua" "$conns" 2 "$DURATION")
+echo "nginx fixed, same pacing: $nrps req/s, p50 $np50 ms, p99 $np99 ms, errors $nerr"
+stop "$NG"
 
-python3 - "$raw" "$ng" "$px" "$rps" "$p99" "$endpoint" <<'PY'
+python3 - "$raw" "$ng" "$px" "$rps" "$p99" "$endpoint" "$np99" <<'PY'
 import sys
-raw, ng, px, rps, p99, endpoint = map(float, sys.argv[1:])
+raw, ng, px, rps, p99, endpoint, np99 = map(float, sys.argv[1:])
 target = ng + 1.3 * raw
 print()
 print("| sign mode (median) | value | target | met |")
@@ -136,5 +144,6 @@ print(f"| CPU per signature (proxy, closed loop, audit on) | {px:.1f} µs | ≤ 
 print(f"| signatures/s per core (1e6 / CPU per signature) | {1e6/px:,.0f} | — | |")
 print(f"| signatures/s, one core, 32 connections | {rps:,.0f} | — | |")
 print(f"| p99 at half of peak | {p99:.2f} ms | < 5 ms | {'yes' if p99 < 5 else 'no'} |")
+print(f"| (the machine's floor: nginx, no signing, same pacing, p99) | {np99:.2f} ms | — | |")
 print(f"| endpoint's own work in process (criterion) | {endpoint:.1f} µs | — | |")
 PY
