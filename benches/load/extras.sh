@@ -17,28 +17,13 @@ LISTEN_PORT=${LISTEN_PORT:-18080} UPSTREAM_PORT=${UPSTREAM_PORT:-18443} BIG_PORT
 export WORK_DIR LISTEN_PORT CA_FILE="$WORK_DIR/ca.crt" KEY_FILE="$WORK_DIR/AuthKey_BENCHKEY01.p8" \
   KEY_ID=BENCHKEY01 ISSUER_ID=57246542-96fe-1a63-e053-0824d011072a
 export UPSTREAM_URL="https://127.0.0.1:$UPSTREAM_PORT" BENCH_AUTH=${BENCH_AUTH:-aap_benchsecret}
-for f in ca.crt server.crt server.key upstream.conf nginx-proxy.conf "AuthKey_BENCHKEY01.p8"; do
-  [[ -s $WORK_DIR/$f ]] || { echo "extras: $WORK_DIR/$f is missing (run the harness first)" >&2; exit 2; }
-done
-cd "$ROOT"
-
-PIDS=()
-stop() { kill -TERM "$1" 2>/dev/null || true
-  for _ in {1..50}; do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
-cleanup() { local p; for p in "${PIDS[@]}"; do stop "$p"; done; }
-trap cleanup EXIT; trap 'exit 130' INT TERM
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
-  echo "extras: nothing listens on :$1" >&2; return 1; }
-start() { # cpu logname command... -> $PID
-  local cpu=$1 log=$2; shift 2
-  taskset -c "$cpu" "$@" >"$WORK_DIR/extras-$log.log" 2>&1 &
-  PID=$!; PIDS+=("$PID"); }
+TAG=extras
+# shellcheck source=benches/load/common.sh
+. "$HERE/common.sh"
 start_upstream() { start 1 upstream nginx -p "$WORK_DIR" -e "$WORK_DIR/upstream.err" -c "$WORK_DIR/upstream.conf"
   UP=$PID; wait_port "$UPSTREAM_PORT"; }
 start_project() { start 0 project "$BENCH_DIR/project-cmd.sh"; PX=$PID; wait_port "$LISTEN_PORT"; }
 status_kb() { awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status"; }
-ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 wrkrun() { # mode connections delay_ms seconds url [DIRECT_AUTH] -> "rps p50_ms p99_ms errors"
   local out
   out=$(BENCH_MODE=$1 DELAY_MS=$3 DIRECT_AUTH=${6:-} timeout $(($4 + 30)) taskset -c 1 \

@@ -20,24 +20,9 @@ BENCH_DIR=${BENCH_DIR:-$ROOT/../shared/bench}   # its load.lua drives nginx's `f
 ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-8}
 KEY_FILE="$WORK_DIR/AuthKey_BENCHKEY01.p8" KEY_ID=BENCHKEY01 ISSUER_ID=57246542-96fe-1a63-e053-0824d011072a
 export BENCH_AUTH=${BENCH_AUTH:-aap_benchsecret}
-for f in ca.crt server.crt server.key upstream.conf nginx-proxy.conf "AuthKey_BENCHKEY01.p8"; do
-  [[ -s $WORK_DIR/$f ]] || { echo "sign: $WORK_DIR/$f is missing (run the harness first)" >&2; exit 2; }
-done
-cd "$ROOT"
-
-PIDS=()
-stop() { kill -TERM "$1" 2>/dev/null || true
-  for _ in {1..50}; do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
-cleanup() { local p; for p in "${PIDS[@]}"; do stop "$p"; done; }
-trap cleanup EXIT; trap 'exit 130' INT TERM
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
-  echo "sign: nothing listens on :$1" >&2; return 1; }
-start() { # cpu logname command... -> $PID
-  local cpu=$1 log=$2; shift 2
-  taskset -c "$cpu" "$@" >"$WORK_DIR/sign-$log.log" 2>&1 &
-  PID=$!; PIDS+=("$PID"); }
-ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+TAG=sign
+# shellcheck source=benches/load/common.sh
+. "$HERE/common.sh"
 median() { python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 # wrk against the proxy port: pid script connections delay_ms seconds; measures pid's CPU.
 # -> "rps cpu_us_per_request p50_ms p99_ms errors"
