@@ -208,12 +208,20 @@ fn bench_request(c: &mut Criterion) {
     );
     headers.insert("user-agent", HeaderValue::from_static("wrk/4.1.0"));
     headers.insert("accept", HeaderValue::from_static("application/json"));
-    let who = clients.authenticate(&headers, None).expect("bench client");
+    let who = clients
+        .authenticate(&headers, None, 0)
+        .expect("bench client");
     let path = "/v1/apps/1234567890/appStoreVersions";
 
     let mut g = c.benchmark_group("request");
     g.bench_function("authenticate", |b| {
-        b.iter(|| black_box(clients.authenticate(black_box(&headers), None).expect("ok")))
+        b.iter(|| {
+            black_box(
+                clients
+                    .authenticate(black_box(&headers), None, 0)
+                    .expect("ok"),
+            )
+        })
     });
     g.bench_function("check_path", |b| {
         b.iter(|| black_box(route::check_path(black_box(path)).is_ok()))

@@ -11,8 +11,8 @@
 //! - [`config`]: `proxy.toml` → raw (serde) → validated [`config::Config`].
 //! - [`route`]: path → the proxy's own endpoint or Apple's API, environment and upstream;
 //!   path checks.
-//! - [`client`]: who is calling (client secrets, mTLS) and what they may call (allow rules,
-//!   rate limits).
+//! - [`client`]: who is calling (client secrets, client keys — an Apple SDK's own JWT —,
+//!   mTLS) and what they may call (allow rules, rate limits, signing policy).
 //! - [`token`]: `.p8` loading, the [`token::Signer`] seam, claims, scope, Apple's clock, the
 //!   cache.
 //! - [`audit`]: the hash-chained audit log, its single writer, redaction, `audit verify`.

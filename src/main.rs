@@ -78,6 +78,16 @@ enum Command {
         /// The client's name.
         name: String,
     },
+    /// Make a client key (DESIGN §17b) for an Apple SDK or APNs library: writes the private
+    /// key for the client and prints the [[clients]] lines with the public key.
+    ClientKey {
+        /// The client's name.
+        name: String,
+        /// Where to write the private key (default: AuthKey_<KEY ID>.p8 here); never
+        /// overwritten.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Start a local Apple stand-in with the proxy in front of it and print curl commands.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -152,6 +162,7 @@ fn run(command: Command, given: Option<&std::path::Path>) -> anyhow::Result<()> 
         Command::Check => check(config),
         Command::Token { key, request } => print_token(config, key.as_deref(), &request),
         Command::ClientSecret { name } => client_secret(&name),
+        Command::ClientKey { name, out } => client_key(&name, out.as_deref()),
         Command::Explain { token } => explain(token, given),
         Command::Audit {
             command: AuditCommand::Verify { files },
@@ -264,14 +275,20 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         println!("  anonymous          allowed (server.allow_anonymous = true): every route, audited as `anonymous`");
     }
     for c in &config.clients {
+        let mut auth = Vec::new();
+        if c.secret_sha256.is_some() {
+            auth.push("secret".to_string());
+        }
+        if let Some(k) = &c.client_key {
+            auth.push(format!("client-key:{}", k.key_id));
+        }
+        if let Some(subject) = &c.tls_subject {
+            auth.push(format!("mTLS:{subject}"));
+        }
         println!(
-            "  {:<18} {:<7} key={:<10} allow: {}",
+            "  {:<18} {:<22} key={:<10} allow: {}",
             c.name,
-            if c.secret_sha256.is_some() {
-                "secret"
-            } else {
-                "mTLS"
-            },
+            auth.join(","),
             c.key.as_deref().unwrap_or("(default)"),
             if c.allow.is_empty() {
                 "(nothing: default deny)".to_string()
@@ -433,6 +450,35 @@ fn explain(token: Option<String>, config: Option<&std::path::Path>) -> anyhow::R
     let mut problems = report.problems.clone();
     println!("header: {}", report.header);
     println!("claims: {}", report.claims);
+    // A JWT signed with a client key (DESIGN §17b) is the client's credential, not an Apple
+    // token: only §17b's rules apply to it.
+    if let Some(path) = config {
+        let config = Config::load(path)?;
+        let bare = token.trim().trim_start_matches("Bearer ").trim();
+        let kid = client::key::kid_of(bare).unwrap_or_default();
+        if let Some(c) = config
+            .clients
+            .iter()
+            .find(|c| c.client_key.as_ref().is_some_and(|k| k.key_id == kid))
+        {
+            let public = c
+                .client_key
+                .as_ref()
+                .map(|k| k.public_key.as_slice())
+                .unwrap_or_default();
+            println!("kind:   client-key JWT: kid \"{kid}\" is client `{}`'s key id (DESIGN §17b); Apple never sees it", c.name);
+            return match client::key::verify(bare, public, now) {
+                Ok(_) => {
+                    println!("\nOK: authenticates client `{}`", c.name);
+                    Ok(())
+                }
+                Err(check) => {
+                    println!("\ndoes not authenticate client `{}`: {check}", c.name);
+                    std::process::exit(1);
+                }
+            };
+        }
+    }
     match (report.api, report.in_app) {
         (_, Some(kind)) => println!(
             "api:    in-app signature, {} form — its aud is \"{}\": made with an In-App Purchase key and handed to StoreKit (APPLE.md §8)",
@@ -561,6 +607,47 @@ fn client_secret(name: &str) -> anyhow::Result<()> {
     println!("name = \"{name}\"");
     println!("secret_sha256 = \"{hash}\"");
     println!("allow = [\"GET /v1/*\"]");
+    Ok(())
+}
+
+fn client_key(name: &str, out: Option<&std::path::Path>) -> anyhow::Result<()> {
+    if name.is_empty() || name.contains(['"', '\\', '\n']) {
+        bail!("the client name must be non-empty and contain no quotes, backslashes or newlines");
+    }
+    let issued = client::key::issue()?;
+    let path = out
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(format!("AuthKey_{}.p8", issued.key_id)));
+    let mut file = {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options.open(&path).with_context(|| {
+            format!(
+                "writing the private key to {} (an existing file is never overwritten)",
+                path.display()
+            )
+        })?
+    };
+    std::io::Write::write_all(&mut file, issued.private_pem.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing the private key to {}", path.display()))?;
+    println!(
+        "# Client key for client `{name}`: the private key is in {} (mode 0600).",
+        path.display()
+    );
+    println!("# Give that file and the key id {} to the client's SDK as its .p8 and key id; the proxy keeps no copy.", issued.key_id);
+    println!("# It is worthless at Apple: the proxy accepts the SDK's JWT as this client and signs Apple's token itself.");
+    println!();
+    println!("# Add to proxy.toml (edit the allow rules):");
+    println!("[[clients]]");
+    println!("name = \"{name}\"");
+    println!("key_id = \"{}\"", issued.key_id);
+    println!("public_key = \"\"\"");
+    print!("{}", issued.public_pem);
+    println!("\"\"\"");
+    println!("allow = [\"GET /inApps/*\"]");
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! record; tokens are verified with RustCrypto's p256, never with ring (which signs them).
 
 mod audit;
+mod client_keys;
 mod deploy;
 mod doctor;
 mod hardening;

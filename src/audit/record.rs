@@ -50,7 +50,7 @@ pub struct Record {
     pub request_id: Arc<str>,
     /// The client's configured name; `null` when unauthenticated.
     pub client: Option<Arc<str>>,
-    /// `secret`, `mtls`, `anonymous`, or `none`.
+    /// `secret`, `client_key`, `mtls`, `anonymous`, or `none`.
     pub client_auth: &'static str,
     pub client_addr: Arc<str>,
     pub method: Cow<'static, str>,

@@ -218,8 +218,20 @@ pub struct ClientConfig {
     pub key: Option<String>,
     pub bundle_id: Option<String>,
     pub rate_limit: Option<RateLimit>,
+    /// `key_id` with `public_key_file`/`public_key`: the client key its SDK signs with
+    /// (DESIGN §17b).
+    pub client_key: Option<ClientKey>,
     /// `[clients.signing]`; `None`: the client signs nothing (DESIGN §15, default deny).
     pub signing: Option<SigningPolicy>,
+}
+
+/// A client key (DESIGN §17b): the `kid` a client's SDK puts in its JWT header, and the
+/// public half the proxy verifies that JWT with. The private half stays with the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientKey {
+    pub key_id: String,
+    /// Uncompressed SEC1 P-256 point (65 bytes).
+    pub public_key: Vec<u8>,
 }
 
 /// What a client may have the proxy sign with an In-App Purchase key (DESIGN §15). Every
@@ -603,6 +615,86 @@ mod tests {
             err.contains("keys[0].apis") && err.contains("in-app-signing"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn client_keys_are_validated_naming_the_field() {
+        let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .public_key_pem();
+        let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)
+            .unwrap()
+            .public_key_pem();
+        let client = |name: &str, extra: &str| {
+            format!("[[clients]]\nname = \"{name}\"\nallow = [\"GET /inApps/*\"]\n{extra}\n")
+        };
+        let with_key =
+            |kid: &str, pem: &str| format!("key_id = \"{kid}\"\npublic_key = \"\"\"\n{pem}\"\"\"");
+        // A client key alone is a credential.
+        let c = parse(&client("receipts", &with_key("CLNTKEY001", &p256))).unwrap();
+        let key = c.clients[0].client_key.as_ref().unwrap();
+        assert_eq!(key.key_id, "CLNTKEY001");
+        assert_eq!(key.public_key.len(), 65);
+        let cases = [
+            (
+                client("a", &with_key("CLNTKEY001", &p384)),
+                "clients[0].public_key",
+            ),
+            (
+                client(
+                    "a",
+                    &with_key(
+                        "CLNTKEY001",
+                        "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+                    ),
+                ),
+                "clients[0].public_key",
+            ),
+            (
+                client("a", "key_id = \"CLNTKEY001\""),
+                "clients[0].public_key_file",
+            ),
+            (
+                client("a", &format!("public_key = \"\"\"\n{p256}\"\"\"")),
+                "clients[0].key_id",
+            ),
+            (client("a", &with_key("bad id", &p256)), "clients[0].key_id"),
+            (
+                client(
+                    "a",
+                    &format!("{}\npublic_key_file = \"k.pem\"", with_key("K1", &p256)),
+                ),
+                "clients[0].public_key_file",
+            ),
+            (
+                client(
+                    "a",
+                    "key_id = \"K1\"\npublic_key_file = \"/nonexistent/k.pem\"",
+                ),
+                "clients[0].public_key_file",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    client("a", &with_key("K1", &p256)),
+                    client("b", &with_key("K1", &p256))
+                ),
+                "clients[1].key_id",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    key_block(""),
+                    client("a", &with_key("2X9R4HXF34", &p256))
+                ),
+                "clients[0].key_id",
+            ),
+            (client("a", ""), "clients[0].secret_sha256"),
+        ];
+        for (text, field) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(&format!("field `{field}`")), "{field}: {err}");
+        }
     }
 
     #[test]

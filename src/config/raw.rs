@@ -128,6 +128,9 @@ pub(super) struct RawClient {
     pub key: Option<String>,
     pub bundle_id: Option<String>,
     pub rate_limit: Option<String>,
+    pub key_id: Option<String>,
+    pub public_key_file: Option<String>,
+    pub public_key: Option<String>,
     pub signing: Option<RawSigning>,
 }
 

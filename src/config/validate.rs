@@ -127,6 +127,7 @@ impl Validator<'_> {
 
         let mut clients = Vec::with_capacity(raw.clients.len());
         let mut client_names = HashSet::new();
+        let mut client_key_ids = BTreeMap::new();
         for (i, c) in raw.clients.into_iter().enumerate() {
             let client = self.client(i, c, &keys)?;
             if !client_names.insert(client.name.clone()) {
@@ -135,6 +136,22 @@ impl Validator<'_> {
                     format!("a client named `{}` is already defined", client.name),
                     "give every client a unique name",
                 ));
+            }
+            if let Some(k) = &client.client_key {
+                if let Some(other) = client_key_ids.insert(k.key_id.clone(), client.name.clone()) {
+                    return Err(self.invalid(
+                        format!("clients[{i}].key_id"),
+                        format!("client `{other}` already has key id `{}`", k.key_id),
+                        "give every client key its own id (`apple-api-proxy client-key NAME` makes one)",
+                    ));
+                }
+                if let Some(apple) = keys.iter().find(|a| a.key_id == k.key_id) {
+                    return Err(self.invalid(
+                        format!("clients[{i}].key_id"),
+                        format!("`{}` is also the Apple key id of [[keys]] `{}`", k.key_id, apple.name),
+                        "a client key is the proxy's, not Apple's: make one with `apple-api-proxy client-key NAME`",
+                    ));
+                }
             }
             clients.push(client);
         }
@@ -577,11 +594,12 @@ impl Validator<'_> {
                 })
             })
             .transpose()?;
-        if secret_sha256.is_none() && c.tls_subject.is_none() {
+        let client_key = self.client_key(i, &c)?;
+        if secret_sha256.is_none() && c.tls_subject.is_none() && client_key.is_none() {
             return Err(self.invalid(
                 field("secret_sha256"),
                 "the client has no way to authenticate",
-                format!("run `apple-api-proxy client-secret {}` and paste its secret_sha256 line, or set tls_subject", c.name),
+                format!("run `apple-api-proxy client-secret {0}` and paste its secret_sha256 line, or `apple-api-proxy client-key {0}` for its key_id and public_key, or set tls_subject", c.name),
             ));
         }
         for (j, rule) in c.allow.iter().enumerate() {
@@ -616,6 +634,7 @@ impl Validator<'_> {
             allow: c.allow,
             key: c.key,
             bundle_id: c.bundle_id,
+            client_key,
             signing,
             rate_limit: c
                 .rate_limit
@@ -635,6 +654,79 @@ impl Validator<'_> {
 }
 
 impl Validator<'_> {
+    /// `clients[i].key_id` with `public_key_file` or `public_key` (DESIGN §17b): a P-256
+    /// public key (`BEGIN PUBLIC KEY`) and the `kid` the client's SDK signs with.
+    fn client_key(&self, i: usize, c: &RawClient) -> Result<Option<ClientKey>, ConfigError> {
+        let field = |name: &str| format!("clients[{i}].{name}");
+        let fix = format!(
+            "run `apple-api-proxy client-key {}` and paste the lines it prints",
+            c.name
+        );
+        let (pem, from) = match (&c.public_key_file, &c.public_key) {
+            (None, None) => {
+                if c.key_id.is_some() {
+                    return Err(self.invalid(
+                        field("public_key_file"),
+                        "key_id is set without the client key's public half",
+                        fix,
+                    ));
+                }
+                return Ok(None);
+            }
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    field("public_key_file"),
+                    "both public_key_file and public_key are set",
+                    "keep exactly one",
+                ))
+            }
+            (Some(path), None) => {
+                let path = self.path(&field("public_key_file"), path)?;
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    self.invalid(
+                        field("public_key_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                        "point it at the .pub.pem file `apple-api-proxy client-key` wrote, or paste the key as public_key",
+                    )
+                })?;
+                (text, field("public_key_file"))
+            }
+            (None, Some(text)) => (text.clone(), field("public_key")),
+        };
+        let Some(key_id) = c.key_id.clone() else {
+            return Err(self.invalid(
+                field("key_id"),
+                "a client public key needs the key id its JWTs carry in `kid`",
+                fix,
+            ));
+        };
+        let plausible = !key_id.is_empty()
+            && key_id.len() <= 64
+            && key_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        if !plausible {
+            return Err(self.invalid(
+                field("key_id"),
+                format!("`{key_id}` is not a key id (1–64 letters, digits, `.`, `_`, `-`)"),
+                fix,
+            ));
+        }
+        use p256::pkcs8::DecodePublicKey as _;
+        let public = p256::PublicKey::from_public_key_pem(pem.trim()).map_err(|_| {
+            self.invalid(
+                from,
+                "is not a P-256 public key in PEM (`-----BEGIN PUBLIC KEY-----`)",
+                "client keys are P-256 (ES256): make one with `apple-api-proxy client-key NAME`",
+            )
+        })?;
+        use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+        Ok(Some(ClientKey {
+            key_id,
+            public_key: public.to_encoded_point(false).as_bytes().to_vec(),
+        }))
+    }
+
     /// `clients[i].signing` (DESIGN §15): globs that can match something, Advanced Commerce
     /// operations with the price bound they need, ISO 4217 currencies, and a key to sign with.
     fn signing(

@@ -58,7 +58,11 @@ impl Proxy {
         );
         let who = self
             .clients
-            .authenticate(&parts.headers, cert)
+            .authenticate(
+                &parts.headers,
+                cert,
+                crate::token::unix_secs(std::time::SystemTime::now()),
+            )
             .map_err(Refusal::Unauthenticated)?;
         ex.client = Some(who.name.clone());
         ex.client_auth = who.method.as_str();

@@ -1,13 +1,18 @@
 //! Who is calling and what they may call.
 //!
 //! A client proves itself with a bearer secret (`aap_…`) in `Proxy-Authorization` or
-//! `Authorization`; config stores only its SHA-256, compared in constant time. Any other
-//! `Authorization` value (a JWT some SDK generated) is not a credential here: it is ignored
-//! for identity and never forwarded. Allow rules are `METHOD /path-glob`, default deny, and
-//! match the path exactly as the client sent it (`*` matches across `/`).
+//! `Authorization` (config stores only its SHA-256, compared in constant time), with a
+//! client key (DESIGN §17b: the JWT an Apple SDK signs with a key the proxy issued, whose
+//! `kid` is the client's `key_id`; see [`key`]), or with its TLS client certificate. Any
+//! other `Authorization` value (a JWT whose `kid` is no client's) is not a credential: it
+//! is ignored for identity and never forwarded. Allow rules are `METHOD /path-glob`, default
+//! deny, and match the path exactly as the client sent it (`*` matches across `/`).
 //!
-//! Imports only `config`. Holds no secret: only hashes.
+//! Imports only `config`. Holds no secret: only hashes and public keys.
 
+pub mod key;
+
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +30,8 @@ pub enum AuthMethod {
     Anonymous,
     Secret,
     Certificate,
+    /// A JWT signed with the client's key (DESIGN §17b).
+    ClientKey,
 }
 
 impl AuthMethod {
@@ -33,6 +40,7 @@ impl AuthMethod {
             AuthMethod::Anonymous => "anonymous",
             AuthMethod::Secret => "secret",
             AuthMethod::Certificate => "mtls",
+            AuthMethod::ClientKey => "client_key",
         }
     }
 }
@@ -107,6 +115,12 @@ pub enum AuthError {
     Missing,
     #[error("the client secret is not valid")]
     Invalid,
+    /// A JWT whose `kid` is `client`'s key id failed `check`.
+    #[error("the JWT signed with client `{client}`'s key fails a check: {check}")]
+    ClientKey {
+        client: String,
+        check: key::KeyCheck,
+    },
 }
 
 struct Rule {
@@ -122,6 +136,8 @@ struct Client {
     rules: Vec<Rule>,
     key: Option<String>,
     bundle_id: Option<String>,
+    /// The client key's public half (uncompressed SEC1), when it has one.
+    client_key: Option<Vec<u8>>,
     /// `[clients.signing]`; `None` signs nothing.
     signing: Option<crate::config::SigningPolicy>,
     /// Shared with the runtime before a reload when the client keeps its name and rate, so a
@@ -169,7 +185,16 @@ pub struct Clients {
     clients: Vec<Client>,
     allow_anonymous: bool,
     anonymous: Arc<str>,
+    /// Client key id → index into `clients`.
+    by_key_id: HashMap<String, usize>,
+    /// Client-key JWTs already verified (SDKs reuse theirs for minutes): SHA-256 of the
+    /// token → (client index, last second it stays valid). Bounded; a reload starts afresh,
+    /// so a removed client key stops working at once.
+    verified: Mutex<HashMap<[u8; 32], (usize, i64)>>,
 }
+
+/// Verified client-key JWTs remembered at most.
+const MAX_VERIFIED: usize = 4096;
 
 impl std::fmt::Debug for Clients {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -207,17 +232,29 @@ impl Clients {
                 .collect(),
             allow_anonymous: config.server.allow_anonymous,
             anonymous: Arc::from("anonymous"),
+            by_key_id: config
+                .clients
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| c.client_key.as_ref().map(|k| (k.key_id.clone(), i)))
+                .collect(),
+            verified: Mutex::new(HashMap::new()),
         }
     }
 
     /// Identifies the caller: a presented secret first (it names one client exactly), then
-    /// the verified client certificate, then anonymous if allowed.
+    /// a JWT signed with a client key (its `kid` names the client), then the verified client
+    /// certificate, then anonymous if allowed. `now` is UNIX seconds.
     pub fn authenticate(
         &self,
         headers: &HeaderMap,
         cert: Option<&CertIdentity>,
+        now: i64,
     ) -> Result<Identity, AuthError> {
         let Some(secret) = presented_secret(headers) else {
+            if let Some(identity) = self.client_key(headers, now)? {
+                return Ok(identity);
+            }
             if let Some(cert) = cert {
                 if let Some(i) = self
                     .clients
@@ -258,6 +295,56 @@ impl Clients {
             method: AuthMethod::Secret,
             index: Some(i),
         })
+    }
+
+    /// The client a client-key JWT in the headers authenticates; `Ok(None)` when no bearer
+    /// JWT names a client's key id (such a JWT is no credential, as before client keys).
+    fn client_key(&self, headers: &HeaderMap, now: i64) -> Result<Option<Identity>, AuthError> {
+        if self.by_key_id.is_empty() {
+            return Ok(None);
+        }
+        let Some((token, i)) = bearer_values(headers).find_map(|token| {
+            let kid = key::kid_of(token)?;
+            self.by_key_id.get(&kid).map(|&i| (token, i))
+        }) else {
+            return Ok(None);
+        };
+        let client = &self.clients[i];
+        let identity = Identity {
+            name: client.name.clone(),
+            method: AuthMethod::ClientKey,
+            index: Some(i),
+        };
+        let digest = crate::sha256(token.as_bytes());
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&(index, until)) = verified.get(&digest) {
+            if index == i && now <= until {
+                return Ok(Some(identity));
+            }
+            verified.remove(&digest);
+        }
+        drop(verified);
+        let public = client.client_key.as_deref().unwrap_or_default();
+        let until = key::verify(token, public, now).map_err(|check| AuthError::ClientKey {
+            client: client.name.to_string(),
+            check,
+        })?;
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= MAX_VERIFIED {
+            verified.retain(|_, (_, until)| *until >= now);
+            if verified.len() >= MAX_VERIFIED {
+                verified.clear();
+            }
+        }
+        verified.insert(digest, (i, until));
+        Ok(Some(identity))
+    }
+
+    /// The client whose key id is `kid` (for `explain --config`).
+    pub fn client_key_owner(&self, kid: &str) -> Option<(&str, &[u8])> {
+        let &i = self.by_key_id.get(kid)?;
+        let c = &self.clients[i];
+        Some((&c.name, c.client_key.as_deref()?))
     }
 
     /// Whether `who` may send `method` to `path` (the path as the client sent it).
@@ -315,10 +402,25 @@ impl Client {
                 .collect(),
             key: c.key.clone(),
             bundle_id: c.bundle_id.clone(),
+            client_key: c.client_key.as_ref().map(|k| k.public_key.clone()),
             signing: c.signing.clone(),
             bucket,
         }
     }
+}
+
+/// Every bearer token in `Proxy-Authorization`, then `Authorization`.
+fn bearer_values(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    [PROXY_AUTHORIZATION, AUTHORIZATION]
+        .into_iter()
+        .flat_map(move |name| headers.get_all(name).iter())
+        .filter_map(|v| {
+            let v = v.to_str().ok()?.trim();
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        })
 }
 
 /// The `aap_…` secret from `Proxy-Authorization` (preferred) or `Authorization`.
@@ -390,7 +492,7 @@ mod tests {
 
     impl Clients {
         fn authenticate_h(&self, h: &HeaderMap) -> Result<Identity, AuthError> {
-            self.authenticate(h, None)
+            self.authenticate(h, None, 0)
         }
     }
 
@@ -404,7 +506,7 @@ mod tests {
             common_name: Some("other".into()),
         };
         assert_eq!(
-            c.authenticate(&HeaderMap::new(), Some(&san))
+            c.authenticate(&HeaderMap::new(), Some(&san), 0)
                 .unwrap()
                 .method,
             AuthMethod::Certificate
@@ -414,7 +516,7 @@ mod tests {
             common_name: Some("ci.internal".into()),
         };
         assert_eq!(
-            c.authenticate(&HeaderMap::new(), Some(&cn_only))
+            c.authenticate(&HeaderMap::new(), Some(&cn_only), 0)
                 .unwrap()
                 .name,
             "ci".into()
@@ -424,7 +526,7 @@ mod tests {
             common_name: Some("ci.internal".into()),
         };
         assert_eq!(
-            c.authenticate(&HeaderMap::new(), Some(&cn_but_sans))
+            c.authenticate(&HeaderMap::new(), Some(&cn_but_sans), 0)
                 .unwrap_err(),
             AuthError::Missing
         );
