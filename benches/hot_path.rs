@@ -7,7 +7,8 @@
 //! - `mint/cache_hit`: the same request again: the cached token is served.
 //! - `ring/p256_sign`: ring's raw `EcdsaKeyPair::sign` (ECDSA_P256_SHA256_FIXED_SIGNING) on a
 //!   JWT-sized message: the floor for `mint/fresh_es256` (target ≤ 1.2×).
-//! - `request/*`: the steps before minting (client secret check, path check, route, policy),
+//! - `request/*`: the steps before minting (client secret check, a client-key JWT's full
+//!   ES256 verification — once per token, then cached —, path check, route, policy),
 //!   the upstream header copy, and the audit path redaction.
 //! - `diagnose/*`: the 401 doctor on representative evidence (only on Apple's 401/403).
 //! - `signing/*`: an in-app signature request's own work (DESIGN §15): the body parsed and
@@ -213,7 +214,44 @@ fn bench_request(c: &mut Criterion) {
         .expect("bench client");
     let path = "/v1/apps/1234567890/appStoreVersions";
 
+    // A client-key JWT as Apple's Node library signs it (DESIGN §17b), signed with p256.
+    let client_jwt = {
+        use base64::Engine as _;
+        use p256::ecdsa::signature::Signer as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let key = p256::ecdsa::SigningKey::from(
+            p256::SecretKey::from_slice(&[7u8; 32]).expect("a valid scalar"),
+        );
+        let now = token::unix_secs(SystemTime::now());
+        let signed = format!(
+            "{}.{}",
+            b64.encode(r#"{"alg":"ES256","kid":"CLNTKEY001","typ":"JWT"}"#),
+            b64.encode(format!(
+                r#"{{"iss":"{ISSUER}","iat":{now},"exp":{},"aud":"appstoreconnect-v1","bid":"com.example.app"}}"#,
+                now + 600
+            ))
+        );
+        let sig: p256::ecdsa::Signature = key.sign(signed.as_bytes());
+        let public = key.verifying_key().to_encoded_point(false);
+        (
+            format!("{signed}.{}", b64.encode(sig.to_bytes())),
+            public.as_bytes().to_vec(),
+            now,
+        )
+    };
     let mut g = c.benchmark_group("request");
+    g.bench_function("client_key_verify", |b| {
+        b.iter(|| {
+            black_box(
+                apple_api_proxy::client::key::verify(
+                    black_box(&client_jwt.0),
+                    &client_jwt.1,
+                    client_jwt.2,
+                )
+                .expect("verifies"),
+            )
+        })
+    });
     g.bench_function("authenticate", |b| {
         b.iter(|| {
             black_box(
