@@ -768,3 +768,39 @@ async fn explain_recognises_the_proxys_in_app_signatures_and_names_what_breaks_a
         assert!(stdout.contains(want), "{want}: {stdout}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iat_and_the_v1_timestamp_follow_apples_clock_as_learned_from_its_answers() {
+    let shop = shop();
+    // "Apple" is 10 minutes behind this host.
+    let b = start(
+        &[&shop],
+        Setup {
+            standin_clock_offset: -600,
+            ..Setup::default()
+        },
+    )
+    .await;
+    // One forwarded request teaches the proxy Apple's clock (its `Date` header).
+    let r = send(
+        b.request("GET", "/inApps/v1/transactions/1")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let body = json!({"product_id": "com.example.pro.year", "offer_id": "winback-1"}).to_string();
+    let r = post(&b, &shop.secret, "promotional-offer", &body).await;
+    let iat = r.json()["issued_at"].as_i64().unwrap();
+    let apple_now = now() - 600;
+    assert!(
+        (apple_now - 63..=apple_now - 57).contains(&iat),
+        "iat {iat} is Apple's now {apple_now} minus the 60 s leeway"
+    );
+    let r = post(&b, &shop.secret, "promotional-offer-v1", &body).await;
+    let timestamp = r.json()["timestamp"].as_i64().unwrap();
+    assert!(
+        ((apple_now - 63) * 1000..=(apple_now - 57) * 1000).contains(&timestamp),
+        "timestamp {timestamp} ms"
+    );
+}
