@@ -1,6 +1,6 @@
 //! The admin listener, separate from the client listener: `/healthz` (the process answers),
 //! `/readyz` (config and keys loaded, audit log open and writable, proxy listener accepting),
-//! `/metrics` (Prometheus). Requests here are not audited and need no credential: bind it
+//! `/metrics` (Prometheus), `/audit/head` (the audit chain's newest line, DESIGN §19). Requests here are not audited and need no credential: bind it
 //! to an address only operators and the cluster's probes reach.
 //!
 //! Reads the live runtime (`runtime::Live`), so after a reload `/metrics` and
@@ -70,9 +70,30 @@ impl State {
                 );
                 r
             }
+            "/audit/head" => match self.live.get().and_then(|l| l.current().audit_head()) {
+                Some(head) => {
+                    let mut r = text(
+                        StatusCode::OK,
+                        serde_json::to_string(&head).unwrap_or_default() + "\n",
+                    );
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("application/json"),
+                    );
+                    r.headers_mut().insert(
+                        header::CACHE_CONTROL,
+                        header::HeaderValue::from_static("no-store"),
+                    );
+                    r
+                }
+                None => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the audit log is not open yet\n".into(),
+                ),
+            },
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: /healthz, /readyz, /metrics\n".into(),
+                "not found: /healthz, /readyz, /metrics, /audit/head\n".into(),
             ),
         }
     }

@@ -44,6 +44,25 @@ enum AuditCommand {
     Verify {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// A head recorded elsewhere (`GET /audit/head`, the operational log's `audit head`
+        /// line): exit 1 unless the log holds line SEQ with that SHA-256.
+        #[arg(long, value_name = "SEQ:SHA256")]
+        head: Option<String>,
+    },
+    /// Summarise logs for a reviewer: use per client × key × API, signatures, markers; a
+    /// rotated series and several replicas' logs at once, any order; exit 1 on a broken chain.
+    Report {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Only records at or after this time (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// text (tables), json (one object, DESIGN §19) or csv (the rows).
+        #[arg(long, default_value = "text", value_parser = ["text", "json", "csv"])]
+        format: String,
     },
 }
 
@@ -165,8 +184,17 @@ fn run(command: Command, given: Option<&std::path::Path>) -> anyhow::Result<()> 
         Command::ClientKey { name, out } => client_key(&name, out.as_deref()),
         Command::Explain { token } => explain(token, given),
         Command::Audit {
-            command: AuditCommand::Verify { files },
-        } => audit_verify(&files),
+            command: AuditCommand::Verify { files, head },
+        } => audit_verify(&files, head.as_deref()),
+        Command::Audit {
+            command:
+                AuditCommand::Report {
+                    files,
+                    since,
+                    until,
+                    format,
+                },
+        } => audit_report(&files, since.as_deref(), until.as_deref(), &format),
         Command::Demo { listen } => run_demo(listen),
     }
 }
@@ -568,7 +596,18 @@ fn explain(token: Option<String>, config: Option<&std::path::Path>) -> anyhow::R
     }
 }
 
-fn audit_verify(files: &[PathBuf]) -> anyhow::Result<()> {
+fn audit_verify(files: &[PathBuf], head: Option<&str>) -> anyhow::Result<()> {
+    let head = head
+        .map(|h| {
+            let (seq, sha) = h.split_once(':')?;
+            let seq: u64 = seq.trim().parse().ok()?;
+            let sha = sha.trim().to_ascii_lowercase();
+            (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit())).then_some((seq, sha))
+        })
+        .map(|parsed| {
+            parsed.ok_or_else(|| anyhow!("--head must be SEQ:SHA256, e.g. 1042:3f1c…(64 hex digits), as GET /audit/head reports it"))
+        })
+        .transpose()?;
     match apple_api_proxy::audit::verify::verify_files(files) {
         Ok(summary) => {
             for note in &summary.notes {
@@ -582,6 +621,28 @@ fn audit_verify(files: &[PathBuf]) -> anyhow::Result<()> {
                 summary.last_seq.map_or("-".to_string(), |s| s.to_string()),
                 summary.last_sha256.as_deref().unwrap_or("-")
             );
+            if let Some((seq, sha)) = head {
+                match apple_api_proxy::audit::verify::line_sha256(files, seq) {
+                    Ok(Some(found)) if found == sha => {
+                        println!("OK: head {seq}:{sha} is in the log");
+                    }
+                    Ok(Some(found)) => {
+                        println!("head mismatch: line seq {seq} hashes to {found}, not the recorded head's {sha}: the log's tail was rewritten after the head was recorded");
+                        std::process::exit(1);
+                    }
+                    Ok(None) => {
+                        println!(
+                            "head missing: the log has no line seq {seq} (its last is seq {}): lines were cut from its tail after the head was recorded",
+                            summary.last_seq.map_or("-".to_string(), |s| s.to_string())
+                        );
+                        std::process::exit(1);
+                    }
+                    Err(failure) => {
+                        println!("{failure}");
+                        std::process::exit(1);
+                    }
+                }
+            }
             Ok(())
         }
         Err(failure) => {
@@ -589,6 +650,46 @@ fn audit_verify(files: &[PathBuf]) -> anyhow::Result<()> {
             std::process::exit(1);
         }
     }
+}
+
+fn audit_report(
+    files: &[PathBuf],
+    since: Option<&str>,
+    until: Option<&str>,
+    format: &str,
+) -> anyhow::Result<()> {
+    use apple_api_proxy::audit::report;
+    // Bounds become the records' own format, so that times compare as strings.
+    let bound = |flag: &str, v: Option<&str>| {
+        v.map(|v| {
+            humantime::parse_rfc3339_weak(v.trim())
+                .map(apple_api_proxy::rfc3339_millis)
+                .map_err(|e| {
+                    anyhow!("{flag} {v:?} is not an RFC 3339 time ({e}), e.g. 2026-11-01T00:00:00Z")
+                })
+        })
+        .transpose()
+    };
+    let period = report::Period {
+        since: bound("--since", since)?,
+        until: bound("--until", until)?,
+    };
+    let r = report::report(files, &period)?;
+    let mut out = std::io::stdout().lock();
+    match format {
+        "json" => {
+            serde_json::to_writer_pretty(&mut out, &r)?;
+            std::io::Write::write_all(&mut out, b"\n")?;
+        }
+        "csv" => report::write_csv(&r, &mut out)?,
+        _ => report::write_text(&r, &mut out)?,
+    }
+    std::io::Write::flush(&mut out)?;
+    if !r.chain_ok() {
+        eprintln!("error: the audit chain is {}", r.chain);
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn client_secret(name: &str) -> anyhow::Result<()> {

@@ -8,6 +8,7 @@ mod deploy;
 mod doctor;
 mod hardening;
 mod ops;
+mod review;
 mod second_round;
 mod shape;
 mod signing;

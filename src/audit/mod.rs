@@ -17,6 +17,7 @@
 
 mod record;
 mod redact;
+pub mod report;
 pub mod verify;
 mod writer;
 
@@ -73,11 +74,43 @@ pub struct Health {
     /// A SIGHUP asked for the file to be re-opened; the writer does it at its next turn, so
     /// a full channel cannot drop the request.
     reopen: AtomicBool,
+    /// The chain's newest line (DESIGN §19), for `GET /audit/head`.
+    head: std::sync::Mutex<Head>,
+}
+
+/// The newest line of the chain: its `seq`, the SHA-256 of its bytes and when it was
+/// written (`None` for a line found at start-up). Kept outside the file — served on the
+/// admin listener and logged every minute and at shutdown — it anchors the tail a hash chain
+/// cannot protect by itself: `audit verify --head SEQ:SHA256` catches a cut or rewritten
+/// tail against it. Seq 0 and 64 zeros: nothing written yet.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Head {
+    pub seq: u64,
+    pub sha256: String,
+    pub time: Option<String>,
+}
+
+impl Default for Head {
+    fn default() -> Head {
+        Head {
+            seq: 0,
+            sha256: GENESIS.to_string(),
+            time: None,
+        }
+    }
 }
 
 impl Health {
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn head(&self) -> Head {
+        self.head.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_head(&self, head: Head) {
+        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = head;
     }
 }
 
@@ -131,6 +164,7 @@ impl Audit {
         };
         let health = Arc::new(Health::default());
         health.healthy.store(true, Ordering::Relaxed);
+        health.set_head(chain.head(None));
         let (tx, rx) = mpsc::sync_channel(CHANNEL_CAPACITY);
         let mut task = WriterTask {
             sink,
@@ -143,6 +177,7 @@ impl Audit {
             last_sync: Instant::now(),
             dirty: false,
             buf: Vec::new(),
+            last_head_log: Instant::now(),
         };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -162,6 +197,11 @@ impl Audit {
 
     pub(crate) fn health(&self) -> &Health {
         &self.health
+    }
+
+    /// The chain's newest line (DESIGN §19).
+    pub fn head(&self) -> Head {
+        self.health.head()
     }
 
     /// Whether a new request may be served: always under `on_failure = "serve"`; under

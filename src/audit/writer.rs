@@ -27,6 +27,15 @@ pub(super) struct Chain {
 }
 
 impl Chain {
+    /// The head this chain state stands on: its last line's seq and hash.
+    pub(super) fn head(&self, time: Option<String>) -> super::Head {
+        super::Head {
+            seq: self.next_seq - 1,
+            sha256: self.prev_sha256.clone(),
+            time,
+        }
+    }
+
     pub(super) fn new() -> Chain {
         Chain {
             next_seq: 1,
@@ -113,7 +122,7 @@ pub(crate) fn state_path(path: &Path) -> PathBuf {
 }
 
 /// The last complete line of `path` (without its newline), reading only the file's tail.
-fn last_line(path: &Path) -> io::Result<Option<Vec<u8>>> {
+pub(super) fn last_line(path: &Path) -> io::Result<Option<Vec<u8>>> {
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -219,7 +228,12 @@ pub(super) struct WriterTask {
     pub(super) dirty: bool,
     /// The batch being written, kept between batches (up to [`MAX_KEPT_BUFFER`]).
     pub(super) buf: Vec<u8>,
+    /// When the head was last logged (every [`HEAD_LOG_EVERY`], and at shutdown).
+    pub(super) last_head_log: Instant,
 }
+
+/// How often the chain's head is logged at `info` (DESIGN §19).
+const HEAD_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// A batch buffer grown past this (a long backlog after an outage) is not kept.
 const MAX_KEPT_BUFFER: usize = 1 << 20;
@@ -232,6 +246,12 @@ impl WriterTask {
             } else {
                 RETRY_EVERY
             };
+            self.log_head_if_due();
+            let timeout = timeout.min(
+                HEAD_LOG_EVERY
+                    .saturating_sub(self.last_head_log.elapsed())
+                    .max(Duration::from_millis(1)),
+            );
             match rx.recv_timeout(timeout) {
                 Ok(Message::Record(r)) => {
                     self.accept(*r);
@@ -274,6 +294,7 @@ impl WriterTask {
                     self.drain();
                     self.sync();
                     self.save_state();
+                    self.log_head("audit head at shutdown");
                     if !self.backlog.is_empty() {
                         self.health
                             .lost
@@ -287,6 +308,19 @@ impl WriterTask {
                 }
             }
         }
+    }
+
+    fn log_head_if_due(&mut self) {
+        if self.last_head_log.elapsed() >= HEAD_LOG_EVERY {
+            self.log_head("audit head");
+        }
+    }
+
+    /// The head at `info`, for a log pipeline to carry to another trust domain.
+    fn log_head(&mut self, message: &str) {
+        self.last_head_log = Instant::now();
+        let head = self.chain.head(None);
+        tracing::info!(audit_head_seq = head.seq, audit_head_sha256 = %head.sha256, "{message}");
     }
 
     fn accept(&mut self, record: Record) {
@@ -314,6 +348,7 @@ impl WriterTask {
                 self.dirty = true;
                 self.sync();
                 self.save_state();
+                self.log_head("audit head at shutdown");
                 let _ = done.send(());
             }
         }
@@ -409,6 +444,10 @@ impl WriterTask {
                 .fetch_add(seq - self.chain.next_seq - marker_lines, Ordering::Relaxed);
             self.chain.next_seq = seq;
             self.chain.prev_sha256 = prev;
+            self.health.set_head(
+                self.chain
+                    .head(Some(crate::rfc3339_millis(std::time::SystemTime::now()))),
+            );
             self.backlog.clear();
             self.markers.clear();
             // Serialisation failures above were counted into `lost`: the next drain marks

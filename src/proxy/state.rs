@@ -220,6 +220,11 @@ impl Proxy {
     }
 
     /// The Prometheus exposition, with counters owned elsewhere copied in.
+    /// The audit chain's newest line (DESIGN §19); `None` before the log is open.
+    pub fn audit_head(&self) -> Option<crate::audit::Head> {
+        self.shared.audit.get().map(crate::audit::Audit::head)
+    }
+
     pub(crate) fn metrics_text(&self) -> String {
         let (minted, hits) = self.minter.counts();
         let audit = self.shared.audit.get().map(|a| a.health());

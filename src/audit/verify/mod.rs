@@ -153,6 +153,44 @@ pub fn verify_files(paths: &[PathBuf]) -> Result<Summary, Failure> {
     Ok(state.into_summary(paths.len()))
 }
 
+/// The SHA-256 of the line whose `seq` is `seq`, searching `paths` in order: what
+/// `audit verify --head SEQ:SHA256` compares with a head recorded elsewhere (DESIGN §19).
+/// `Ok(None)` when no line has that seq (a cut tail, if the head is newer than the log).
+pub fn line_sha256(paths: &[PathBuf], seq: u64) -> Result<Option<String>, Failure> {
+    #[derive(serde::Deserialize)]
+    struct Seq {
+        seq: u64,
+    }
+    for path in paths {
+        let name = path.display().to_string();
+        let fail = |line: u64, e: std::io::Error| Failure {
+            file: name.clone(),
+            line,
+            problem: format!("cannot read: {e}"),
+        };
+        let mut reader = BufReader::new(File::open(path).map_err(|e| fail(0, e))?);
+        let mut buf = Vec::new();
+        let mut number = 0;
+        loop {
+            buf.clear();
+            let n = std::io::Read::take(&mut reader, MAX_LINE_BYTES as u64 + 1)
+                .read_until(b'\n', &mut buf)
+                .map_err(|e| fail(number, e))?;
+            if n == 0 {
+                break;
+            }
+            number += 1;
+            if buf.last() == Some(&b'\n') {
+                buf.pop();
+            }
+            if serde_json::from_slice::<Seq>(&buf).is_ok_and(|s| s.seq == seq) {
+                return Ok(Some(hex(&sha256(&buf))));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// [`verify_reader`] over bytes, for the fuzz target.
 #[cfg(test)]
 pub(crate) fn verify_bytes_for_fuzz(bytes: &[u8], state: &mut ChainState) -> Result<u64, Failure> {
