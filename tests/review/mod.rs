@@ -198,6 +198,23 @@ async fn the_report_over_a_rotated_series_and_two_replicas_counts_what_the_logs_
     a_only.extend(lines(&a2));
     assert_eq!(rows_of(&json), expected_rows(&a_only, Some(&since)));
     assert_eq!(json["from"].as_str().unwrap(), since);
+    // --until (exclusive): only what came before it.
+    let (ok, out) = report(
+        &[a1.clone(), a2.clone()],
+        &["--format", "json", "--until", &since],
+    );
+    assert!(ok, "{out}");
+    let json: Value = serde_json::from_str(&out).unwrap();
+    let before: Vec<Value> = a_only
+        .iter()
+        .filter(|r| r["time"].as_str().unwrap() < since.as_str())
+        .cloned()
+        .collect();
+    assert_eq!(rows_of(&json), expected_rows(&before, None));
+    assert_eq!(json["records"], before.len() as u64);
+    // A bound that is not a time is refused, naming the flag.
+    let (ok, out) = report(&[a1.clone()], &["--since", "last tuesday"]);
+    assert!(!ok && out.contains("--since"), "{out}");
 
     // The text and CSV forms.
     let (ok, text) = report(&files, &[]);
