@@ -213,7 +213,7 @@ async fn the_report_over_a_rotated_series_and_two_replicas_counts_what_the_logs_
     assert_eq!(rows_of(&json), expected_rows(&before, None));
     assert_eq!(json["records"], before.len() as u64);
     // A bound that is not a time is refused, naming the flag.
-    let (ok, out) = report(&[a1.clone()], &["--since", "last tuesday"]);
+    let (ok, out) = report(std::slice::from_ref(&a1), &["--since", "last tuesday"]);
     assert!(!ok && out.contains("--since"), "{out}");
 
     // The text and CSV forms.
