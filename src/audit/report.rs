@@ -315,17 +315,54 @@ pub fn report(paths: &[PathBuf], period: &Period) -> Result<Report, ReportError>
     let mut totals = Totals::default();
     let mut summaries = Vec::new();
     let mut buf = Vec::with_capacity(4096);
-    for chain in chains(files) {
+    let chains = chains(files);
+    // A chain that starts mid-way (not at seq 1) after the point where another chain ends is
+    // taken for that chain with lines missing at the seam — or edited, when the seq follows
+    // on but the hash does not — rather than for a second replica: the safe reading. (Two
+    // replicas whose early files were both left out look the same; the message says so.)
+    let seams: Vec<Option<String>> = chains
+        .iter()
+        .map(|chain| {
+            let head = chain.first()?;
+            let (seq, prev) = head.first.as_ref()?;
+            if *seq == 1 && prev == GENESIS {
+                return None;
+            }
+            let (last, tail) = chains
+                .iter()
+                .filter(|other| !std::ptr::eq(*other, chain))
+                .filter_map(|other| {
+                    let tail = other.last()?;
+                    let (last, _) = tail.last.as_ref()?;
+                    (*last < *seq).then_some((*last, tail))
+                })
+                .max_by_key(|(last, _)| *last)?;
+            Some(if last + 1 == *seq {
+                format!(
+                    "broken at {} line 1: seq {seq} follows {}'s last line, but its prev_sha256 is not that line's hash (a line at the seam was edited or removed)",
+                    head.name, tail.name
+                )
+            } else {
+                format!(
+                    "broken at {} line 1: seq {seq} starts {} line(s) after {}'s last line (seq {last}): lines or files are missing (or these are two replicas and the files before this one were not given)",
+                    head.name,
+                    seq - last - 1,
+                    tail.name
+                )
+            })
+        })
+        .collect();
+    for (chain, seam) in chains.iter().zip(seams) {
         let mut summary = ChainSummary {
             files: chain.iter().map(|f| f.name.clone()).collect(),
             first_seq: None,
             last_seq: None,
             from_genesis: false,
-            status: "ok".to_string(),
+            status: seam.unwrap_or_else(|| "ok".to_string()),
         };
         // The seq and hash the next line must carry; `None` before the chain's first line.
         let mut expect: Option<(u64, String)> = None;
-        'files: for file in &chain {
+        'files: for file in chain {
             let read = |error| ReportError::Read {
                 file: file.name.clone(),
                 error,
@@ -508,4 +545,58 @@ pub fn write_csv(r: &Report, out: &mut impl Write) -> io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, first: (u64, &str), last: (u64, &str)) -> Ends {
+        Ends {
+            path: PathBuf::from(name),
+            name: name.to_string(),
+            first: Some((first.0, first.1.to_string())),
+            last: Some((last.0, last.1.to_string())),
+        }
+    }
+
+    #[test]
+    fn files_are_put_in_chain_order_and_replicas_kept_apart() {
+        // Replica A: a.2 (1..10) → a.1 (11..20) → a (21..30); replica B: b (1..5).
+        let files = vec![
+            file("a", (21, "h20"), (30, "h30")),
+            file("b", (1, GENESIS), (5, "b5")),
+            file("a.2", (1, GENESIS), (10, "h10")),
+            file("a.1", (11, "h10"), (20, "h20")),
+        ];
+        let names: Vec<Vec<String>> = chains(files)
+            .into_iter()
+            .map(|c| c.into_iter().map(|f| f.name).collect())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(
+            names.contains(&vec!["a.2".into(), "a.1".into(), "a".into()]),
+            "{names:?}"
+        );
+        assert!(names.contains(&vec!["b".into()]), "{names:?}");
+        // A file whose link does not hold (its predecessor edited) starts its own chain.
+        let files = vec![
+            file("a.1", (11, "h10-edited"), (20, "h20")),
+            file("a.2", (1, GENESIS), (10, "h10")),
+        ];
+        assert_eq!(chains(files).len(), 2);
+    }
+
+    #[test]
+    fn a_period_includes_since_and_excludes_until() {
+        let p = Period {
+            since: Some("2026-11-01T00:00:00.000Z".into()),
+            until: Some("2026-12-01T00:00:00.000Z".into()),
+        };
+        assert!(p.contains("2026-11-01T00:00:00.000Z"));
+        assert!(p.contains("2026-11-30T23:59:59.999Z"));
+        assert!(!p.contains("2026-12-01T00:00:00.000Z"));
+        assert!(!p.contains("2026-10-31T23:59:59.999Z"));
+        assert!(Period::default().contains("1970-01-01T00:00:00.000Z"));
+    }
 }

@@ -212,6 +212,27 @@ async fn the_report_over_a_rotated_series_and_two_replicas_counts_what_the_logs_
         .collect();
     assert_eq!(rows_of(&json), expected_rows(&before, None));
     assert_eq!(json["records"], before.len() as u64);
+    // The last line of the older file removed: the seam no longer links, and the report
+    // says so rather than taking the files for two replicas.
+    let text = std::fs::read_to_string(&a1).unwrap();
+    let kept: Vec<&str> = text.lines().collect();
+    let cut = dir.join("cut.jsonl.1");
+    std::fs::write(&cut, kept[..kept.len() - 1].join("\n") + "\n").unwrap();
+    let (ok, out) = report(&[a2.clone(), cut.clone()], &[]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("lines or files are missing"), "{out}");
+    // The same cut with a line edited instead: the seq follows on, the hash does not.
+    let edited = dir.join("edited.jsonl.1");
+    let mut lines_a1: Vec<String> = kept.iter().map(|l| l.to_string()).collect();
+    let n = lines_a1.len();
+    lines_a1[n - 1] = lines_a1[n - 1].replace("\"status\":404", "\"status\":200");
+    std::fs::write(&edited, lines_a1.join("\n") + "\n").unwrap();
+    let (ok, out) = report(&[a2.clone(), edited.clone()], &[]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("a line at the seam was edited or removed"),
+        "{out}"
+    );
     // A bound that is not a time is refused, naming the flag.
     let (ok, out) = report(std::slice::from_ref(&a1), &["--since", "last tuesday"]);
     assert!(!ok && out.contains("--since"), "{out}");
