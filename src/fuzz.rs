@@ -318,3 +318,122 @@ fn fuzz_apple_error_bodies() {
         }
     });
 }
+
+#[test]
+fn fuzz_signing_bodies() {
+    use crate::signing::{input, policy, Kind};
+    let dictionary: &[&[u8]] = &[
+        b"\"product_id\":",
+        b"\"offer_id\":",
+        b"\"transaction_id\":\"1\"",
+        b"\"request\":{",
+        b"\"operation\":\"CREATE_ONE_TIME_CHARGE\"",
+        b"\"SKU\":",
+        b"\"price\":",
+        b"\"Price\":",
+        b"\"currency\":\"USD\"",
+        b"\\u2063",
+        b"[{",
+        b"}]",
+        b"18446744073709551616",
+        b"-1",
+        b"1e400",
+    ];
+    let rules = crate::config::SigningPolicy {
+        products: vec!["com.example.*".into(), "BOOK_*".into()],
+        offers: vec!["winback-*".into()],
+        grant_introductory_offer: false,
+        operations: vec!["CREATE_ONE_TIME_CHARGE".into()],
+        currencies: Some(vec!["USD".into()]),
+        max_price: Some(99_990),
+    };
+    run("signing-body", dictionary, 3000, |input| {
+        let Some((&selector, body)) = input.split_first() else {
+            return;
+        };
+        let kind = Kind::ALL[usize::from(selector) % Kind::ALL.len()];
+        let Ok(ask) = input::parse(kind, body) else {
+            return;
+        };
+        let verdict = policy::check(Some(&rules), &ask);
+        // No id that reaches a signature can shift the V1 message's fields.
+        for id in [&ask.product_id, &ask.offer_id, &ask.bundle_id]
+            .into_iter()
+            .flatten()
+        {
+            assert!(!id.contains(crate::signing::V1_SEPARATOR), "{id:?}");
+        }
+        // What is signed is what was checked: the signed JSON, parsed again, has the same
+        // SKUs, prices, currencies and operation, and gets the same verdict.
+        if let Some(json) = &ask.request_json {
+            let again = format!("{{\"request\":{json}}}");
+            let reparsed = input::parse(Kind::AdvancedCommerce, again.as_bytes())
+                .expect("the signed request parses as it was checked");
+            assert_eq!(reparsed.commerce, ask.commerce);
+            assert_eq!(
+                policy::check(Some(&rules), &reparsed).is_ok(),
+                verdict.is_ok()
+            );
+        }
+    });
+}
+
+#[test]
+fn fuzz_client_key_jwts() {
+    let dictionary: &[&[u8]] = &[
+        b"eyJ",
+        b".",
+        b"\"alg\":\"ES256\"",
+        b"\"kid\":",
+        b"\"iat\":",
+        b"\"exp\":",
+        b"1e308",
+        b"-0",
+        b"==",
+    ];
+    // Any point will do: no mutated input carries a valid signature for it.
+    let public = {
+        use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+        p256::SecretKey::from_slice(&[7u8; 32])
+            .expect("a valid scalar")
+            .public_key()
+            .to_encoded_point(false)
+            .as_bytes()
+            .to_vec()
+    };
+    run("client-key-jwt", dictionary, 3000, |input| {
+        let Ok(token) = std::str::from_utf8(input) else {
+            return;
+        };
+        let _ = crate::client::key::kid_of(token);
+        assert!(
+            crate::client::key::verify(token, &public, 1_800_000_000).is_err(),
+            "a token no one signed was accepted"
+        );
+    });
+}
+
+#[test]
+fn fuzz_audit_report_lines() {
+    let dictionary: &[&[u8]] = &[
+        b"\n",
+        b"\"seq\":",
+        b"\"prev_sha256\":\"",
+        b"\"event\":\"records_lost\"",
+        b"\"decision\":\"signed\"",
+        b"\"signing\":{\"kind\":\"x\"}",
+        b"\\u0000",
+    ];
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let path = dir.path().join("audit.jsonl");
+    run("audit-report", dictionary, 1000, |input| {
+        std::fs::write(&path, input).expect("writes the input");
+        let period = crate::audit::report::Period::default();
+        if let Ok(report) = crate::audit::report::report(std::slice::from_ref(&path), &period) {
+            let mut out = Vec::new();
+            crate::audit::report::write_text(&report, &mut out).expect("renders");
+            crate::audit::report::write_csv(&report, &mut out).expect("renders");
+            assert!(report.records <= input.iter().filter(|b| **b == b'\n').count() as u64);
+        }
+    });
+}
