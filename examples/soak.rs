@@ -86,7 +86,9 @@ async fn main() {
         server_toml: "max_concurrent_requests = 64\nrequest_timeout = \"10s\"".to_string(),
         audit_toml: "path = \"audit.jsonl\"".to_string(),
         app_store_server_toml: "sandbox_fallback = true".to_string(),
-        clients: vec![fixture::Client::new("soak", &["* /*"])],
+        clients: vec![fixture::Client::new("soak", &["* /*"]).with_toml(
+            "[clients.signing]\nproducts = [\"com.example.*\"]\noffers = [\"winback-*\"]\noperations = [\"CREATE_ONE_TIME_CHARGE\"]\nmax_price = 99990",
+        )],
         // Rewritten (the marker's number) to make the proxy reload.
         extra_toml: "# reload marker 0".to_string(),
         ..fixture::Options::default()
@@ -227,6 +229,30 @@ async fn main() {
                         Bytes::new(),
                         false,
                     ),
+                    9 if i % 20 == 19 => {
+                        // In-app signatures: allowed ones of each kind, and one the policy
+                        // refuses (a price over the bound). `i / 80`: every fourth i ≡ 19
+                        // (mod 20) is one of the hang-up cases above, so `i / 20` would never
+                        // pick the third kind.
+                        let (kind, body) = match (i / 80) % 4 {
+                            0 => ("sign-promotional-offer", r#"{"product_id":"com.example.pro","offer_id":"winback-1"}"#),
+                            1 => ("sign-advanced-commerce", r#"{"request":{"operation":"CREATE_ONE_TIME_CHARGE","currency":"USD","item":{"SKU":"com.example.book","price":4990}}}"#),
+                            2 => ("sign-v1", r#"{"product_id":"com.example.pro","offer_id":"winback-1"}"#),
+                            _ => ("sign-denied", r#"{"request":{"operation":"CREATE_ONE_TIME_CHARGE","item":{"SKU":"com.example.book","price":100000}}}"#),
+                        };
+                        let endpoint = match kind {
+                            "sign-promotional-offer" => "promotional-offer",
+                            "sign-v1" => "promotional-offer-v1",
+                            _ => "advanced-commerce",
+                        };
+                        (
+                            kind,
+                            "POST",
+                            format!("/proxy/v1/signatures/{endpoint}?soak_id={id}"),
+                            Bytes::from(body.as_bytes()),
+                            true,
+                        )
+                    }
                     _ => (
                         "no-route",
                         "GET",
@@ -381,10 +407,12 @@ proxy-side failures by reason:"
         .filter(|v| v.get("event").is_none())
         .collect();
     let mut recorded: BTreeMap<u64, u64> = BTreeMap::new();
-    let (mut forwarded, mut refused, mut disconnected) = (0u64, 0u64, 0u64);
+    let (mut forwarded, mut signed, mut refused, mut disconnected) = (0u64, 0u64, 0u64, 0u64);
     for r in &records {
         if r["decision"] == "forwarded" {
             forwarded += 1;
+        } else if r["decision"] == "signed" {
+            signed += 1;
         } else {
             refused += 1;
         }
@@ -402,6 +430,23 @@ proxy-side failures by reason:"
         .filter_map(|r| soak_id(&r.path_and_query))
         .collect();
     let unaudited = seen.iter().filter(|id| !recorded.contains_key(id)).count();
+    // In-app signatures: each signed record has a nonce of its own, and none reached Apple.
+    let nonces: Vec<&str> = records
+        .iter()
+        .filter(|r| r["decision"] == "signed")
+        .filter_map(|r| r["signing"]["nonce"].as_str())
+        .collect();
+    let distinct: std::collections::BTreeSet<&str> = nonces.iter().copied().collect();
+    let nonce_reused = nonces.len() - distinct.len();
+    let signing_reached_apple = standin
+        .received()
+        .iter()
+        .filter(|r| r.path_and_query.starts_with("/proxy/"))
+        .count();
+    println!(
+        "signatures: {} signed, {nonce_reused} nonce(s) reused, {signing_reached_apple} signature request(s) seen by Apple",
+        nonces.len()
+    );
     let twice = recorded.values().filter(|n| **n > 1).count();
     let forwarded_unseen = records
         .iter()
@@ -410,7 +455,7 @@ proxy-side failures by reason:"
         .filter(|id| !seen.contains(id))
         .count();
     println!(
-        "records: {} ({forwarded} forwarded, {refused} refused before Apple, {disconnected} client_disconnected); \
+        "records: {} ({forwarded} forwarded, {signed} signed, {refused} refused before Apple, {disconnected} client_disconnected); \
          distinct requests Apple saw: {}; Apple-seen requests without a record: {unaudited}; \
          requests with more than one record: {twice}; forwarded records Apple never saw \
          (the client hung up before the upstream request went out): {forwarded_unseen}",
@@ -425,7 +470,15 @@ proxy-side failures by reason:"
     println!("unexpected failures (transport errors, timeouts, 5xx): {bad}");
     standin.shutdown().await;
     let grew = rss_end.saturating_sub(rss_mid) > RSS_ALLOWANCE_KIB;
-    if bad > 0 || !verify.status.success() || grew || !exit.success() || unaudited > 0 || twice > 0
+    if bad > 0
+        || !verify.status.success()
+        || grew
+        || !exit.success()
+        || unaudited > 0
+        || twice > 0
+        || nonce_reused > 0
+        || signing_reached_apple > 0
+        || nonces.is_empty()
     {
         println!("SOAK FAILED");
         std::process::exit(1);
