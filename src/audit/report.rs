@@ -18,17 +18,14 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::verify::{read_line, MAX_LINE_BYTES};
 use super::writer::last_line;
-
-/// The longest line read (without its newline).
-const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
-/// `prev_sha256` of a chain's first line.
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+use super::GENESIS;
 
 /// The period a report covers: RFC 3339 UTC with milliseconds, as records carry `time`
 /// (so that strings compare as times). `since` is inclusive, `until` exclusive.
@@ -172,7 +169,7 @@ fn ends(path: &Path) -> Result<Ends, ReportError> {
     };
     let mut reader = BufReader::new(File::open(path).map_err(read)?);
     let mut first = Vec::new();
-    reader.read_until(b'\n', &mut first).map_err(read)?;
+    read_line(&mut reader, &mut first).map_err(read)?;
     let parse = |bytes: &[u8]| {
         let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
         serde_json::from_slice::<Line<'_>>(bytes)
@@ -371,10 +368,7 @@ pub fn report(paths: &[PathBuf], period: &Period) -> Result<Report, ReportError>
                 BufReader::with_capacity(64 * 1024, File::open(&file.path).map_err(read)?);
             let mut number = 0u64;
             loop {
-                buf.clear();
-                let n = io::Read::take(&mut reader, MAX_LINE_BYTES as u64 + 1)
-                    .read_until(b'\n', &mut buf)
-                    .map_err(read)?;
+                let n = read_line(&mut reader, &mut buf).map_err(read)?;
                 if n == 0 {
                     break;
                 }

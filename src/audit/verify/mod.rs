@@ -49,10 +49,22 @@ mod forensics;
 
 /// The longest line accepted (without its newline): far above any real record, low enough
 /// that a hostile file cannot exhaust memory.
-const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
 
 /// `prev_sha256` of the first line of a new chain.
-const ZERO_SHA256: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const ZERO_SHA256: &str = super::GENESIS;
+
+/// Reads one line into `buf` (cleared first): at most [`MAX_LINE_BYTES`] of content plus the
+/// newline, which stays in `buf`. Returns the bytes read, 0 at the end of the input; a line
+/// that ends without a newline was cut by the bound or by the end of the input. Shared by
+/// every reader of audit lines (`verify`, `--head`, `audit report`).
+pub(crate) fn read_line(input: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    buf.clear();
+    let limit = u64::try_from(MAX_LINE_BYTES)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    input.take(limit).read_until(b'\n', buf)
+}
 
 /// The only record version this verifier knows.
 const VERSION: u64 = 1;
@@ -172,10 +184,7 @@ pub fn line_sha256(paths: &[PathBuf], seq: u64) -> Result<Option<String>, Failur
         let mut buf = Vec::new();
         let mut number = 0;
         loop {
-            buf.clear();
-            let n = std::io::Read::take(&mut reader, MAX_LINE_BYTES as u64 + 1)
-                .read_until(b'\n', &mut buf)
-                .map_err(|e| fail(number, e))?;
+            let n = read_line(&mut reader, &mut buf).map_err(|e| fail(number, e))?;
             if n == 0 {
                 break;
             }
@@ -292,11 +301,7 @@ impl<R: BufRead> Lines<R> {
         self.no = self.no.saturating_add(1);
         let no = self.no;
         let mut bytes = Vec::new();
-        // At most MAX_LINE_BYTES of content plus the newline.
-        let limit = u64::try_from(MAX_LINE_BYTES)
-            .unwrap_or(u64::MAX)
-            .saturating_add(1);
-        match (&mut self.input).take(limit).read_until(b'\n', &mut bytes) {
+        match read_line(&mut self.input, &mut bytes) {
             Ok(0) => {
                 self.done = true;
                 None
