@@ -11,7 +11,7 @@
 //! 5. the key and the bundle id (400 if ambiguous, 403 if not the client's);
 //! 6. only then a nonce and a signature — a refusal never costs one.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -86,7 +86,7 @@ impl Proxy {
         })?;
         let nonce = signing::nonce(&ring::rand::SystemRandom::new())
             .map_err(|_| Refusal::internal("sign", "the system random number generator failed"))?;
-        let apple_now_ms = self.apple_now_ms();
+        let apple_now_ms = self.minter.iat_millis(SystemTime::now());
         let signed = signing::sign(
             &ask,
             &signing::SigningKey {
@@ -131,17 +131,6 @@ impl Proxy {
         // A signature is good for one purchase: no cache may keep it.
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         Ok(response)
-    }
-
-    /// Apple's clock in milliseconds, back-dated by the `iat` leeway.
-    fn apple_now_ms(&self) -> i64 {
-        let local_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let clock = self.minter.clock();
-        local_ms
-            .saturating_add(clock.offset_secs().saturating_mul(1000))
-            .saturating_sub(self.minter.iat_leeway_secs().saturating_mul(1000))
     }
 
     /// A signature endpoint's body: refused before reading when it declares more than

@@ -284,9 +284,16 @@ impl Minter {
             .map(|k| (&*k.signer, k.header_b64.as_str()))
     }
 
-    /// How far `iat` (and the V1 timestamp) is back-dated from Apple's now, in seconds.
-    pub(crate) fn iat_leeway_secs(&self) -> i64 {
-        self.iat_leeway
+    /// The `iat` every token made at `now` carries — Apple's clock back-dated by the leeway —
+    /// in milliseconds, for the in-app signatures (the JWS `iat` is its seconds, the legacy
+    /// signature's `timestamp` the milliseconds themselves).
+    pub(crate) fn iat_millis(&self, now: SystemTime) -> i64 {
+        let local_ms = match now.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+            Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+        };
+        let back = self.clock.offset_secs().saturating_sub(self.iat_leeway);
+        local_ms.saturating_add(back.saturating_mul(1000))
     }
 
     /// The public key of `name` (uncompressed SEC1), for `check` and tests.
@@ -652,6 +659,10 @@ mod tests {
             )
             .unwrap();
         assert_eq!(t.claims.iat, NOW as i64 - 300 - 60);
+        // The in-app signatures' time is the same instant, in milliseconds.
+        let ms = m.iat_millis(now() + Duration::from_millis(250));
+        assert_eq!(ms, (NOW as i64 - 300 - 60) * 1000 + 250);
+        assert_eq!(ms.div_euclid(1000), t.claims.iat);
     }
 
     #[test]
