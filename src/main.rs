@@ -478,10 +478,10 @@ fn explain(token: Option<String>, config: Option<&std::path::Path>) -> anyhow::R
     let mut problems = report.problems.clone();
     println!("header: {}", report.header);
     println!("claims: {}", report.claims);
+    let config = config.map(Config::load).transpose()?;
     // A JWT signed with a client key (DESIGN §17b) is the client's credential, not an Apple
     // token: only §17b's rules apply to it.
-    if let Some(path) = config {
-        let config = Config::load(path)?;
+    if let Some(config) = &config {
         let bare = token.trim().trim_start_matches("Bearer ").trim();
         let kid = client::key::kid_of(bare).unwrap_or_default();
         if let Some(c) = config
@@ -522,9 +522,8 @@ fn explain(token: Option<String>, config: Option<&std::path::Path>) -> anyhow::R
     for note in &report.notes {
         println!("note:   {note}");
     }
-    if let Some(path) = config {
-        let config = Config::load(path)?;
-        let (minter, _) = token::Minter::new(&config, Arc::new(token::AppleClock::default()))?;
+    if let Some(config) = &config {
+        let (minter, _) = token::Minter::new(config, Arc::new(token::AppleClock::default()))?;
         let kid = report
             .header
             .get("kid")
