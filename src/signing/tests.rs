@@ -5,10 +5,7 @@
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use ring::rand::SystemRandom;
-use ring::signature::{
-    EcdsaKeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_FIXED,
-    ECDSA_P256_SHA256_FIXED_SIGNING,
-};
+use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_FIXED};
 use serde_json::{json, Value};
 
 use super::input::{parse, InputError};
@@ -26,11 +23,7 @@ const BUNDLE: &str = "com.example.testbundleid";
 const KID: &str = "2X9R4HXF34";
 
 fn key() -> MemoryKey {
-    let rng = SystemRandom::new();
-    let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    let pair =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).unwrap();
-    MemoryKey::new(pair, rng)
+    MemoryKey::generated()
 }
 
 fn signed(kind: Kind, body: Value, signer: &MemoryKey) -> (Signed, Ask) {

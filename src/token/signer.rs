@@ -66,6 +66,20 @@ impl MemoryKey {
     }
 }
 
+#[cfg(test)]
+impl MemoryKey {
+    /// A fresh throw-away key, for the unit tests of everything that signs.
+    pub(crate) fn generated() -> MemoryKey {
+        use ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let rng = SystemRandom::new();
+        let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .expect("ring generates a P-256 key");
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng)
+            .expect("ring reads the key it made");
+        MemoryKey::new(pair, rng)
+    }
+}
+
 impl fmt::Debug for MemoryKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryKey")
@@ -157,17 +171,10 @@ pub fn raw_from_der(der: &[u8]) -> Option<[u8; 64]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::signature::{
-        UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_FIXED,
-        ECDSA_P256_SHA256_FIXED_SIGNING,
-    };
+    use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_FIXED};
 
     fn key() -> MemoryKey {
-        let rng = SystemRandom::new();
-        let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let pair =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).unwrap();
-        MemoryKey::new(pair, rng)
+        MemoryKey::generated()
     }
 
     #[test]
