@@ -69,6 +69,14 @@ async fn post(b: &Binary, secret: &str, kind: &str, body: &str) -> Reply {
     .await
 }
 
+/// `/metrics` counted `n` signature requests of `kind` by `client` with `outcome`.
+fn assert_signatures(metrics: &str, kind: &str, client: &str, outcome: &str, n: u64) {
+    let line = format!(
+        r#"aap_signatures_total{{kind="{kind}",client="{client}",outcome="{outcome}"}} {n}"#
+    );
+    assert!(metrics.contains(&line), "{line} in\n{metrics}");
+}
+
 fn iap(b: &Binary) -> SignerOf<'_> {
     SignerOf {
         public_key: &b.world.keys.iap.public,
@@ -241,9 +249,7 @@ async fn every_signature_endpoint_answers_in_apples_format_as_storekit_checks_it
         "advanced-commerce",
         "promotional-offer-v1",
     ] {
-        let line =
-            format!(r#"aap_signatures_total{{kind="{kind}",client="shop",outcome="signed"}} 1"#);
-        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+        assert_signatures(&metrics, kind, "shop", "signed", 1);
     }
     assert!(metrics.contains(r#"aap_requests_total{api="in-app-signing",client="shop",status_class="2xx",status="200",decision="signed"} 4"#), "{metrics}");
 }
@@ -300,18 +306,8 @@ async fn every_policy_rule_refuses_naming_rule_and_value_and_nothing_is_signed()
     }
     assert_eq!(records[1]["signing"]["product_id"], "com.example.basic");
     let metrics = b.metrics().await;
-    assert!(
-        metrics.contains(
-            r#"aap_signatures_total{kind="advanced-commerce",client="shop",outcome="denied"} 4"#
-        ),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(
-            r#"aap_signatures_total{kind="promotional-offer",client="plain",outcome="denied"} 1"#
-        ),
-        "{metrics}"
-    );
+    assert_signatures(&metrics, "advanced-commerce", "shop", "denied", 4);
+    assert_signatures(&metrics, "promotional-offer", "plain", "denied", 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,18 +430,9 @@ async fn bad_input_gets_400_naming_the_field_big_bodies_413_other_methods_405() 
         assert_eq!(record["api"], "in-app-signing");
     }
     let metrics = b.metrics().await;
-    assert!(
-        metrics.contains(
-            r#"aap_signatures_total{kind="promotional-offer",client="shop",outcome="invalid"} 5"#
-        ),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(
-            r#"aap_signatures_total{kind="promotional-offer",client="shop",outcome="refused"} 2"#
-        ),
-        "the two 413s: {metrics}"
-    );
+    assert_signatures(&metrics, "promotional-offer", "shop", "invalid", 5);
+    // The two 413s.
+    assert_signatures(&metrics, "promotional-offer", "shop", "refused", 2);
     assert!(b.world.standin.received().is_empty());
 }
 
