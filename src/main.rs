@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 
 use apple_api_proxy::config::Config;
 use apple_api_proxy::proxy::Proxy;
-use apple_api_proxy::{apple, client, route, server, token};
+use apple_api_proxy::{apple, client, config, route, server, token};
 
 mod demo;
 
@@ -67,6 +67,35 @@ enum AuditCommand {
 }
 
 #[derive(Subcommand)]
+enum KeyCommand {
+    /// Store a downloaded .p8 in a PKCS#11 token (an HSM, SoftHSM2, a cloud KMS's PKCS#11
+    /// library) as a sensitive, non-extractable, sign-only key, and print its config line.
+    Import {
+        /// The .p8 (PKCS#8 or SEC1 PEM, as for private_key_file).
+        file: PathBuf,
+        /// The PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so.
+        #[arg(long)]
+        module: PathBuf,
+        /// The label of the (initialised) token to store the key in.
+        #[arg(long)]
+        token_label: String,
+        /// The label to give the key objects (must be free on the token), e.g. AuthKey_2X9R4HXF34.
+        #[arg(long)]
+        key_label: String,
+        /// The environment variable holding the token's user PIN.
+        #[arg(
+            long,
+            conflicts_with = "pin_file",
+            required_unless_present = "pin_file"
+        )]
+        pin_env: Option<String>,
+        /// A file holding the token's user PIN.
+        #[arg(long)]
+        pin_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the default).
     Serve,
@@ -106,6 +135,11 @@ enum Command {
         /// overwritten.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Keys in an HSM (DESIGN §16).
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
     },
     /// Start a local Apple stand-in with the proxy in front of it and print curl commands.
     Demo {
@@ -195,8 +229,71 @@ fn run(command: Command, given: Option<&std::path::Path>) -> anyhow::Result<()> 
                     format,
                 },
         } => audit_report(&files, since.as_deref(), until.as_deref(), &format),
+        Command::Key {
+            command:
+                KeyCommand::Import {
+                    file,
+                    module,
+                    token_label,
+                    key_label,
+                    pin_env,
+                    pin_file,
+                },
+        } => key_import(
+            &file,
+            config::Pkcs11Source {
+                module,
+                token_label,
+                key_label,
+                pin: match (pin_env, pin_file) {
+                    (Some(var), _) => config::PinSource::Env(var),
+                    (None, Some(file)) => config::PinSource::File(file),
+                    (None, None) => bail!("give --pin-env VAR or --pin-file FILE"),
+                },
+                sessions: 1,
+            },
+        ),
         Command::Demo { listen } => run_demo(listen),
     }
+}
+
+fn key_import(file: &std::path::Path, target: config::Pkcs11Source) -> anyhow::Result<()> {
+    let module = std::path::absolute(&target.module).unwrap_or_else(|_| target.module.clone());
+    let target = config::Pkcs11Source { module, ..target };
+    let (secret, warnings) = token::key::load_secret(&config::KeySource::File(file.to_path_buf()))?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let imported = token::pkcs11::import(&secret, &target)?;
+    drop(secret);
+    let toml = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let pin = match &target.pin {
+        config::PinSource::Env(var) => format!("pin_env = {}", toml(var)),
+        config::PinSource::File(path) => {
+            format!("pin_file = {}", toml(&path.display().to_string()))
+        }
+    };
+    println!(
+        "# Imported {} into token `{}` as `{}`: private key sensitive={}, extractable={}, sign-only; public key object beside it; a test signature verified.",
+        file.display(),
+        target.token_label,
+        target.key_label,
+        imported.sensitive,
+        imported.extractable
+    );
+    println!(
+        "# Public key SHA-256: {}",
+        apple_api_proxy::hex(&apple_api_proxy::sha256(&imported.public_key))
+    );
+    println!("# In proxy.toml, replace this key's private_key_file / private_key_env with:");
+    println!(
+        "pkcs11 = {{ module = {}, token_label = {}, key_label = {}, {pin} }}",
+        toml(&target.module.display().to_string()),
+        toml(&target.token_label),
+        toml(&target.key_label)
+    );
+    println!("# Then run `apple-api-proxy check`, and delete {} and every copy of it: the token holds the only one the proxy needs.", file.display());
+    Ok(())
 }
 
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
@@ -251,18 +348,25 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     println!("config {}: OK", config.source);
     println!("\nKEYS");
     println!(
-        "  {:<14} {:<16} {:<11} {:<9} {:<10} APIS",
-        "NAME", "KIND", "KEY ID", "LIFETIME", "TEST-SIGN"
+        "  {:<14} {:<16} {:<11} {:<9} {:<10} {:<27} APIS",
+        "NAME", "KIND", "KEY ID", "LIFETIME", "TEST-SIGN", "BACKEND"
     );
     for k in &config.keys {
         let selftest = minter.self_test(&k.name);
+        let custody = match minter.custody(&k.name) {
+            Some((backend, Some(false))) => format!("{} non-extractable", backend.as_str()),
+            Some((backend, Some(true))) => format!("{} exportable", backend.as_str()),
+            Some((backend, None)) => format!("{} (extractable?)", backend.as_str()),
+            None => "-".into(),
+        };
         println!(
-            "  {:<14} {:<16} {:<11} {:<9} {:<10} {}",
+            "  {:<14} {:<16} {:<11} {:<9} {:<10} {:<27} {}",
             k.name,
             k.kind.id(),
             k.key_id,
             humantime::format_duration(k.token_lifetime).to_string(),
             if selftest.is_ok() { "ok" } else { "FAILED" },
+            custody,
             k.apis.iter().map(|a| a.id()).collect::<Vec<_>>().join(", ")
         );
         selftest.map_err(|e| anyhow!("{}: key `{}`: {e}", config.source, k.name))?;

@@ -88,6 +88,12 @@ struct KeyLabels {
     key: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SignerLabels {
+    key: String,
+    backend: &'static str,
+}
+
 /// One finished request, as metrics see it.
 #[derive(Clone, Copy, Debug)]
 pub struct Summary<'a> {
@@ -135,6 +141,8 @@ pub struct Metrics {
     retries: Family<RetryLabels, Counter>,
     signatures: Family<SignatureLabels, Counter>,
     rate_limit_remaining: Family<KeyLabels, Gauge>,
+    signer_up: Family<SignerLabels, Gauge>,
+    signer_failures: Family<KeyLabels, Counter>,
     tokens_minted: Counter,
     token_cache_hits: Counter,
     clock_offset: Gauge,
@@ -215,6 +223,18 @@ impl Metrics {
             "Apple's X-Rate-Limit user-hour-rem, per key",
             rate_limit_remaining.clone(),
         );
+        let signer_up = Family::<SignerLabels, Gauge>::default();
+        registry.register(
+            "signer_up",
+            "1 while the key's signer can sign (an HSM key is 0 while its HSM fails), by key and backend",
+            signer_up.clone(),
+        );
+        let signer_failures = Family::<KeyLabels, Counter>::default();
+        registry.register(
+            "signer_failures",
+            "Requests refused with 503 PROXY_SIGNER_UNAVAILABLE because the key's signer failed",
+            signer_failures.clone(),
+        );
         let tokens_minted = Counter::default();
         registry.register(
             "tokens_minted",
@@ -285,6 +305,8 @@ impl Metrics {
             retries,
             signatures,
             rate_limit_remaining,
+            signer_up,
+            signer_failures,
             tokens_minted,
             token_cache_hits,
             clock_offset,
@@ -378,8 +400,27 @@ impl Metrics {
             .set(i64::try_from(remaining).unwrap_or(i64::MAX));
     }
 
-    /// The exposition text, with `snapshot` copied in first.
-    pub fn encode(&self, snapshot: Snapshot) -> String {
+    /// A request for `key` was refused because its signer failed.
+    pub fn signer_failure(&self, key: &str) {
+        self.signer_failures
+            .get_or_create(&KeyLabels {
+                key: key.to_string(),
+            })
+            .inc();
+    }
+
+    /// The exposition text, with `snapshot` copied in first, and `signers` (each key's
+    /// name, backend and whether it can sign now) replacing the previous signer gauges.
+    pub fn encode(&self, snapshot: Snapshot, signers: &[(&str, &'static str, bool)]) -> String {
+        self.signer_up.clear();
+        for (key, backend, up) in signers {
+            self.signer_up
+                .get_or_create(&SignerLabels {
+                    key: (*key).to_string(),
+                    backend,
+                })
+                .set(i64::from(*up));
+        }
         sync(&self.tokens_minted, snapshot.tokens_minted);
         sync(&self.token_cache_hits, snapshot.token_cache_hits);
         sync(&self.audit_written, snapshot.audit_written);
@@ -453,11 +494,15 @@ mod tests {
         m.observe(&signature("denied", Some("signing_denied")));
         m.observe(&signature("denied", Some("invalid_body")));
         m.rate_limit_remaining("connect", 3121);
-        let text = m.encode(Snapshot {
-            tokens_minted: 3,
-            audit_healthy: true,
-            ..Snapshot::default()
-        });
+        m.signer_failure("hsm");
+        let text = m.encode(
+            Snapshot {
+                tokens_minted: 3,
+                audit_healthy: true,
+                ..Snapshot::default()
+            },
+            &[("connect", "memory", true), ("hsm", "pkcs11", false)],
+        );
         for want in [
             r#"aap_requests_total{api="app-store-connect",client="ci",status_class="4xx",status="401",decision="forwarded"} 1"#,
             r#"aap_apple_auth_failures_total{api="app-store-connect",status="401",cause="CLOCK_SKEW"} 1"#,
@@ -468,17 +513,24 @@ mod tests {
             r#"aap_signatures_total{kind="promotional-offer",client="shop",outcome="invalid"} 1"#,
             "aap_tokens_minted_total 3",
             "aap_audit_healthy 1",
+            r#"aap_signer_up{key="connect",backend="memory"} 1"#,
+            r#"aap_signer_up{key="hsm",backend="pkcs11"} 0"#,
+            r#"aap_signer_failures_total{key="hsm"} 1"#,
             "aap_request_duration_seconds_bucket",
         ] {
             assert!(text.contains(want), "{want}\n{text}");
         }
         // Monotonic copies never go backwards.
-        assert!(m
-            .encode(Snapshot {
+        let again = m.encode(
+            Snapshot {
                 tokens_minted: 1,
                 ..Snapshot::default()
-            })
-            .contains("aap_tokens_minted_total 3"));
+            },
+            &[("connect", "memory", true)],
+        );
+        assert!(again.contains("aap_tokens_minted_total 3"));
+        // A key gone after a reload leaves no gauge behind.
+        assert!(!again.contains(r#"aap_signer_up{key="hsm""#), "{again}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod client_keys;
 mod deploy;
 mod doctor;
 mod hardening;
+mod hsm;
 mod ops;
 mod review;
 mod second_round;

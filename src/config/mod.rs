@@ -50,6 +50,50 @@ pub enum KeySource {
     Env(String),
     /// Key material handed over in memory (unit tests); never from TOML.
     Inline(String),
+    /// A non-exportable key in a PKCS#11 token (DESIGN §16).
+    Pkcs11(Pkcs11Source),
+}
+
+/// `pkcs11 = { module, token_label, key_label, pin_env | pin_file }` on a key (DESIGN §16):
+/// where the HSM's library is, which token, which key object, and where its user PIN is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pkcs11Source {
+    /// The PKCS#11 library (e.g. `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: PathBuf,
+    pub token_label: String,
+    /// `CKA_LABEL` of the private key (and of its public key object).
+    pub key_label: String,
+    pub pin: PinSource,
+    /// Sessions the proxy keeps open to sign with this key (the most signatures in flight).
+    pub sessions: usize,
+}
+
+/// Where a token's user PIN is read from; the PIN itself is never in the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinSource {
+    Env(String),
+    File(PathBuf),
+}
+
+impl fmt::Display for Pkcs11Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "PKCS#11 module {}, token `{}`, key `{}`",
+            self.module.display(),
+            self.token_label,
+            self.key_label
+        )
+    }
+}
+
+impl fmt::Display for PinSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PinSource::Env(v) => write!(f, "environment variable {v}"),
+            PinSource::File(p) => write!(f, "file {}", p.display()),
+        }
+    }
 }
 
 impl fmt::Debug for KeySource {
@@ -58,6 +102,7 @@ impl fmt::Debug for KeySource {
             KeySource::File(p) => write!(f, "File({})", p.display()),
             KeySource::Env(v) => write!(f, "Env({v})"),
             KeySource::Inline(_) => f.write_str("Inline(<redacted>)"),
+            KeySource::Pkcs11(p) => write!(f, "Pkcs11({p:?})"),
         }
     }
 }
@@ -68,6 +113,7 @@ impl fmt::Display for KeySource {
             KeySource::File(p) => write!(f, "file {}", p.display()),
             KeySource::Env(v) => write!(f, "environment variable {v}"),
             KeySource::Inline(_) => f.write_str("in-memory key"),
+            KeySource::Pkcs11(p) => p.fmt(f),
         }
     }
 }

@@ -113,8 +113,21 @@ pub(super) struct RawKey {
     pub bundle_id: Option<String>,
     pub private_key_file: Option<String>,
     pub private_key_env: Option<String>,
+    pub pkcs11: Option<RawPkcs11>,
     pub apis: Vec<String>,
     pub token_lifetime: Option<String>,
+}
+
+/// `pkcs11 = { … }` on a key (DESIGN §16).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPkcs11 {
+    pub module: Option<String>,
+    pub token_label: Option<String>,
+    pub key_label: Option<String>,
+    pub pin_env: Option<String>,
+    pub pin_file: Option<String>,
+    pub sessions: Option<usize>,
 }
 
 #[derive(Deserialize)]

@@ -422,6 +422,68 @@ impl Validator<'_> {
         Ok(apis)
     }
 
+    /// `keys[i].pkcs11`: every part present and non-empty, exactly one PIN source.
+    fn pkcs11(&self, prefix: &str, p: RawPkcs11) -> Result<Pkcs11Source, ConfigError> {
+        let required = |name: &str, value: Option<String>, fix: &str| match value {
+            Some(v) if !v.trim().is_empty() => Ok(v),
+            Some(_) => Err(self.invalid(format!("{prefix}.{name}"), "is empty", fix)),
+            None => Err(self.invalid(format!("{prefix}.{name}"), "is missing", fix)),
+        };
+        let module = required(
+            "module",
+            p.module,
+            "set the path of the HSM's PKCS#11 library, e.g. module = \"/usr/lib/softhsm/libsofthsm2.so\"",
+        )?;
+        let token_label = required(
+            "token_label",
+            p.token_label,
+            "set the label of the token holding the key (`softhsm2-util --show-slots` or `pkcs11-tool --list-slots` shows it)",
+        )?;
+        let key_label = required(
+            "key_label",
+            p.key_label,
+            "set the CKA_LABEL the key was imported with (`apple-api-proxy key import` prints it)",
+        )?;
+        let pin = match (p.pin_env, p.pin_file) {
+            (Some(v), None) if !v.trim().is_empty() => PinSource::Env(v),
+            (None, Some(f)) if !f.trim().is_empty() => {
+                PinSource::File(self.path(&format!("{prefix}.pin_file"), &f)?)
+            }
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    format!("{prefix}.pin_env"),
+                    "both pin_env and pin_file are set",
+                    "keep exactly one",
+                ))
+            }
+            _ => {
+                return Err(self.invalid(
+                    format!("{prefix}.pin_env"),
+                    "the token's user PIN has no source",
+                    "set pin_env = \"VAR_NAME\" or pin_file = \"/run/credentials/…/hsm-pin\" (the PIN itself never goes in the config)",
+                ))
+            }
+        };
+        let sessions = match p.sessions {
+            None => 4,
+            Some(n @ 1..=64) => n,
+            Some(n) => {
+                return Err(self.invalid(
+                    format!("{prefix}.sessions"),
+                    format!("{n} is not in 1..=64"),
+                    "keep a few sessions per key (default 4): the token cache makes signatures rare, and HSMs limit sessions",
+                ))
+            }
+        };
+        Ok(Pkcs11Source {
+            module: self.path(&format!("{prefix}.module"), &module)?,
+            token_label,
+            key_label,
+            pin,
+            sessions,
+        })
+    }
+
     fn key(&self, i: usize, k: RawKey, tokens: &Tokens) -> Result<KeyConfig, ConfigError> {
         let field = |name: &str| format!("keys[{i}].{name}");
         if k.name.is_empty() {
@@ -466,20 +528,31 @@ impl Validator<'_> {
             }
             _ => {}
         }
-        let source = match (&k.private_key_file, &k.private_key_env) {
-            (Some(p), None) => KeySource::File(self.path(&field("private_key_file"), p)?),
-            (None, Some(v)) if !v.is_empty() => KeySource::Env(v.clone()),
-            (Some(_), Some(_)) => {
+        let source = match (&k.private_key_file, &k.private_key_env, k.pkcs11) {
+            (Some(p), None, None) => KeySource::File(self.path(&field("private_key_file"), p)?),
+            (None, Some(v), None) if !v.is_empty() => KeySource::Env(v.clone()),
+            (None, None, Some(p)) => KeySource::Pkcs11(self.pkcs11(&field("pkcs11"), p)?),
+            (Some(_), Some(_), _) => {
                 return Err(self.invalid(
                     field("private_key_file"),
                     "both private_key_file and private_key_env are set",
                     "keep exactly one",
                 ))
             }
+            (Some(_), None, Some(_)) | (None, Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    field("pkcs11"),
+                    format!(
+                        "is set together with {}",
+                        if k.private_key_file.is_some() { "private_key_file" } else { "private_key_env" }
+                    ),
+                    "a key lives in one place: keep pkcs11 (the HSM) and remove the .p8 source, or the other way round",
+                ))
+            }
             _ => return Err(self.invalid(
                 field("private_key_file"),
                 "the key has no private key source",
-                "set private_key_file = \"keys/AuthKey_<ID>.p8\" or private_key_env = \"VAR_NAME\"",
+                "set private_key_file = \"keys/AuthKey_<ID>.p8\", private_key_env = \"VAR_NAME\" or pkcs11 = { module = …, token_label = …, key_label = …, pin_env = … }",
             )),
         };
         if k.apis.is_empty() {

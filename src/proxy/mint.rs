@@ -62,10 +62,13 @@ impl Proxy {
             token::MintError::Sign {
                 key,
                 source: source @ token::SignError::Unavailable(_),
-            } => Refusal::SignerUnavailable {
-                key,
-                source: Box::new(source),
-            },
+            } => {
+                self.shared.metrics.signer_failure(&key);
+                Refusal::SignerUnavailable {
+                    key,
+                    source: Box::new(source),
+                }
+            }
             e => Refusal::internal("mint", e),
         })?;
         tracing::debug!(key = %token.key_name, api = %request.api, "minted");

@@ -101,6 +101,7 @@ impl Proxy {
         )
         .map_err(|e| match e {
             signing::SigningError::Sign(source @ SignError::Unavailable(_)) => {
+                self.shared.metrics.signer_failure(&key.name);
                 Refusal::SignerUnavailable {
                     key: key.name.clone(),
                     source: Box::new(source),

@@ -197,16 +197,28 @@ impl Proxy {
         self.shared.audit.get()
     }
 
-    /// Ready to serve: keys loaded (construction), audit started and writable, listener up.
-    pub fn ready(&self) -> Result<(), &'static str> {
+    /// Ready to serve: keys loaded (construction), audit started and writable, listener up,
+    /// every key's signer answering (an HSM key whose HSM fails names itself here).
+    pub fn ready(&self) -> Result<(), String> {
         match self.shared.audit.get() {
-            None => Err("the audit log is not open yet"),
-            Some(a) if !a.health().healthy() => Err("the audit log cannot be written"),
-            Some(_) if !self.shared.serving.load(Ordering::Relaxed) => {
-                Err("the proxy listener is not accepting")
+            None => return Err("the audit log is not open yet".into()),
+            Some(a) if !a.health().healthy() => {
+                return Err("the audit log cannot be written".into())
             }
-            Some(_) => Ok(()),
+            Some(_) if !self.shared.serving.load(Ordering::Relaxed) => {
+                return Err("the proxy listener is not accepting".into())
+            }
+            Some(_) => {}
         }
+        let failing = self.minter.unavailable();
+        if failing.is_empty() {
+            return Ok(());
+        }
+        Err(failing
+            .iter()
+            .map(|(key, why)| format!("key `{key}` cannot sign: {why}"))
+            .collect::<Vec<_>>()
+            .join("; "))
     }
 
     /// Counts a configuration reload (applied or rejected).
@@ -229,20 +241,34 @@ impl Proxy {
         let (minted, hits) = self.minter.counts();
         let audit = self.shared.audit.get().map(|a| a.health());
         let load = |c: Option<&AtomicU64>| c.map_or(0, |c| c.load(Ordering::Relaxed));
-        self.shared.metrics.encode(metrics::Snapshot {
-            tokens_minted: minted,
-            token_cache_hits: hits,
-            apple_clock_offset_s: self.minter.clock().offset_secs(),
-            audit_written: load(audit.map(|h| &h.written)),
-            audit_write_failures: load(audit.map(|h| &h.write_failures)),
-            audit_lost: load(audit.map(|h| &h.lost)),
-            audit_refused: load(audit.map(|h| &h.refused)),
-            audit_healthy: audit.is_some_and(audit::Health::healthy),
-            in_flight: i64::try_from(
-                self.shared.max_in_flight - self.shared.in_flight.available_permits(),
-            )
-            .unwrap_or(0),
-        })
+        let failing = self.minter.unavailable();
+        let signers: Vec<(&str, &'static str, bool)> = self
+            .config
+            .keys
+            .iter()
+            .filter_map(|k| {
+                let (backend, _) = self.minter.custody(&k.name)?;
+                let up = !failing.iter().any(|(name, _)| *name == k.name);
+                Some((k.name.as_str(), backend.as_str(), up))
+            })
+            .collect();
+        self.shared.metrics.encode(
+            metrics::Snapshot {
+                tokens_minted: minted,
+                token_cache_hits: hits,
+                apple_clock_offset_s: self.minter.clock().offset_secs(),
+                audit_written: load(audit.map(|h| &h.written)),
+                audit_write_failures: load(audit.map(|h| &h.write_failures)),
+                audit_lost: load(audit.map(|h| &h.lost)),
+                audit_refused: load(audit.map(|h| &h.refused)),
+                audit_healthy: audit.is_some_and(audit::Health::healthy),
+                in_flight: i64::try_from(
+                    self.shared.max_in_flight - self.shared.in_flight.available_permits(),
+                )
+                .unwrap_or(0),
+            },
+            &signers,
+        )
     }
 
     /// Apple accepted `key` just now.

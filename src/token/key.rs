@@ -41,6 +41,12 @@ pub enum KeyError {
     WrongCurve { source_name: String, curve: String },
     #[error("{source_name}: this is a {found} key, not an EC P-256 private key (fix: use the .p8 downloaded from App Store Connect)")]
     WrongKind { source_name: String, found: String },
+    #[error("{source_name}: {problem} (fix: {fix})")]
+    Hsm {
+        source_name: String,
+        problem: String,
+        fix: String,
+    },
     #[error("{source_name}: the key's contents are damaged: {problem} (fix: download a fresh copy or restore it from your secret store)")]
     Malformed {
         source_name: String,
@@ -48,8 +54,8 @@ pub enum KeyError {
     },
 }
 
-/// A key in memory from a PKCS#8 or SEC1 DER document.
-fn from_der(der: &[u8], source_name: &str) -> Result<MemoryKey, KeyError> {
+/// A key from a PKCS#8 or SEC1 DER document.
+fn from_der(der: &[u8], source_name: &str) -> Result<p256::SecretKey, KeyError> {
     match pkcs8::PrivateKeyInfo::try_from(der) {
         Ok(info) => from_pkcs8(info, source_name),
         Err(_) => match sec1::EcPrivateKey::try_from(der) {
@@ -69,8 +75,16 @@ pub struct Loaded {
     pub warnings: Vec<String>,
 }
 
-/// Loads the key `source` points at.
+/// Loads the key `source` (a `.p8` file or variable) points at into memory.
 pub fn load(source: &KeySource) -> Result<Loaded, KeyError> {
+    let (secret, warnings) = load_secret(source)?;
+    let key = memory_key(&secret, &source.to_string())?;
+    Ok(Loaded { key, warnings })
+}
+
+/// The private key `source` points at, parsed and checked (P-256, consistent halves), with
+/// the operator warnings; `key import` hands it to an HSM, [`load`] to `ring`.
+pub fn load_secret(source: &KeySource) -> Result<(p256::SecretKey, Vec<String>), KeyError> {
     let source_name = source.to_string();
     let mut warnings = Vec::new();
     let text = match source {
@@ -94,13 +108,38 @@ pub fn load(source: &KeySource) -> Result<Loaded, KeyError> {
             _ => return Err(KeyError::EnvUnset { source_name }),
         },
         KeySource::Inline(pem) => pem.clone(),
+        KeySource::Pkcs11(_) => {
+            return Err(KeyError::WrongKind {
+                source_name,
+                found: "PKCS#11 token object (not a .p8)".into(),
+            })
+        }
     };
-    let key = parse(&text, &source_name)?;
-    Ok(Loaded { key, warnings })
+    Ok((parse_secret(&text, &source_name)?, warnings))
 }
 
-/// Parses key text in any of the tolerated forms.
+/// Parses key text in any of the tolerated forms into a `ring` signer.
 pub fn parse(text: &str, source_name: &str) -> Result<MemoryKey, KeyError> {
+    memory_key(&parse_secret(text, source_name)?, source_name)
+}
+
+fn memory_key(secret: &p256::SecretKey, source_name: &str) -> Result<MemoryKey, KeyError> {
+    let public = secret.public_key().to_encoded_point(false);
+    let rng = SystemRandom::new();
+    let pair = EcdsaKeyPair::from_private_key_and_public_key(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        &secret.to_bytes(),
+        public.as_bytes(),
+        &rng,
+    )
+    .map_err(|e| KeyError::Malformed {
+        source_name: source_name.to_string(),
+        problem: format!("rejected by the signer ({e})"),
+    })?;
+    Ok(MemoryKey::new(pair, rng))
+}
+
+fn parse_secret(text: &str, source_name: &str) -> Result<p256::SecretKey, KeyError> {
     let text = normalise(text);
     if text.contains("-----BEGIN") {
         return parse_pem(&text, source_name);
@@ -133,7 +172,7 @@ fn normalise(text: &str) -> String {
         .to_string()
 }
 
-fn parse_pem(text: &str, source_name: &str) -> Result<MemoryKey, KeyError> {
+fn parse_pem(text: &str, source_name: &str) -> Result<p256::SecretKey, KeyError> {
     let blocks = pem::parse_many(text).map_err(|_| KeyError::NotPem {
         source_name: source_name.to_string(),
     })?;
@@ -189,7 +228,10 @@ fn parse_pem(text: &str, source_name: &str) -> Result<MemoryKey, KeyError> {
     }
 }
 
-fn from_pkcs8(info: pkcs8::PrivateKeyInfo<'_>, source_name: &str) -> Result<MemoryKey, KeyError> {
+fn from_pkcs8(
+    info: pkcs8::PrivateKeyInfo<'_>,
+    source_name: &str,
+) -> Result<p256::SecretKey, KeyError> {
     let oid = info.algorithm.oid.to_string();
     match oid.as_str() {
         OID_EC_PUBLIC_KEY => {}
@@ -214,7 +256,7 @@ fn from_pkcs8(info: pkcs8::PrivateKeyInfo<'_>, source_name: &str) -> Result<Memo
     from_sec1(ec, source_name)
 }
 
-fn from_sec1(ec: sec1::EcPrivateKey<'_>, source_name: &str) -> Result<MemoryKey, KeyError> {
+fn from_sec1(ec: sec1::EcPrivateKey<'_>, source_name: &str) -> Result<p256::SecretKey, KeyError> {
     if let Some(params) = &ec.parameters {
         let curve = params.named_curve().map(|o| o.to_string());
         check_curve(curve.as_deref(), source_name)?;
@@ -246,15 +288,7 @@ fn from_sec1(ec: sec1::EcPrivateKey<'_>, source_name: &str) -> Result<MemoryKey,
             ));
         }
     }
-    let rng = SystemRandom::new();
-    let pair = EcdsaKeyPair::from_private_key_and_public_key(
-        &ECDSA_P256_SHA256_FIXED_SIGNING,
-        ec.private_key,
-        public.as_bytes(),
-        &rng,
-    )
-    .map_err(|e| malformed(&format!("rejected by the signer ({e})")))?;
-    Ok(MemoryKey::new(pair, rng))
+    Ok(secret)
 }
 
 fn check_curve(curve_oid: Option<&str>, source_name: &str) -> Result<(), KeyError> {

@@ -18,6 +18,7 @@ mod cache;
 mod clock;
 mod file_name;
 pub mod key;
+pub mod pkcs11;
 mod scope;
 pub mod signer;
 
@@ -31,7 +32,7 @@ use base64::Engine as _;
 use serde::Serialize;
 
 use crate::apple::{self, Api, KeyKind, TokenFamily};
-use crate::config::{Config, KeyConfig};
+use crate::config::{Config, KeyConfig, KeySource};
 
 pub use clock::{unix_secs, AppleClock};
 pub(crate) use file_name::{file_name_hints, key_file_name};
@@ -211,26 +212,33 @@ impl Minter {
         let mut keys = HashMap::new();
         let mut warnings = Vec::new();
         for (i, kc) in config.keys.iter().enumerate() {
-            let loaded = key::load(&kc.source).map_err(|error| {
+            let load_error = |error| {
                 Box::new(LoadError {
                     file: config.source.clone(),
                     name: kc.name.clone(),
                     field: format!(
                         "keys[{i}].{}",
                         match kc.source {
-                            crate::config::KeySource::Env(_) => "private_key_env",
+                            KeySource::Env(_) => "private_key_env",
+                            KeySource::Pkcs11(_) => "pkcs11",
                             _ => "private_key_file",
                         }
                     ),
                     error,
                 })
-            })?;
-            warnings.extend(loaded.warnings);
-            warnings.extend(file_name_hints(kc));
-            keys.insert(
-                kc.name.clone(),
-                Minter::prepare(kc.clone(), Box::new(loaded.key)),
-            );
+            };
+            let signer: Box<dyn Signer> = match &kc.source {
+                KeySource::Pkcs11(source) => {
+                    Box::new(pkcs11::Pkcs11Key::open(source).map_err(load_error)?)
+                }
+                _ => {
+                    let loaded = key::load(&kc.source).map_err(load_error)?;
+                    warnings.extend(loaded.warnings);
+                    warnings.extend(file_name_hints(kc));
+                    Box::new(loaded.key)
+                }
+            };
+            keys.insert(kc.name.clone(), Minter::prepare(kc.clone(), signer));
         }
         let minter = Minter {
             keys,
@@ -294,6 +302,26 @@ impl Minter {
         };
         let back = self.clock.offset_secs().saturating_sub(self.iat_leeway);
         local_ms.saturating_add(back.saturating_mul(1000))
+    }
+
+    /// The signers that cannot sign right now, by key name, with why (DESIGN §16: `/readyz`
+    /// names them).
+    pub fn unavailable(&self) -> Vec<(&str, String)> {
+        let mut out: Vec<(&str, String)> = self
+            .keys
+            .iter()
+            .filter_map(|(name, k)| k.signer.available().err().map(|why| (name.as_str(), why)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Where each key lives and whether it can be read out of there, for `check` and
+    /// `/metrics`: `(backend, extractable)`.
+    pub fn custody(&self, name: &str) -> Option<(signer::Backend, Option<bool>)> {
+        self.keys
+            .get(name)
+            .map(|k| (k.signer.backend(), k.signer.extractable()))
     }
 
     /// The public key of `name` (uncompressed SEC1), for `check` and tests.

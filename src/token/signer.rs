@@ -28,12 +28,15 @@ pub enum SignError {
 pub enum Backend {
     /// Parsed from a `.p8` into this process's memory.
     Memory,
+    /// A key object in a PKCS#11 token (DESIGN §16).
+    Pkcs11,
 }
 
 impl Backend {
     pub fn as_str(self) -> &'static str {
         match self {
             Backend::Memory => "memory",
+            Backend::Pkcs11 => "pkcs11",
         }
     }
 }
@@ -47,6 +50,16 @@ pub trait Signer: Send + Sync + fmt::Debug {
     fn public_key(&self) -> &[u8];
 
     fn backend(&self) -> Backend;
+
+    /// Whether the private key can be read out of where it lives: always for a key in
+    /// memory; for an HSM what its token says (`CKA_EXTRACTABLE`, `CKA_SENSITIVE`).
+    fn extractable(&self) -> Option<bool>;
+
+    /// `Err(why)` while the signer cannot sign (an HSM that stopped answering); `/readyz`
+    /// reports it. A signer in memory is always available.
+    fn available(&self) -> Result<(), String> {
+        Ok(())
+    }
 
     /// The same signature DER-encoded (ASN.1 `SEQUENCE { r, s }`).
     fn sign_der(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
@@ -106,6 +119,10 @@ impl Signer for MemoryKey {
 
     fn backend(&self) -> Backend {
         Backend::Memory
+    }
+
+    fn extractable(&self) -> Option<bool> {
+        Some(true)
     }
 }
 

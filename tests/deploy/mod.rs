@@ -1269,6 +1269,18 @@ fn the_build_context_holds_the_sources_and_no_keys() {
         "Cargo.lock".to_string(),
         "src/".to_string(),
     ];
+    // The workspace's other members: the stand-in is a dependency of the binary (`demo`).
+    for member in manifest
+        .get("workspace")
+        .and_then(|w| w.get("members"))
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.as_str())
+        .filter(|m| *m != ".")
+    {
+        needed.push(format!("{}/", member.split('/').next().unwrap()));
+    }
     for kind in ["bin", "bench", "test", "example"] {
         let dir = match kind {
             "bin" => "src/",

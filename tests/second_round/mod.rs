@@ -39,14 +39,15 @@ impl Binary {
                 &format!("admin_listen = \"127.0.0.1:{admin_port}\""),
             );
         std::fs::write(&world.config_path, edit(text)).unwrap();
-        let mut child = match setup.rust_log {
-            Some(level) => spawn_serve_logging(
-                &world.config_path,
-                level,
-                &world.dir.path().join("stderr.log"),
-            ),
-            None => spawn_serve(&world.config_path),
-        };
+        let log = world.dir.path().join("stderr.log");
+        let mut child = serve_command(
+            &world.config_path,
+            setup.rust_log.unwrap_or("warn"),
+            setup.rust_log.map(|_| log.as_path()),
+        )
+        .envs(setup.env.iter().map(|(k, v)| (k, v)))
+        .spawn()
+        .unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
         wait_listening(addr, &mut child).await;

@@ -41,6 +41,8 @@ pub struct Setup {
     /// The real binary's `RUST_LOG`, with its operational log written to `stderr.log` in
     /// the world's directory (default: `warn`, piped).
     pub rust_log: Option<&'static str>,
+    /// Extra environment for the real binary (e.g. `SOFTHSM2_CONF` and an HSM PIN).
+    pub env: Vec<(String, String)>,
 }
 
 /// The stand-in plus a config for the proxy in front of it, written to a temp dir by the
@@ -312,27 +314,28 @@ pub async fn wait_listening(addr: SocketAddr, child: &mut Child) {
 
 /// Starts the real binary with `serve --config`.
 pub fn spawn_serve(config: &Path) -> Child {
-    bin()
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    serve_command(config, "warn", None).spawn().unwrap()
 }
 
 /// Starts the real binary with `serve --config` at log level `level`, its operational log
 /// (stderr) written to `log`.
 pub fn spawn_serve_logging(config: &Path, level: &str, log: &Path) -> Child {
-    bin()
+    serve_command(config, level, Some(log)).spawn().unwrap()
+}
+
+/// `serve --config` at log level `level`; stderr to `log`, or piped.
+pub fn serve_command(config: &Path, level: &str, log: Option<&Path>) -> Command {
+    let mut command = bin();
+    command
         .args(["serve", "--config"])
         .arg(config)
         .env("RUST_LOG", level)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
+        .stderr(match log {
+            Some(log) => Stdio::from(std::fs::File::create(log).unwrap()),
+            None => Stdio::piped(),
+        });
+    command
 }
 
 /// `VmRSS` and `VmHWM` of a process, in KiB.
