@@ -6,11 +6,12 @@
 # figures the harness does not take (benches/load/extras.sh: idle RSS and RSS with 1,000
 # client connections, latency at half of peak load, a 1 GiB streamed response), then the
 # `sign` mode (benches/load/sign.sh: in-app signatures against nginx's floor and ring's raw
-# sign, signatures/s per core, p99 at half of peak).
+# sign, signatures/s per core, p99 at half of peak), then the `hsm` mode (benches/load/hsm.sh:
+# the same key in memory and in SoftHSM2, `unique` and `fixed`).
 #
 #   scripts/loadtest.sh                   # 3 rounds (~5 min) + extras (~1.5 min)
 #   ROUNDS=1 EXTRAS=0 scripts/loadtest.sh # a quick look (~1.5 min), noisier
-#   SIGN=0 scripts/loadtest.sh            # without the sign mode (~2 min with 3 rounds)
+#   SIGN=0 HSM=0 scripts/loadtest.sh      # without the sign and hsm modes (~2 min with 3 rounds)
 #
 # Passed through to the harness: ROUNDS, DURATION, WARMUP, START_WARMUP, CONNECTIONS,
 # THREADS, MODES, PROXIES, UPSTREAM_PORT, LISTEN_PORT, WORK_DIR (see its README).
@@ -49,5 +50,9 @@ fi
 if [[ ${SIGN:-1} != 0 ]]; then
   echo
   "$ROOT/benches/load/sign.sh" || status=$?
+fi
+if [[ ${HSM:-1} != 0 ]]; then
+  echo
+  "$ROOT/benches/load/hsm.sh" || status=$?
 fi
 exit "$status"

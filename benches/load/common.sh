@@ -1,4 +1,4 @@
-# Sourced by benches/load/extras.sh and sign.sh: the checks and process helpers both use.
+# Sourced by benches/load/extras.sh, sign.sh and hsm.sh: the checks and process helpers both use.
 # The caller sets TAG (its name in messages and log files), WORK_DIR and ROOT first.
 # Every process started with `start` is tracked and stopped (TERM, then KILL) on exit.
 for f in ca.crt server.crt server.key upstream.conf nginx-proxy.conf "AuthKey_BENCHKEY01.p8"; do
@@ -19,3 +19,17 @@ start() { # cpu logname command... -> $PID
   taskset -c "$cpu" "$@" >"$WORK_DIR/$TAG-$log.log" 2>&1 &
   PID=$!; PIDS+=("$PID"); }
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+median() { python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+# wrk against the proxy port: pid script connections delay_ms seconds [mode]; measures pid's
+# CPU. mode is the scripts' BENCH_MODE (fixed: one path; unique: a new path per request).
+# -> "rps cpu_us_per_request p50_ms p99_ms errors"
+window() {
+  local pid=$1 script=$2 conns=$3 delay=$4 secs=$5 mode=${6:-fixed} t0 t1 out
+  t0=$(ticks "$pid")
+  out=$(BENCH_MODE=$mode DELAY_MS=$delay timeout $((secs + 30)) taskset -c 1 \
+    wrk -t2 -c"$conns" -d"${secs}s" -s "$script" "http://127.0.0.1:$LISTEN_PORT/" | sed -n 's/^WRK //p')
+  t1=$(ticks "$pid")
+  python3 -c 'import json,sys; d=json.loads(sys.argv[1]); n=max(d["requests"],1); t=(int(sys.argv[2]))*1e6/int(sys.argv[3])
+print("%.0f %.1f %.2f %.2f %d" % (d["requests"]*1e6/d["duration_us"], t/n, d["p50_us"]/1000, d["p99_us"]/1000, d["errors"]+d["non2xx"]))' \
+    "$out" "$((t1 - t0))" "$(getconf CLK_TCK)"
+}

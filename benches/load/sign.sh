@@ -23,20 +23,6 @@ export BENCH_AUTH=${BENCH_AUTH:-aap_benchsecret}
 TAG=sign
 # shellcheck source=benches/load/common.sh
 . "$HERE/common.sh"
-median() { python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
-# wrk against the proxy port: pid script connections delay_ms seconds; measures pid's CPU.
-# -> "rps cpu_us_per_request p50_ms p99_ms errors"
-window() {
-  local pid=$1 script=$2 conns=$3 delay=$4 secs=$5 t0 t1 out
-  t0=$(ticks "$pid")
-  out=$(BENCH_MODE=fixed DELAY_MS=$delay timeout $((secs + 30)) taskset -c 1 \
-    wrk -t2 -c"$conns" -d"${secs}s" -s "$script" "http://127.0.0.1:$LISTEN_PORT/" | sed -n 's/^WRK //p')
-  t1=$(ticks "$pid")
-  python3 -c 'import json,sys; d=json.loads(sys.argv[1]); n=max(d["requests"],1); t=(int(sys.argv[2]))*1e6/int(sys.argv[3])
-print("%.0f %.1f %.2f %.2f %d" % (d["requests"]*1e6/d["duration_us"], t/n, d["p50_us"]/1000, d["p99_us"]/1000, d["errors"]+d["non2xx"]))' \
-    "$out" "$((t1 - t0))" "$(getconf CLK_TCK)"
-}
-
 echo "== sign: 1. raw ES256 sign and the endpoint's own work (criterion, pinned to CPU 0)"
 bench_exe=$(cargo bench --bench hot_path --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys

@@ -361,7 +361,7 @@ impl Config {
     pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             file: file.to_string(),
-            message: e.to_string(),
+            message: syntax_message(text, &e),
         })?;
         Validator { file, base_dir }.validate(raw)
     }
@@ -378,6 +378,21 @@ impl Config {
     /// The key that signs for `api` when the client pins none: the first listed for it.
     pub fn default_key_for(&self, api: Api) -> Option<&KeyConfig> {
         self.keys.iter().find(|k| k.apis.contains(&api))
+    }
+}
+
+/// A TOML error as line, column and message — without the excerpt of the file `toml`
+/// prints, which would echo a value (a PIN, a pasted key) typed where it does not belong.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("TOML parse error at line {line}, column {column}: {message} ")
+        }
+        None => format!("TOML parse error: {message} "),
     }
 }
 
@@ -516,6 +531,81 @@ mod tests {
             .to_string();
         assert!(
             err.contains("keys[0].private_key_file") && err.contains("AAP_TEST_SURELY_UNSET"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_pkcs11_key_is_validated_field_by_field() {
+        let hsm = |table: &str| {
+            key_block("").replace(
+                "private_key_file = \"keys/AuthKey_2X9R4HXF34.p8\"",
+                &format!("pkcs11 = {{ {table} }}"),
+            )
+        };
+        let full = "module = \"/usr/lib/softhsm/libsofthsm2.so\", token_label = \"apple\", key_label = \"AuthKey_2X9R4HXF34\"";
+        let c = parse(&hsm(&format!("{full}, pin_file = \"hsm-pin\""))).unwrap();
+        assert_eq!(
+            c.keys[0].source,
+            KeySource::Pkcs11(Pkcs11Source {
+                module: PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"),
+                token_label: "apple".into(),
+                key_label: "AuthKey_2X9R4HXF34".into(),
+                pin: PinSource::File(PathBuf::from("/etc/aap/hsm-pin")),
+                sessions: 4,
+            })
+        );
+        let c = parse(&hsm(&format!(
+            "{full}, pin_env = \"HSM_PIN\", sessions = 16"
+        )))
+        .unwrap();
+        let KeySource::Pkcs11(p) = &c.keys[0].source else {
+            panic!("{:?}", c.keys[0].source)
+        };
+        assert_eq!(
+            (&p.pin, p.sessions),
+            (&PinSource::Env("HSM_PIN".into()), 16)
+        );
+        for (table, field, says) in [
+            (
+                "token_label = \"apple\", key_label = \"k\", pin_env = \"P\"",
+                "keys[0].pkcs11.module",
+                "is missing",
+            ),
+            (
+                "module = \"/m.so\", key_label = \"k\", pin_env = \"P\"",
+                "keys[0].pkcs11.token_label",
+                "is missing",
+            ),
+            (
+                "module = \"/m.so\", token_label = \"apple\", key_label = \"\", pin_env = \"P\"",
+                "keys[0].pkcs11.key_label",
+                "is empty",
+            ),
+            (full, "keys[0].pkcs11.pin_env", "no source"),
+            (
+                &format!("{full}, pin_env = \"P\", pin_file = \"f\""),
+                "keys[0].pkcs11.pin_env",
+                "both",
+            ),
+            (
+                &format!("{full}, pin_env = \"P\", sessions = 0"),
+                "keys[0].pkcs11.sessions",
+                "not in 1..=64",
+            ),
+            (&format!("{full}, pin = \"1234\""), "pin", "unknown field"),
+        ] {
+            let err = parse(&hsm(table)).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains(says), "{table}: {err}");
+            assert!(
+                !err.contains("1234"),
+                "a PIN in the config is never echoed: {err}"
+            );
+        }
+        let both = key_block(&format!("pkcs11 = {{ {full}, pin_env = \"P\" }}"));
+        let err = parse(&both).unwrap_err().to_string();
+        assert!(
+            err.contains("keys[0].pkcs11") && err.contains("private_key_file"),
             "{err}"
         );
     }

@@ -217,12 +217,7 @@ const SHOP_POLICY: &str =
 
 /// The real binary with every key in the HSM behind `module` (and no `.p8` left), plus a
 /// client `shop` (secret returned) that may sign promotional offers.
-async fn start(
-    hsm: &SoftHsm,
-    module: &Path,
-    extra: &str,
-    env: Vec<(String, String)>,
-) -> (Binary, String) {
+async fn start(hsm: &SoftHsm, module: &Path, extra: &str, setup: Setup) -> (Binary, String) {
     let shop = fixture::generate_secret().unwrap();
     let shop_toml = format!(
         "\n[[clients]]\nname = \"shop\"\nsecret_sha256 = \"{}\"\nallow = [\"POST /proxy/v1/signatures/*\"]\n{SHOP_POLICY}",
@@ -232,8 +227,8 @@ async fn start(
     let extra = extra.to_string();
     let b = Binary::start_with(
         Setup {
-            env: hsm.env().into_iter().chain(env).collect(),
-            ..Setup::default()
+            env: hsm.env().into_iter().chain(setup.env.clone()).collect(),
+            ..setup
         },
         move |t| to_hsm(&t, &module, &extra) + &shop_toml,
         |dir| import_world_keys(hsm, dir),
@@ -352,7 +347,7 @@ fn key_import_stores_a_sensitive_non_extractable_sign_only_key_and_refuses_what_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_key_in_the_hsm_and_no_p8_left_the_proxy_serves_every_api() {
     let Some(hsm) = SoftHsm::new() else { return };
-    let (b, shop) = start(&hsm, Path::new(MODULE), "", vec![]).await;
+    let (b, shop) = start(&hsm, Path::new(MODULE), "", Setup::default()).await;
     assert!(
         !b.world
             .dir
@@ -586,7 +581,12 @@ async fn an_hsm_failing_at_run_time_is_a_503_that_never_reaches_apple_and_heals_
         ),
         ("AAP_P11_FAULT_REAL".to_string(), MODULE.to_string()),
     ];
-    let (b, _) = start(&hsm, &shim(), "", env).await;
+    let setup = Setup {
+        env,
+        rust_log: Some("debug"),
+        ..Setup::default()
+    };
+    let (b, _) = start(&hsm, &shim(), "", setup).await;
     assert_eq!(get(&b, "/v1/apps").await.status, StatusCode::OK);
 
     // The HSM stops answering.
@@ -645,12 +645,22 @@ async fn an_hsm_failing_at_run_time_is_a_503_that_never_reaches_apple_and_heals_
     assert!(!fault.exists(), "the fault fired");
     assert_eq!(get(&b, "/v1/apps/3").await.status, StatusCode::OK);
     assert_eq!(admin(&b, "/readyz").await.status, StatusCode::OK);
+
+    // The operational log (at debug) tells the story, and never the PIN.
+    let log = std::fs::read_to_string(b.world.dir.path().join("stderr.log")).unwrap();
+    assert!(
+        log.contains("HSM key unavailable") && log.contains("signing resumed"),
+        "{log}"
+    );
+    assert!(!log.contains(PIN), "the PIN is in the log");
+    let audit = std::fs::read_to_string(b.world.dir.path().join("audit.jsonl")).unwrap();
+    assert!(!audit.contains(PIN), "the PIN is in the audit log");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_finds_and_self_tests_hsm_keys_and_a_bad_label_keeps_the_old_keys_serving() {
     let Some(hsm) = SoftHsm::new() else { return };
-    let (b, _) = start(&hsm, Path::new(MODULE), "", vec![]).await;
+    let (b, _) = start(&hsm, Path::new(MODULE), "", Setup::default()).await;
     assert_eq!(get(&b, "/v1/apps/1").await.status, StatusCode::OK);
     let good = std::fs::read_to_string(&b.world.config_path).unwrap();
     let reloads = |metrics: &str, result: &str| {
@@ -702,7 +712,7 @@ async fn a_reload_finds_and_self_tests_hsm_keys_and_a_bad_label_keeps_the_old_ke
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_fresh_scope_requests_over_eight_connections_share_two_sessions() {
     let Some(hsm) = SoftHsm::new() else { return };
-    let (b, _) = start(&hsm, Path::new(MODULE), ", sessions = 2", vec![]).await;
+    let (b, _) = start(&hsm, Path::new(MODULE), ", sessions = 2", Setup::default()).await;
     b.world.standin.clear_received();
     let clients: Vec<_> = (0..8).map(|_| http2_client()).collect();
     let mut tasks = Vec::new();

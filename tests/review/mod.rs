@@ -438,6 +438,7 @@ async fn the_dashboard_and_the_alert_rules_name_only_metrics_the_proxy_exports()
         "AuthFailures",
         "RateBudgetLow",
         "AuditUnhealthy",
+        "SignerDown",
         "Unavailable",
     ] {
         assert!(
