@@ -362,8 +362,8 @@ fn bench_diagnose(c: &mut Criterion) {
         iss: Some(ISSUER.into()),
         sub: None,
         iat: 1_800_000_000 - 60,
-        exp: 1_800_000_000 - 60 + 1200,
-        aud: "appstoreconnect-v1",
+        exp: Some(1_800_000_000 - 60 + 1200),
+        aud: Some("appstoreconnect-v1"),
         scope: Some(vec!["GET /v1/apps/123".to_string()]),
         bid: None,
     };

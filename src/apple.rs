@@ -29,6 +29,31 @@ pub(crate) const SANDBOX_PREFIX: &str = "/sandbox";
 /// API uses.
 pub(crate) const PROXY_PREFIX: &str = "/proxy/v1/";
 
+/// APNs' own path prefix (`POST /3/device/<device token>`), routed to APNs without a mount
+/// because most APNs libraries take only a host and port (DESIGN §18). [APNS-SEND]
+pub(crate) const APNS_NATIVE_PREFIX: &str = "/3/device/";
+
+/// Whether a client-sent path is one of APNs' routes (its mount, with or without
+/// `/sandbox`, or its own `/3/device/`), known before the request is routed.
+pub(crate) fn is_apns_path(path: &str) -> bool {
+    let path = path.strip_prefix(SANDBOX_PREFIX).unwrap_or(path);
+    path.starts_with("/apns/") || path.starts_with(APNS_NATIVE_PREFIX)
+}
+
+/// APNs' provider-token rules (APPLE.md §9.1): refresh no more than once every 20 minutes
+/// and no less than once every 60; the proxy's default sits between. [APNS-TOKEN]
+pub(crate) const APNS_REFRESH_MIN: Duration = Duration::from_secs(20 * 60);
+pub(crate) const APNS_REFRESH_MAX: Duration = Duration::from_secs(55 * 60);
+pub(crate) const APNS_REFRESH_DEFAULT: Duration = Duration::from_secs(40 * 60);
+
+/// The Apple Music developer token's `exp` may be at most 15,777,000 s (six months) after
+/// `iat`. [MUSIC-TOK]
+pub(crate) const MUSIC_MAX_LIFETIME: Duration = Duration::from_secs(15_777_000);
+
+/// WeatherKit documents no maximum (APPLE.md §11: UNCONFIRMED); Apple's samples use an hour,
+/// so the proxy never goes beyond it.
+pub(crate) const WEATHERKIT_MAX_LIFETIME: Duration = Duration::from_secs(60 * 60);
+
 /// One of Apple's server APIs. The proxy routes by path prefix to one of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Api {
@@ -45,6 +70,17 @@ pub enum Api {
     /// Not forwarded: the in-app signatures the proxy makes itself with an In-App Purchase
     /// key (`/proxy/v1/signatures/*`, DESIGN §15), for StoreKit to carry to Apple.
     InAppSigning,
+    /// Apple Push Notification service: mount `/apns/`, and APNs' own `/3/device/` (DESIGN
+    /// §18). HTTP/2 only. [APNS-SEND]
+    Apns,
+    /// DeviceCheck: mount `/devicecheck/`. [DC]
+    DeviceCheck,
+    /// App Attest fraud metric: mount `/appattest/`; its token goes without `Bearer`. [AA-FRAUD]
+    AppAttest,
+    /// WeatherKit REST API: mount `/weatherkit/`. [WK-AUTH]
+    WeatherKit,
+    /// Apple Music API: mount `/music/`. [MUSIC-TOK]
+    AppleMusic,
 }
 
 /// How a family's token is shaped. [ASC-JWT], [ASSA-JWT]
@@ -54,15 +90,20 @@ pub enum TokenFamily {
     Connect,
     /// `iss`, `aud`, `iat`, `exp`, `bid`; never `scope`; ≤ 60 min; in-app-purchase keys only.
     StoreKit,
+    /// Apple Developer account keys (APNs, DeviceCheck, App Attest, WeatherKit, Music):
+    /// `iss` = team id, `iat`, and per API `exp` and `sub`; no `aud` (APPLE.md §9).
+    Developer,
 }
 
 /// How an API's client-facing path prefixes reach it (DESIGN §3, §18).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mount {
     /// Apple's own path prefixes, forwarded unchanged (`/v1/…`, `/inApps/…`). Every API of
-    /// part one; part two's APIs (`/apns/`, `/maps/`, …) add a variant whose prefix is
-    /// removed before forwarding.
+    /// part one.
     Native,
+    /// A prefix of the proxy's (`/apns`, `/weatherkit`, …) removed before forwarding, so a
+    /// client's base URL is `http://proxy/<mount>` (DESIGN §18).
+    Prefix(&'static str),
 }
 
 /// How the proxy authenticates to an API (DESIGN §18): what the mint phase produces and
@@ -78,6 +119,10 @@ pub enum TokenStrategy {
     /// No token goes anywhere: the proxy answers with a signature for the client to hand to
     /// StoreKit (the in-app signatures, DESIGN §15).
     Answered,
+    /// One token per key and API, reused until it is due for renewal and never re-minted
+    /// sooner (APNs' provider token and its kin, WeatherKit's and Music's developer tokens;
+    /// DESIGN §18): the same token for every request, across reloads.
+    Cached,
 }
 
 /// Production or sandbox.
@@ -104,22 +149,32 @@ impl fmt::Display for Environment {
 
 impl Api {
     /// Every API, in the order `check` prints them: the forwarded ones, then the proxy's own.
-    pub const ALL: [Api; 6] = [
+    pub const ALL: [Api; 11] = [
         Api::AppStoreConnect,
         Api::AppStoreServer,
         Api::AdvancedCommerce,
         Api::ExternalPurchase,
         Api::Notary,
+        Api::Apns,
+        Api::DeviceCheck,
+        Api::AppAttest,
+        Api::WeatherKit,
+        Api::AppleMusic,
         Api::InAppSigning,
     ];
 
     /// The APIs the proxy forwards to, in the order the route table prints them.
-    pub const FORWARDED: [Api; 5] = [
+    pub const FORWARDED: [Api; 10] = [
         Api::AppStoreConnect,
         Api::AppStoreServer,
         Api::AdvancedCommerce,
         Api::ExternalPurchase,
         Api::Notary,
+        Api::Apns,
+        Api::DeviceCheck,
+        Api::AppAttest,
+        Api::WeatherKit,
+        Api::AppleMusic,
     ];
 
     /// The stable id used in config (`[apis.<id>]`, `apis = [...]`), errors, audit and metrics.
@@ -131,6 +186,11 @@ impl Api {
             Api::ExternalPurchase => "external-purchase",
             Api::Notary => "notary",
             Api::InAppSigning => "in-app-signing",
+            Api::Apns => "apns",
+            Api::DeviceCheck => "devicecheck",
+            Api::AppAttest => "app-attest",
+            Api::WeatherKit => "weatherkit",
+            Api::AppleMusic => "apple-music",
         }
     }
 
@@ -148,6 +208,11 @@ impl Api {
             Api::ExternalPurchase => &["/externalPurchase/"],
             Api::Notary => &["/notary/"],
             Api::InAppSigning => &["/proxy/v1/signatures/"],
+            Api::Apns => &["/apns/", APNS_NATIVE_PREFIX],
+            Api::DeviceCheck => &["/devicecheck/"],
+            Api::AppAttest => &["/appattest/"],
+            Api::WeatherKit => &["/weatherkit/"],
+            Api::AppleMusic => &["/music/"],
         }
     }
 
@@ -161,16 +226,29 @@ impl Api {
             }
             Api::Notary => Some("https://appstoreconnect.apple.com"),
             Api::InAppSigning => None,
+            Api::Apns => Some("https://api.push.apple.com"),
+            Api::DeviceCheck => Some("https://api.devicecheck.apple.com"),
+            Api::AppAttest => Some("https://data.appattest.apple.com"),
+            Api::WeatherKit => Some("https://weatherkit.apple.com"),
+            Api::AppleMusic => Some("https://api.music.apple.com"),
         }
     }
 
-    /// Apple's sandbox base URL, for the APIs that have one. [ASSA-CHANGELOG 2026-05-05]
+    /// Apple's sandbox (for the developer-key APIs: development) base URL, for the APIs
+    /// that have one. [ASSA-CHANGELOG 2026-05-05], [APNS-SEND], [DC], [AA-FRAUD]
     pub(crate) fn sandbox_url(self) -> Option<&'static str> {
         match self {
             Api::AppStoreServer | Api::AdvancedCommerce | Api::ExternalPurchase => {
                 Some("https://api.storekit-sandbox.apple.com")
             }
-            Api::AppStoreConnect | Api::Notary | Api::InAppSigning => None,
+            Api::Apns => Some("https://api.sandbox.push.apple.com"),
+            Api::DeviceCheck => Some("https://api.development.devicecheck.apple.com"),
+            Api::AppAttest => Some("https://data-development.appattest.apple.com"),
+            Api::AppStoreConnect
+            | Api::Notary
+            | Api::InAppSigning
+            | Api::WeatherKit
+            | Api::AppleMusic => None,
         }
     }
 
@@ -187,6 +265,9 @@ impl Api {
             | Api::AdvancedCommerce
             | Api::ExternalPurchase
             | Api::InAppSigning => TokenFamily::StoreKit,
+            Api::Apns | Api::DeviceCheck | Api::AppAttest | Api::WeatherKit | Api::AppleMusic => {
+                TokenFamily::Developer
+            }
         }
     }
 
@@ -198,6 +279,11 @@ impl Api {
             | Api::ExternalPurchase
             | Api::Notary
             | Api::InAppSigning => Mount::Native,
+            Api::Apns => Mount::Prefix("/apns"),
+            Api::DeviceCheck => Mount::Prefix("/devicecheck"),
+            Api::AppAttest => Mount::Prefix("/appattest"),
+            Api::WeatherKit => Mount::Prefix("/weatherkit"),
+            Api::AppleMusic => Mount::Prefix("/music"),
         }
     }
 
@@ -209,27 +295,42 @@ impl Api {
             | Api::ExternalPurchase
             | Api::Notary => TokenStrategy::PerRequest,
             Api::InAppSigning => TokenStrategy::Answered,
+            Api::Apns | Api::DeviceCheck | Api::AppAttest | Api::WeatherKit | Api::AppleMusic => {
+                TokenStrategy::Cached
+            }
         }
+    }
+
+    /// The scheme before the token in `Authorization`: `Bearer`, except App Attest's, which
+    /// Apple shows as the bare JWT (the safe reading: APPLE.md §9.2 marks `Bearer` there
+    /// UNVERIFIED). [AA-FRAUD]
+    pub(crate) fn bearer(self) -> bool {
+        self != Api::AppAttest
     }
 
     /// The API that owns `path` (already stripped of any `/sandbox` prefix), by prefix alone,
     /// and the path forwarded to it (its mount removed). Apple adds endpoints several times
     /// a year, so no endpoint list is consulted.
     pub(crate) fn locate(path: &str) -> Option<(Api, &str)> {
-        let api = if is_versioned_connect_path(path) {
-            Api::AppStoreConnect
-        } else {
-            [
-                Api::AppStoreServer,
-                Api::AdvancedCommerce,
-                Api::ExternalPurchase,
-                Api::Notary,
-            ]
+        if is_versioned_connect_path(path) {
+            return Some((Api::AppStoreConnect, path));
+        }
+        // APNs' own prefix, for the libraries that take only a host and port.
+        if path.starts_with(APNS_NATIVE_PREFIX) {
+            return Some((Api::Apns, path));
+        }
+        let api = Api::FORWARDED
             .into_iter()
-            .find(|api| api.prefixes().iter().any(|p| path.starts_with(p)))?
-        };
+            .filter(|api| *api != Api::AppStoreConnect)
+            .find(|api| match api.mount() {
+                Mount::Native => api.prefixes().iter().any(|p| path.starts_with(p)),
+                Mount::Prefix(mount) => path
+                    .strip_prefix(mount)
+                    .is_some_and(|rest| rest.starts_with('/')),
+            })?;
         match api.mount() {
             Mount::Native => Some((api, path)),
+            Mount::Prefix(mount) => Some((api, &path[mount.len()..])),
         }
     }
 }
@@ -250,11 +351,26 @@ fn is_versioned_connect_path(path: &str) -> bool {
 }
 
 impl TokenFamily {
-    /// The longest `exp - iat` Apple accepts for this family.
+    /// The longest `exp - iat` Apple accepts for this family (for the developer family, the
+    /// longest of its APIs: each API's own cap is [`Api::max_lifetime`]).
     pub(crate) fn max_lifetime(self) -> Duration {
         match self {
             TokenFamily::Connect => CONNECT_MAX_LIFETIME,
             TokenFamily::StoreKit => STOREKIT_MAX_LIFETIME,
+            TokenFamily::Developer => MUSIC_MAX_LIFETIME,
+        }
+    }
+}
+
+impl Api {
+    /// The longest `exp - iat` this API accepts; `None` for a token without `exp` (APNs,
+    /// DeviceCheck and App Attest's provider token is renewed by age instead).
+    pub(crate) fn max_lifetime(self) -> Option<Duration> {
+        match self {
+            Api::Apns | Api::DeviceCheck | Api::AppAttest => None,
+            Api::WeatherKit => Some(WEATHERKIT_MAX_LIFETIME),
+            Api::AppleMusic => Some(MUSIC_MAX_LIFETIME),
+            api => Some(api.token_family().max_lifetime()),
         }
     }
 }
@@ -333,6 +449,9 @@ pub enum KeyKind {
     Individual,
     /// In-App Purchase key ("SubscriptionKey_…"): the storekit APIs only.
     InAppPurchase,
+    /// Apple Developer account key (Certificates, Identifiers & Profiles → Keys): APNs,
+    /// DeviceCheck, App Attest, WeatherKit, MusicKit; `iss` = team id. [APNS-TOKEN]
+    Developer,
 }
 
 impl KeyKind {
@@ -341,6 +460,7 @@ impl KeyKind {
             KeyKind::Team => "team",
             KeyKind::Individual => "individual",
             KeyKind::InAppPurchase => "in-app-purchase",
+            KeyKind::Developer => "developer",
         }
     }
 
@@ -351,6 +471,7 @@ impl KeyKind {
             (KeyKind::InAppPurchase, TokenFamily::StoreKit) => true,
             (KeyKind::Team, TokenFamily::Connect) => true,
             (KeyKind::Individual, TokenFamily::Connect) => api != Api::Notary,
+            (KeyKind::Developer, TokenFamily::Developer) => true,
             _ => false,
         }
     }

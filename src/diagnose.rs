@@ -27,9 +27,16 @@ pub mod codes {
     pub const ROLE_FORBIDDEN: &str = "ROLE_FORBIDDEN";
     pub const AGREEMENT_PENDING: &str = "AGREEMENT_PENDING";
     pub(crate) const TRANSIENT_401: &str = "APPLE_TRANSIENT_401";
+    pub const APNS_INVALID_PROVIDER_TOKEN: &str = "APNS_INVALID_PROVIDER_TOKEN";
+    pub const APNS_EXPIRED_PROVIDER_TOKEN: &str = "APNS_EXPIRED_PROVIDER_TOKEN";
+    pub const APNS_MISSING_PROVIDER_TOKEN: &str = "APNS_MISSING_PROVIDER_TOKEN";
+    pub const APNS_UNRELATED_KEY: &str = "APNS_UNRELATED_KEY";
+    pub const APNS_TOO_MANY_TOKEN_UPDATES: &str = "APNS_TOO_MANY_TOKEN_UPDATES";
+    pub const APNS_FORBIDDEN: &str = "APNS_FORBIDDEN";
+    pub const DEVELOPER_TOKEN_REFUSED: &str = "DEVELOPER_TOKEN_REFUSED";
 
     /// Every code, for the README table and tests.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 19] = [
         CLOCK_SKEW,
         WRONG_KEY_KIND,
         INDIVIDUAL_KEY_NOT_ALLOWED,
@@ -42,6 +49,13 @@ pub mod codes {
         ROLE_FORBIDDEN,
         AGREEMENT_PENDING,
         TRANSIENT_401,
+        APNS_INVALID_PROVIDER_TOKEN,
+        APNS_EXPIRED_PROVIDER_TOKEN,
+        APNS_MISSING_PROVIDER_TOKEN,
+        APNS_UNRELATED_KEY,
+        APNS_TOO_MANY_TOKEN_UPDATES,
+        APNS_FORBIDDEN,
+        DEVELOPER_TOKEN_REFUSED,
     ];
 }
 
@@ -140,6 +154,151 @@ fn cause(code: &'static str, weight: u8, detail: String, fix: &str) -> Cause {
 }
 
 /// The causes, strongest first. Never empty for a 401/403.
+/// What the proxy knows when an API served by a developer key refuses its token.
+#[derive(Debug)]
+pub struct DeveloperEvidence<'a> {
+    pub status: u16,
+    pub api: Api,
+    /// APNs' `reason` (`InvalidProviderToken`, …); `None` elsewhere or without a body.
+    pub reason: Option<&'a str>,
+    pub key_name: &'a str,
+    pub key_id: &'a str,
+    pub team_id: Option<&'a str>,
+    pub service_id: Option<&'a str>,
+    pub claims: &'a Claims,
+    /// This host's clock and Apple's `Date`, UNIX seconds.
+    pub proxy_now: i64,
+    pub apple_date: Option<i64>,
+    /// When Apple last accepted this key (UNIX seconds), if it has since start-up.
+    pub key_last_success: Option<i64>,
+    /// How often the proxy renews this key's provider token, in seconds.
+    pub refresh_s: u64,
+}
+
+/// The service a developer-key API needs enabled on the key, as the portal names it.
+fn service_name(api: Api) -> &'static str {
+    match api {
+        Api::Apns => "Apple Push Notifications service (APNs)",
+        Api::DeviceCheck | Api::AppAttest => "DeviceCheck",
+        Api::WeatherKit => "WeatherKit",
+        Api::AppleMusic => "Media Services (MusicKit, ShazamKit, Apple Music Feed)",
+        _ => "the API's service",
+    }
+}
+
+/// Whether APNs' `status`/`reason` is about the provider token, i.e. the proxy's to
+/// diagnose; 410 `Unregistered`, the 400s and `TooManyRequests` are the app's (APPLE.md §9.1).
+pub fn apns_token_reason(status: u16, reason: &str) -> bool {
+    matches!(
+        (status, reason),
+        (
+            403,
+            "InvalidProviderToken"
+                | "ExpiredProviderToken"
+                | "MissingProviderToken"
+                | "UnrelatedKeyIdInToken"
+                | "Forbidden"
+        ) | (429, "TooManyProviderTokenUpdates")
+    )
+}
+
+/// Why APNs, DeviceCheck, App Attest, WeatherKit or Apple Music refused the token, with
+/// fixes (DESIGN §18): APNs' `reason` first, then what the token and the clocks show.
+pub fn diagnose_developer(e: &DeveloperEvidence<'_>) -> Vec<Cause> {
+    let mut out = Vec::new();
+    let key = e.key_name;
+    let team = e.team_id.unwrap_or("?");
+    let service = service_name(e.api);
+    let worked_before = e.key_last_success.is_some();
+    let skew = e.apple_date.map(|apple| apple - e.proxy_now);
+    if let (Some(apple_now), Some(skew)) = (e.apple_date, skew) {
+        if e.claims.iat > apple_now || apple_now - e.claims.iat >= 3600 {
+            out.push(cause(
+                codes::CLOCK_SKEW,
+                STRONG,
+                format!(
+                    "by Apple's clock the token's iat ({}) is {} s {}; this host's clock is {} s {} Apple's",
+                    e.claims.iat,
+                    (apple_now - e.claims.iat).abs(),
+                    if e.claims.iat > apple_now { "in the future" } else { "old, past APNs' one-hour limit" },
+                    skew.abs(),
+                    if skew < 0 { "ahead of" } else { "behind" }
+                ),
+                "sync this host's clock (chrony/NTP); the proxy corrects the next token for the offset it measured",
+            ));
+        }
+    }
+    let refused_token = |out: &mut Vec<Cause>, code: &'static str| {
+        out.push(cause(
+            code,
+            if worked_before { FAIR } else { STRONG },
+            format!("the token is signed by key `{key}` (kid {}) for team {team}; Apple accepts it only if that key belongs to that team and has {service} enabled", e.key_id),
+            &format!("in Certificates, Identifiers & Profiles → Keys, check that key {} has {service} enabled, and that team_id in proxy.toml is the team shown under Membership details", e.key_id),
+        ));
+        out.push(cause(
+            codes::KEY_REVOKED,
+            if worked_before { GOOD } else { WEAK },
+            if worked_before {
+                format!("key `{key}` worked earlier and is refused now: it was probably revoked")
+            } else {
+                format!("key `{key}` may have been revoked")
+            },
+            "create a new key in Certificates, Identifiers & Profiles → Keys and replace this one",
+        ));
+    };
+    match (e.api, e.reason) {
+        (Api::Apns, Some("InvalidProviderToken")) => {
+            refused_token(&mut out, codes::APNS_INVALID_PROVIDER_TOKEN);
+        }
+        (Api::Apns, Some("ExpiredProviderToken")) => out.push(cause(
+            codes::APNS_EXPIRED_PROVIDER_TOKEN,
+            GOOD,
+            format!(
+                "APNs says the token's iat ({}) is more than an hour old; the proxy renews it every {} s, so Apple's clock and this host's disagree",
+                e.claims.iat, e.refresh_s
+            ),
+            "sync this host's clock (chrony/NTP); lower apns_token_refresh only if the clock cannot be fixed",
+        )),
+        (Api::Apns, Some("MissingProviderToken")) => out.push(cause(
+            codes::APNS_MISSING_PROVIDER_TOKEN,
+            STRONG,
+            "the proxy sent a provider token, but APNs received none: something between them (an egress proxy, a TLS-inspecting middlebox) removed the authorization header".into(),
+            "let the proxy reach api.push.apple.com directly, or make the egress proxy pass `authorization` through",
+        )),
+        (Api::Apns, Some("UnrelatedKeyIdInToken")) => out.push(cause(
+            codes::APNS_UNRELATED_KEY,
+            STRONG,
+            format!("APNs bound the connection to another key or team than key `{key}`'s; the proxy has opened a new connection for this key, so a retry goes through"),
+            "retry the push; if it keeps happening, check that one key's topics belong to the one team (team_id) and that keys of different teams are separate [[keys]]",
+        )),
+        (Api::Apns, Some("TooManyProviderTokenUpdates")) => out.push(cause(
+            codes::APNS_TOO_MANY_TOKEN_UPDATES,
+            STRONG,
+            format!("APNs saw key `{key}`'s token change more often than every 20 minutes; this proxy renews it every {} s, so something else signs APNs tokens with the same key (another service, a second deployment)", e.refresh_s),
+            "let only this proxy sign with the key (remove the .p8 from other services and point them at the proxy); every replica renews no faster than apns_token_refresh",
+        )),
+        (Api::Apns, Some(other)) => out.push(cause(
+            codes::APNS_FORBIDDEN,
+            FAIR,
+            format!("APNs refused the request ({}, reason {other})", e.status),
+            &format!("check that key {} has {service} enabled and that the topic (apns-topic) is an app of team {team}", e.key_id),
+        )),
+        (_, _) => {
+            refused_token(&mut out, codes::DEVELOPER_TOKEN_REFUSED);
+            if e.api == Api::WeatherKit {
+                out.push(cause(
+                    codes::DEVELOPER_TOKEN_REFUSED,
+                    FAIR,
+                    format!("WeatherKit also checks the service id: the token says `{}`", e.service_id.unwrap_or("?")),
+                    "set service_id to the WeatherKit service identifier registered under Identifiers → Services IDs",
+                ));
+            }
+        }
+    }
+    out.sort_by_key(|c| std::cmp::Reverse(c.weight));
+    out
+}
+
 pub fn diagnose(e: &Evidence<'_>) -> Vec<Cause> {
     let mut out = Vec::new();
     let family = e.api.token_family();
@@ -161,11 +320,11 @@ pub fn diagnose(e: &Evidence<'_>) -> Vec<Cause> {
                 ),
                 "sync this host's clock (chrony/NTP). The proxy has learned Apple's clock from this answer and corrects the next tokens for it",
             ));
-        } else if e.claims.exp <= apple_now {
+        } else if let Some(exp) = e.claims.exp.filter(|exp| *exp <= apple_now) {
             out.push(cause(
                 codes::CLOCK_SKEW,
                 STRONG,
-                format!("the token had already expired by Apple's clock (exp {} ≤ {apple_now}); this host's clock is {} s off", e.claims.exp, skew.abs()),
+                format!("the token had already expired by Apple's clock (exp {exp} ≤ {apple_now}); this host's clock is {} s off", skew.abs()),
                 "sync this host's clock (chrony/NTP); the proxy corrects for the offset it measured",
             ));
         } else if skew.abs() > SKEW_WORTH_REPORTING_S {
@@ -252,12 +411,14 @@ pub fn diagnose(e: &Evidence<'_>) -> Vec<Cause> {
                     match family {
                         TokenFamily::StoreKit => "In-App Purchase",
                         TokenFamily::Connect => "App Store Connect team or individual",
+                        TokenFamily::Developer => "Apple Developer account",
                     },
                     e.api
                 ),
                 match family {
                     TokenFamily::StoreKit => "use an In-App Purchase key (Users and Access → Integrations → In-App Purchase) for the storekit APIs, with kind = \"in-app-purchase\"",
                     TokenFamily::Connect => "use an App Store Connect team key (Users and Access → Integrations → Team Keys) for App Store Connect and notary",
+                    TokenFamily::Developer => "use a key from Certificates, Identifiers & Profiles → Keys with the service enabled, with kind = \"developer\"",
                 },
             ));
         }
@@ -433,8 +594,8 @@ mod tests {
             iss: Some(ISS.into()),
             sub: None,
             iat: NOW - 60,
-            exp: NOW + 240,
-            aud: "appstoreconnect-v1",
+            exp: Some(NOW + 240),
+            aud: Some("appstoreconnect-v1"),
             scope: (family == TokenFamily::Connect).then(|| vec!["GET /v1/apps".to_string()]),
             bid: (family == TokenFamily::StoreKit).then(|| "com.example.app".to_string()),
         }

@@ -44,8 +44,19 @@ pub enum ClientError {
 }
 
 /// Builds the upstream client: host roots (Mozilla's as the fallback when the host has
-/// none) plus `[upstream] ca_file`.
+/// none) plus `[upstream] ca_file`; HTTP/2 or HTTP/1.1, as the upstream's ALPN chooses.
 pub fn client(config: &Config) -> Result<Client, ClientError> {
+    build(config, false)
+}
+
+/// The same client speaking HTTP/2 only (ALPN `h2` alone, and no HTTP/1.1 fallback): for
+/// APNs, which speaks nothing else (APPLE.md §9.1). Each one keeps its own connection per
+/// host, so one per key never mixes keys on a connection.
+pub fn http2_client(config: &Config) -> Result<Client, ClientError> {
+    build(config, true)
+}
+
+fn build(config: &Config, http2_only: bool) -> Result<Client, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     let (added, _) = roots.add_parsable_certificates(native.certs);
@@ -74,18 +85,27 @@ pub fn client(config: &Config) -> Result<Client, ClientError> {
     http.set_connect_timeout(Some(config.upstream.connect_timeout));
     http.set_nodelay(true);
     let egress = Egress::new(http, config.upstream.egress_proxy.as_deref())?;
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(egress);
+    let https = if http2_only {
+        hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http2()
+            .wrap_connector(egress)
+    } else {
+        hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(egress)
+    };
     let connector = Timeout {
         inner: https,
         limit: config.upstream.connect_timeout,
     };
     Ok(
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .http2_only(http2_only)
             .pool_idle_timeout(std::time::Duration::from_secs(90))
             // Every client that walks away mid-download makes the proxy cancel its stream to
             // Apple. h2 counts those resets and, at its default 1,024, closes the whole

@@ -371,6 +371,25 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         );
         selftest.map_err(|e| anyhow!("{}: key `{}`: {e}", config.source, k.name))?;
     }
+    for k in config
+        .keys
+        .iter()
+        .filter(|k| k.kind == apple::KeyKind::Developer)
+    {
+        let renewals: Vec<String> = k
+            .apis
+            .iter()
+            .map(|api| {
+                let every = token::developer_renewal(*api, k.apns_token_refresh, k.token_lifetime);
+                format!("{} every {}", api.id(), humantime::format_duration(every))
+            })
+            .collect();
+        println!(
+            "  {}: one token per API, reused and renewed: {}",
+            k.name,
+            renewals.join(", ")
+        );
+    }
     println!("\nROUTES");
     println!("  {:<18} {:<11} {:<44} KEY", "API", "ENV", "UPSTREAM");
     let table = route::Table::new(config);

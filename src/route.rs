@@ -202,7 +202,10 @@ pub fn known_prefixes() -> Vec<String> {
         .iter()
         .flat_map(|a| a.prefixes().iter().map(|p| p.to_string()))
         .collect();
-    out.push("/sandbox/{inApps,groups,advancedCommerce,externalPurchase}/".to_string());
+    out.push(
+        "/sandbox/{inApps,groups,advancedCommerce,externalPurchase,apns,devicecheck,appattest}/"
+            .to_string(),
+    );
     out
 }
 

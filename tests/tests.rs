@@ -918,8 +918,8 @@ async fn check_passes_on_a_good_config_and_prints_the_tables() {
     }
     assert_eq!(
         stdout.matches(" ok ").count(),
-        3,
-        "three keys test-signed: {stdout}"
+        4,
+        "four keys test-signed: {stdout}"
     );
     assert!(!stdout.contains(&world.keys.team.pem[30..60]));
 }

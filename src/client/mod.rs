@@ -140,6 +140,8 @@ struct Client {
     client_key: Option<Vec<u8>>,
     /// `[clients.signing]`; `None` signs nothing.
     signing: Option<crate::config::SigningPolicy>,
+    /// Where its pushes on APNs' own `/3/device/` path go.
+    apns_environment: crate::apple::Environment,
     /// Shared with the runtime before a reload when the client keeps its name and rate, so a
     /// reload never refills a spent budget.
     bucket: Option<Arc<Bucket>>,
@@ -376,6 +378,15 @@ impl Clients {
         who.index.and_then(|i| self.clients[i].bundle_id.as_deref())
     }
 
+    /// The APNs environment of this client's pushes on APNs' own `/3/device/` path
+    /// (DESIGN §18): production unless its config says development.
+    pub(crate) fn apns_environment(&self, who: &Identity) -> crate::apple::Environment {
+        who.index
+            .map_or(crate::apple::Environment::Production, |i| {
+                self.clients[i].apns_environment
+            })
+    }
+
     /// What this client may have signed (DESIGN §15); `None`, for a client without
     /// `[clients.signing]` or an anonymous caller, signs nothing.
     pub(crate) fn signing_policy(&self, who: &Identity) -> Option<&crate::config::SigningPolicy> {
@@ -404,6 +415,7 @@ impl Client {
             bundle_id: c.bundle_id.clone(),
             client_key: c.client_key.as_ref().map(|k| k.public_key.clone()),
             signing: c.signing.clone(),
+            apns_environment: c.apns_environment,
             bucket,
         }
     }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use http::Uri;
 use serde::Deserialize;
 
-use crate::apple::{self, Api, KeyKind};
+use crate::apple::{self, Api, Environment, KeyKind};
 
 mod raw;
 mod validate;
@@ -253,6 +253,13 @@ pub struct KeyConfig {
     pub apis: Vec<Api>,
     /// Already capped at the kind's Apple maximum.
     pub token_lifetime: Duration,
+    /// Developer keys: the Apple Developer team id, the tokens' `iss`.
+    pub team_id: Option<String>,
+    /// Developer keys serving WeatherKit: the service id (`sub`, and the header's `id`).
+    pub service_id: Option<String>,
+    /// Developer keys: how old APNs' (DeviceCheck's, App Attest's) provider token gets
+    /// before it is renewed (20–55 min, default 40).
+    pub apns_token_refresh: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -269,6 +276,8 @@ pub struct ClientConfig {
     pub client_key: Option<ClientKey>,
     /// `[clients.signing]`; `None`: the client signs nothing (DESIGN §15, default deny).
     pub signing: Option<SigningPolicy>,
+    /// Where this client's pushes on APNs' own `/3/device/` path go (DESIGN §18).
+    pub apns_environment: Environment,
 }
 
 /// A client key (DESIGN §17b): the `kid` a client's SDK puts in its JWT header, and the
@@ -401,6 +410,7 @@ pub(crate) fn kind_max_lifetime(kind: KeyKind) -> Duration {
     match kind {
         KeyKind::InAppPurchase => apple::STOREKIT_MAX_LIFETIME,
         KeyKind::Team | KeyKind::Individual => apple::CONNECT_MAX_LIFETIME,
+        KeyKind::Developer => apple::MUSIC_MAX_LIFETIME,
     }
 }
 

@@ -91,6 +91,13 @@ pub(super) struct RawApis {
     #[serde(rename = "external-purchase")]
     pub external_purchase: Option<RawApi>,
     pub notary: Option<RawApi>,
+    pub apns: Option<RawApi>,
+    pub devicecheck: Option<RawApi>,
+    #[serde(rename = "app-attest")]
+    pub app_attest: Option<RawApi>,
+    pub weatherkit: Option<RawApi>,
+    #[serde(rename = "apple-music")]
+    pub apple_music: Option<RawApi>,
 }
 
 #[derive(Deserialize, Default)]
@@ -116,6 +123,9 @@ pub(super) struct RawKey {
     pub pkcs11: Option<RawPkcs11>,
     pub apis: Vec<String>,
     pub token_lifetime: Option<String>,
+    pub team_id: Option<String>,
+    pub service_id: Option<String>,
+    pub apns_token_refresh: Option<String>,
 }
 
 /// `pkcs11 = { … }` on a key (DESIGN §16).
@@ -145,6 +155,7 @@ pub(super) struct RawClient {
     pub public_key_file: Option<String>,
     pub public_key: Option<String>,
     pub signing: Option<RawSigning>,
+    pub apns_environment: Option<String>,
 }
 
 /// `[clients.signing]`: what the client may have the proxy sign (DESIGN §15).

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::Uri;
 
-use crate::apple::{Api, KeyKind};
+use crate::apple::{self, Api, Environment, KeyKind};
 
 use super::raw::*;
 use super::*;
@@ -366,17 +366,22 @@ impl Validator<'_> {
             (Api::AdvancedCommerce, a.advanced_commerce),
             (Api::ExternalPurchase, a.external_purchase),
             (Api::Notary, a.notary),
+            (Api::Apns, a.apns),
+            (Api::DeviceCheck, a.devicecheck),
+            (Api::AppAttest, a.app_attest),
+            (Api::WeatherKit, a.weatherkit),
+            (Api::AppleMusic, a.apple_music),
         ] {
             let Some(settings) = settings else { continue };
             let prefix = format!("apis.{}", api.id());
-            if !api.has_sandbox() {
-                if settings.sandbox_base_url.is_some() {
-                    return Err(self.invalid(
-                        format!("{prefix}.sandbox_base_url"),
-                        format!("{} has no sandbox environment", api.id()),
-                        "remove the field",
-                    ));
-                }
+            if !api.has_sandbox() && settings.sandbox_base_url.is_some() {
+                return Err(self.invalid(
+                    format!("{prefix}.sandbox_base_url"),
+                    format!("{} has no sandbox environment", api.id()),
+                    "remove the field",
+                ));
+            }
+            if api.token_family() != apple::TokenFamily::StoreKit {
                 if settings.enforce_apple_limits == Some(true) {
                     return Err(self.invalid(
                         format!("{prefix}.enforce_apple_limits"),
@@ -387,7 +392,7 @@ impl Validator<'_> {
                 if settings.sandbox_fallback == Some(true) {
                     return Err(self.invalid(
                         format!("{prefix}.sandbox_fallback"),
-                        format!("{} has no sandbox environment", api.id()),
+                        format!("the sandbox fallback is for the storekit APIs' sandbox-only transactions, not {}", api.id()),
                         "remove the field",
                     ));
                 }
@@ -484,7 +489,7 @@ impl Validator<'_> {
         })
     }
 
-    fn key(&self, i: usize, k: RawKey, tokens: &Tokens) -> Result<KeyConfig, ConfigError> {
+    fn key(&self, i: usize, mut k: RawKey, tokens: &Tokens) -> Result<KeyConfig, ConfigError> {
         let field = |name: &str| format!("keys[{i}].{name}");
         if k.name.is_empty() {
             return Err(self.invalid(field("name"), "is empty", "name the key, e.g. \"connect\""));
@@ -493,11 +498,12 @@ impl Validator<'_> {
             "team" => KeyKind::Team,
             "individual" => KeyKind::Individual,
             "in-app-purchase" => KeyKind::InAppPurchase,
+            "developer" => KeyKind::Developer,
             other => {
                 return Err(self.invalid(
                     field("kind"),
                     format!("unknown key kind `{other}`"),
-                    "use \"team\" or \"individual\" (App Store Connect keys, AuthKey_….p8) or \"in-app-purchase\" (SubscriptionKey_….p8)",
+                    "use \"team\" or \"individual\" (App Store Connect keys, AuthKey_….p8), \"in-app-purchase\" (SubscriptionKey_….p8) or \"developer\" (Apple Developer account keys: APNs, DeviceCheck, WeatherKit, MusicKit)",
                 ))
             }
         };
@@ -528,7 +534,7 @@ impl Validator<'_> {
             }
             _ => {}
         }
-        let source = match (&k.private_key_file, &k.private_key_env, k.pkcs11) {
+        let source = match (&k.private_key_file, &k.private_key_env, k.pkcs11.take()) {
             (Some(p), None, None) => KeySource::File(self.path(&field("private_key_file"), p)?),
             (None, Some(v), None) if !v.is_empty() => KeySource::Env(v.clone()),
             (None, None, Some(p)) => KeySource::Pkcs11(self.pkcs11(&field("pkcs11"), p)?),
@@ -588,6 +594,8 @@ impl Validator<'_> {
                     match kind {
                         KeyKind::InAppPurchase => "in-app-purchase keys serve app-store-server, advanced-commerce, external-purchase and in-app-signing; use a team key for App Store Connect and notary".to_string(),
                         KeyKind::Individual if api == Api::Notary => "notary needs a team key with the Developer role".to_string(),
+                        KeyKind::Developer => "developer keys serve apns, devicecheck, app-attest, weatherkit and apple-music".to_string(),
+                        _ if api.token_family() == apple::TokenFamily::Developer => format!("{} needs an Apple Developer account key (Certificates, Identifiers & Profiles → Keys) with kind = \"developer\"", api.id()),
                         _ => "the storekit APIs need an In-App Purchase key (App Store Connect → Users and Access → Integrations → In-App Purchase)".to_string(),
                     },
                 ));
@@ -596,6 +604,8 @@ impl Validator<'_> {
                 apis.push(api);
             }
         }
+        let (team_id, service_id, apns_token_refresh) =
+            self.developer_fields(i, &k, kind, &apis)?;
         if kind == KeyKind::InAppPurchase && k.bundle_id.as_deref().unwrap_or("").is_empty() {
             return Err(self.invalid(
                 field("bundle_id"),
@@ -604,10 +614,17 @@ impl Validator<'_> {
             ));
         }
         let cap = kind_max_lifetime(kind);
+        // Developer tokens are reused, not per request: an hour (WeatherKit's documented
+        // samples; Music allows far more) unless the config says otherwise.
+        let default_lifetime = if kind == KeyKind::Developer {
+            Duration::from_secs(3600)
+        } else {
+            DEFAULT_TOKEN_LIFETIME
+        };
         let requested = self.duration(
             &field("token_lifetime"),
             k.token_lifetime.as_deref(),
-            DEFAULT_TOKEN_LIFETIME,
+            default_lifetime,
         )?;
         if requested < tokens.iat_leeway + MIN_USEFUL_LIFETIME {
             return Err(self.invalid(
@@ -638,7 +655,96 @@ impl Validator<'_> {
             source,
             apis,
             token_lifetime: requested.min(cap),
+            team_id,
+            service_id,
+            apns_token_refresh,
         })
+    }
+
+    /// A developer key's `team_id`, `service_id` (WeatherKit) and `apns_token_refresh`;
+    /// the same fields on another kind of key are errors.
+    fn developer_fields(
+        &self,
+        i: usize,
+        k: &RawKey,
+        kind: KeyKind,
+        apis: &[Api],
+    ) -> Result<(Option<String>, Option<String>, Duration), ConfigError> {
+        let field = |name: &str| format!("keys[{i}].{name}");
+        if kind != KeyKind::Developer {
+            for (name, set) in [
+                ("team_id", k.team_id.is_some()),
+                ("service_id", k.service_id.is_some()),
+                ("apns_token_refresh", k.apns_token_refresh.is_some()),
+            ] {
+                if set {
+                    return Err(self.invalid(
+                        field(name),
+                        format!("only developer keys take {name}; this is a {} key", kind.id()),
+                        "remove it, or set kind = \"developer\" for an Apple Developer account key (APNs, DeviceCheck, WeatherKit, MusicKit)",
+                    ));
+                }
+            }
+            return Ok((None, None, apple::APNS_REFRESH_DEFAULT));
+        }
+        for (name, set) in [
+            ("issuer_id", k.issuer_id.is_some()),
+            ("bundle_id", k.bundle_id.is_some()),
+        ] {
+            if set {
+                return Err(self.invalid(
+                    field(name),
+                    format!("developer keys take no {name}"),
+                    "remove it: developer tokens carry the team id (team_id), not an issuer or bundle id",
+                ));
+            }
+        }
+        let team_id = match k.team_id.as_deref() {
+            Some(t) if apple::is_plausible_key_id(t) => t.to_string(),
+            Some(t) => {
+                return Err(self.invalid(
+                    field("team_id"),
+                    format!("`{t}` is not a Team ID"),
+                    "copy the Team ID (10 characters, e.g. DEF123GHIJ) from developer.apple.com → Account → Membership details",
+                ))
+            }
+            None => {
+                return Err(self.invalid(
+                    field("team_id"),
+                    "developer keys need the team id (the tokens' iss)",
+                    "set team_id = \"DEF123GHIJ\" from developer.apple.com → Account → Membership details",
+                ))
+            }
+        };
+        let service_id = match (k.service_id.as_deref(), apis.contains(&Api::WeatherKit)) {
+            (Some(s), _) if s.trim().is_empty() || s.contains(char::is_whitespace) => {
+                return Err(self.invalid(field("service_id"), format!("`{s}` is not a service id"), "use the WeatherKit service identifier, e.g. com.example.weatherkit-client"))
+            }
+            (None, true) => {
+                return Err(self.invalid(
+                    field("service_id"),
+                    "weatherkit tokens need the service id (their sub, and the header's id)",
+                    "set service_id = \"com.example.weatherkit-client\" (Certificates, Identifiers & Profiles → Services IDs)",
+                ))
+            }
+            (s, _) => s.map(str::to_string),
+        };
+        let refresh = self.duration(
+            &field("apns_token_refresh"),
+            k.apns_token_refresh.as_deref(),
+            apple::APNS_REFRESH_DEFAULT,
+        )?;
+        if refresh < apple::APNS_REFRESH_MIN || refresh > apple::APNS_REFRESH_MAX {
+            return Err(self.invalid(
+                field("apns_token_refresh"),
+                format!(
+                    "{} is outside 20m–55m: APNs answers 429 TooManyProviderTokenUpdates to a token renewed more often than every 20 minutes, and 403 ExpiredProviderToken to one older than an hour",
+                    humantime::format_duration(refresh)
+                ),
+                "leave the default (40m), or set between \"20m\" and \"55m\"",
+            ));
+        }
+        Ok((Some(team_id), service_id, refresh))
     }
 
     fn client(
@@ -700,6 +806,17 @@ impl Validator<'_> {
             Some(raw) => Some(self.signing(i, raw, c.key.as_deref(), keys)?),
             None => None,
         };
+        let apns_environment = match c.apns_environment.as_deref() {
+            None | Some("production") => Environment::Production,
+            Some("development") => Environment::Sandbox,
+            Some(other) => {
+                return Err(self.invalid(
+                    field("apns_environment"),
+                    format!("`{other}` is not an APNs environment"),
+                    "use \"production\" (api.push.apple.com, the default) or \"development\" (api.sandbox.push.apple.com)",
+                ))
+            }
+        };
         Ok(ClientConfig {
             name: c.name,
             secret_sha256,
@@ -709,6 +826,7 @@ impl Validator<'_> {
             bundle_id: c.bundle_id,
             client_key,
             signing,
+            apns_environment,
             rate_limit: c
                 .rate_limit
                 .as_deref()
@@ -894,6 +1012,7 @@ impl Validator<'_> {
 fn default_api(kind: KeyKind) -> Api {
     match kind {
         KeyKind::InAppPurchase => Api::AppStoreServer,
+        KeyKind::Developer => Api::Apns,
         _ => Api::AppStoreConnect,
     }
 }

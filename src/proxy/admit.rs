@@ -116,10 +116,20 @@ impl Proxy {
                 retry_after: wait,
             });
         }
-        let route = match destination {
+        let mut route = match destination {
             Destination::Apple(route) => route,
             Destination::Own(endpoint) => return Ok(Admission::Own { who, endpoint }),
         };
+        // APNs' own path carries no environment: the client's config chooses it.
+        if route.api == Api::Apns
+            && path.starts_with(crate::apple::APNS_NATIVE_PREFIX)
+            && self.clients.apns_environment(&who) == Environment::Sandbox
+        {
+            if let Some(development) = self.routes.sandbox_of(&route) {
+                route = development;
+                ex.environment = Some(route.environment);
+            }
+        }
         let key = self.key_for(&who, route.api)?;
         self.check_apple_limits(&who, &route, key, parts.method.as_str())?;
 

@@ -13,6 +13,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 
+use crate::apple::TokenStrategy;
 use crate::diagnose;
 use crate::forward::{self, Meter, ProxyBody};
 use crate::metrics;
@@ -36,6 +37,8 @@ pub(super) struct Upstream<'a> {
     pub url: &'a str,
     pub client_headers: &'a http::HeaderMap,
     pub route: &'a route::Route<'a>,
+    /// The configured name of the key that signs (APNs keeps a connection per key).
+    pub key: &'a str,
 }
 
 impl Upstream<'_> {
@@ -78,8 +81,11 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<(Response<Incoming>, Arc<Token>), Refusal> {
         let max_body = self.config.server.max_request_body;
-        // A body-less idempotent request can be replayed, so it may be retried.
+        // A body-less idempotent request can be replayed, so it may be retried; only a
+        // per-request token is re-minted for it (a cached developer token is not renewed
+        // early, DESIGN §18).
         let replayable = is_idempotent(up.method) && body.is_end_stream();
+        let remintable = replayable && up.route.api.token_strategy() == TokenStrategy::PerRequest;
         let body = (!replayable).then(|| {
             forward::boxed(
                 forward::Metered::new(body, ex.received.clone(), Some(max_body))
@@ -98,7 +104,7 @@ impl Proxy {
         ex.sent = true;
         let response = self.send(up, body, &token, tally).await?;
         self.note_upstream(ex, &response, &token, sent);
-        if response.status() != StatusCode::UNAUTHORIZED || !replayable {
+        if response.status() != StatusCode::UNAUTHORIZED || !remintable {
             return Ok((response, token));
         }
 
@@ -147,6 +153,7 @@ impl Proxy {
         let replayable = body.is_none();
         let mut body = Some(body.unwrap_or_else(forward::empty));
         let timeout = self.config.server.request_timeout;
+        let client = self.upstream_for(up.route.api, up.key);
         let response = loop {
             let mut request = Request::builder()
                 .method(up.method.clone())
@@ -157,7 +164,7 @@ impl Proxy {
             // `request_timeout` bounds the wait for Apple's head once the body is sent; a
             // slow upload is bounded by `body_idle_timeout` instead (DESIGN §13b).
             let answer = match upload {
-                None => tokio::time::timeout(timeout, self.upstream.request(request))
+                None => tokio::time::timeout(timeout, client.request(request))
                     .await
                     .map_err(drop),
                 Some(upload) => {
@@ -167,7 +174,7 @@ impl Proxy {
                     };
                     tokio::select! {
                         biased;
-                        answer = self.upstream.request(request) => Ok(answer),
+                        answer = client.request(request) => Ok(answer),
                         () = deadline => Err(()),
                     }
                 }

@@ -138,6 +138,7 @@ impl Proxy {
             url: &url,
             client_headers: up.client_headers,
             route: &route,
+            key: up.key,
         };
         self.send(&sandbox, None, token, tally).await.map_err(|e| {
             tracing::info!(request_id = up.request_id, error = %error_chain(&e), "sandbox did not answer");

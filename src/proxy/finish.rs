@@ -72,7 +72,11 @@ impl Proxy {
                         tracing::warn!(parent: &span, request_id = %id, peer = %peer.addr, %method, %path, status, head_ms, kind, detail = %cause, "failed")
                     }
                 }
-                (refusal.into_response(id), decision, Some(kind))
+                // APNs libraries read `reason` from every non-200 body (one crashes without
+                // it): on APNs routes the proxy's errors carry it too (DESIGN §18).
+                let apns = ex.api == Some(crate::apple::Api::Apns)
+                    || crate::apple::is_apns_path(&ex.head.path);
+                (refusal.into_response(id, apns), decision, Some(kind))
             }
         };
         if let Ok(v) = HeaderValue::from_str(id) {

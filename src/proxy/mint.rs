@@ -49,6 +49,8 @@ impl Proxy {
         let token = match (request.api.token_strategy(), freshness) {
             (TokenStrategy::PerRequest, Freshness::Cached) => self.minter.token(request, now),
             (TokenStrategy::PerRequest, Freshness::Fresh) => self.minter.remint(request, now),
+            // Reused until due for renewal, whatever happened to the last request (DESIGN §18).
+            (TokenStrategy::Cached, _) => self.minter.cached(request, now),
             // Answered by the proxy itself (`own`); never routed to Apple, so never minted for.
             (TokenStrategy::Answered, _) => {
                 return Err(Refusal::internal(

@@ -157,6 +157,7 @@ impl Proxy {
             url: &url,
             client_headers: &parts.headers,
             route: &admitted.route,
+            key: admitted.key,
         };
         let (response, token) = self.forward(&up, body, &request, token, ex).await?;
 

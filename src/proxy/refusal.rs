@@ -439,10 +439,11 @@ impl Refusal {
         }
     }
 
-    /// Renders Apple's error shape, so clients' error handling keeps working.
-    pub(crate) fn into_response(self, request_id: &str) -> Response<ProxyBody> {
+    /// Renders Apple's error shape, so clients' error handling keeps working; on APNs
+    /// routes (`apns`) with APNs' `reason` beside it, the proxy's code.
+    pub(crate) fn into_response(self, request_id: &str, apns: bool) -> Response<ProxyBody> {
         let status = self.status();
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "errors": [{
                 "status": status.as_str(),
                 "code": self.code(),
@@ -451,6 +452,9 @@ impl Refusal {
             }],
             "request_id": request_id,
         });
+        if apns {
+            body["reason"] = serde_json::Value::from(self.code());
+        }
         let mut response = Response::new(forward::boxed(Full::new(Bytes::from(body.to_string()))));
         *response.status_mut() = status;
         let h = response.headers_mut();
@@ -571,7 +575,7 @@ mod tests {
         let refusal = Refusal::internal("upstream request", boxed("secret internal text"));
         assert!(!refusal.detail().contains("secret internal text"));
         assert!(error_chain(&refusal).ends_with(": secret internal text"));
-        let response = refusal.into_response("rid-1");
+        let response = refusal.into_response("rid-1", false);
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use crate::apple::Api;
 use crate::audit;
 use crate::client::Clients;
 use crate::config::Config;
@@ -39,6 +40,10 @@ pub struct Proxy {
     pub(super) clients: Clients,
     pub(super) minter: Minter,
     pub(super) upstream: forward::Client,
+    /// APNs: an HTTP/2-only client per key, so each key has its own connection per
+    /// environment, reused for every device (DESIGN §18). Replaced when APNs says
+    /// `UnrelatedKeyIdInToken` (a connection must not mix keys).
+    pub(super) apns: HashMap<String, Mutex<forward::Client>>,
     /// Inbound TLS (and mTLS), when configured, and what identifies its settings.
     tls: Option<tokio_rustls::TlsAcceptor>,
     tls_fingerprint: u64,
@@ -54,6 +59,8 @@ pub(super) struct Shared {
     pub metrics: Arc<metrics::Metrics>,
     pub clock: Arc<AppleClock>,
     pub mint_counts: Arc<MintCounts>,
+    /// The developer-key APIs' tokens: a reload never re-mints one (DESIGN §18).
+    pub developer_tokens: Arc<crate::token::DeveloperTokens>,
     /// When Apple last accepted each key, by (key id, SHA-256 of its public key): a new key
     /// under an old name starts with no history, a renamed key keeps its own.
     key_history: Mutex<HashMap<KeyIdentity, Arc<AtomicI64>>>,
@@ -87,6 +94,7 @@ impl Proxy {
             metrics: Arc::new(metrics::Metrics::new()),
             clock: Arc::new(AppleClock::default()),
             mint_counts: Arc::default(),
+            developer_tokens: Arc::default(),
             key_history: Mutex::default(),
             ids: RequestIds::new(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
@@ -135,8 +143,12 @@ impl Proxy {
         let tls = crate::tls::acceptor(&config)?;
         let tls_fingerprint = crate::tls::fingerprint(&config);
         let (minter, warnings) = Minter::new(&config, shared.clock.clone())?;
-        let minter = minter.counting_into(shared.mint_counts.clone());
+        let minter = minter.sharing(shared.mint_counts.clone(), shared.developer_tokens.clone());
         let upstream = forward::client(&config)?;
+        let mut apns = HashMap::new();
+        for k in config.keys.iter().filter(|k| k.apis.contains(&Api::Apns)) {
+            apns.insert(k.name.clone(), Mutex::new(forward::http2_client(&config)?));
+        }
         let key_success = {
             let mut history = shared.key_history.lock().unwrap_or_else(|p| p.into_inner());
             config
@@ -155,6 +167,7 @@ impl Proxy {
                 clients: Clients::carrying(&config, previous.map(|p| &p.clients)),
                 minter,
                 upstream,
+                apns,
                 tls,
                 tls_fingerprint,
                 key_success,
@@ -269,6 +282,33 @@ impl Proxy {
             },
             &signers,
         )
+    }
+
+    /// The client that carries a request for `api` signed by `key`: APNs' per-key HTTP/2
+    /// client, or the shared one.
+    pub(super) fn upstream_for(&self, api: Api, key: &str) -> forward::Client {
+        match self.apns.get(key).filter(|_| api == Api::Apns) {
+            Some(client) => client
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            None => self.upstream.clone(),
+        }
+    }
+
+    /// APNs refused `key`'s token on a connection bound to another key
+    /// (`UnrelatedKeyIdInToken`): the next push opens a new connection (APPLE.md §9.1).
+    pub(super) fn renew_apns_connection(&self, key: &str) {
+        if let Some(client) = self.apns.get(key) {
+            match forward::http2_client(&self.config) {
+                Ok(fresh) => {
+                    *client
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                }
+                Err(e) => tracing::warn!(key, error = %e, "cannot build a new APNs connection"),
+            }
+        }
     }
 
     /// Apple accepted `key` just now.

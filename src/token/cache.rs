@@ -51,6 +51,14 @@ impl CacheKey {
 
 pub(super) const SHARDS: usize = 16;
 
+/// More than [`REFRESH_MARGIN`] left before `exp` (every cached token has one).
+fn lives(token: &Token, apple_now: i64) -> bool {
+    token
+        .claims
+        .exp
+        .is_some_and(|exp| exp - apple_now >= REFRESH_MARGIN.as_secs() as i64)
+}
+
 pub(super) struct Cache {
     shards: Vec<Mutex<HashMap<String, Arc<Token>>>>,
     per_shard: usize,
@@ -72,8 +80,7 @@ impl Cache {
     }
 
     fn usable(token: &Token, apple_now: i64, offset: i64) -> bool {
-        token.claims.exp - apple_now >= REFRESH_MARGIN.as_secs() as i64
-            && (token.clock_offset - offset).abs() < OFFSET_TOLERANCE_SECS
+        lives(token, apple_now) && (token.clock_offset - offset).abs() < OFFSET_TOLERANCE_SECS
     }
 
     pub fn get(&self, key: &str, apple_now: i64, offset: i64) -> Option<Arc<Token>> {
@@ -90,17 +97,14 @@ impl Cache {
             // Drop every token too close to expiry to be served; if the live ones still fill
             // the shard, drop an arbitrary eighth of them too (HashMap order is random): the
             // bound kept without an LRU's per-hit bookkeeping, nothing copied or re-hashed.
-            let live = shard
-                .values()
-                .filter(|t| t.claims.exp - apple_now >= REFRESH_MARGIN.as_secs() as i64)
-                .count();
+            let live = shard.values().filter(|t| lives(t, apple_now)).count();
             let mut surplus = if live >= self.per_shard {
                 self.per_shard.div_ceil(8)
             } else {
                 0
             };
             shard.retain(|_, t| {
-                if t.claims.exp - apple_now < REFRESH_MARGIN.as_secs() as i64 {
+                if !lives(t, apple_now) {
                     false
                 } else if surplus > 0 {
                     surplus -= 1;

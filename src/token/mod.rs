@@ -16,6 +16,7 @@
 
 mod cache;
 mod clock;
+mod developer;
 mod file_name;
 pub mod key;
 pub mod pkcs11;
@@ -41,6 +42,7 @@ pub use scope::scope_entry;
 pub use signer::{SignError, Signer};
 
 use cache::{Cache, CacheKey};
+pub use developer::{renewal as developer_renewal, DeveloperTokens};
 
 /// A token is re-minted when less than this remains before `exp` (APPLE.md §5: "refresh
 /// when under 60 s remain").
@@ -60,11 +62,16 @@ pub(crate) const OFFSET_TOLERANCE_SECS: i64 = 5;
 pub struct Claims {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iss: Option<Arc<str>>,
+    /// `"user"` (individual keys), WeatherKit's service id.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sub: Option<&'static str>,
+    pub sub: Option<Arc<str>>,
     pub iat: i64,
-    pub exp: i64,
-    pub aud: &'static str,
+    /// `None` for APNs' provider token and its kin (renewed by age, APPLE.md §9.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp: Option<i64>,
+    /// `appstoreconnect-v1`; the developer-key APIs take none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scope: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -77,8 +84,11 @@ pub struct Claims {
 /// everything a request needs from it is ready-made: the `Authorization` value, the
 /// fingerprint and the names clone without allocating.
 pub struct Token {
-    /// `Bearer <compact JWT>`, marked sensitive (never indexed by HPACK, hidden by `Debug`).
+    /// `Bearer <compact JWT>` (App Attest: the bare JWT), marked sensitive (never indexed
+    /// by HPACK, hidden by `Debug`).
     authorization: http::HeaderValue,
+    /// Bytes of the scheme before the JWT in `authorization` (`Bearer `, or none).
+    scheme_len: usize,
     fingerprint: Arc<str>,
     pub key_name: Arc<str>,
     pub key_id: Arc<str>,
@@ -95,7 +105,7 @@ impl Token {
     pub fn jwt(&self) -> &str {
         self.authorization
             .as_bytes()
-            .get(BEARER.len()..)
+            .get(self.scheme_len..)
             .and_then(|b| std::str::from_utf8(b).ok())
             .unwrap_or_default()
     }
@@ -143,6 +153,12 @@ pub enum MintError {
     WrongApi { key: String, api: Api },
     #[error("key `{0}` has no bundle id for a storekit token")]
     NoBundleId(String),
+    #[error("key `{key}` has no {field} for {api}")]
+    Missing {
+        key: String,
+        field: &'static str,
+        api: Api,
+    },
     #[error("cannot encode the token")]
     Encode,
     #[error("key `{key}`")]
@@ -174,6 +190,9 @@ pub struct Minter {
     scope_methods: Vec<String>,
     cache: Cache,
     counts: Arc<MintCounts>,
+    /// The developer-key APIs' tokens (DESIGN §18), shared with the minters before and
+    /// after a reload so a reload never re-mints one.
+    developer: Arc<DeveloperTokens>,
 }
 
 /// Signatures made and cache hits served: shared by the minters before and after a reload,
@@ -248,6 +267,7 @@ impl Minter {
             scope_methods: config.tokens.scope_methods.clone(),
             cache: Cache::new(config.tokens.cache_capacity),
             counts: Arc::default(),
+            developer: Arc::default(),
         };
         Ok((minter, warnings))
     }
@@ -263,6 +283,7 @@ impl Minter {
                 KeyKind::Team | KeyKind::InAppPurchase => {
                     config.issuer_id.as_deref().map(Arc::from)
                 }
+                KeyKind::Developer => config.team_id.as_deref().map(Arc::from),
             },
             config,
             signer,
@@ -270,9 +291,15 @@ impl Minter {
         }
     }
 
-    /// Counts into `counts` (those of the minter this one replaces) from now on.
-    pub(crate) fn counting_into(mut self, counts: Arc<MintCounts>) -> Minter {
+    /// Counts into `counts` (those of the minter this one replaces) from now on, and keeps
+    /// the developer-key tokens in `developer` (the store that outlives reloads).
+    pub(crate) fn sharing(
+        mut self,
+        counts: Arc<MintCounts>,
+        developer: Arc<DeveloperTokens>,
+    ) -> Minter {
         self.counts = counts;
+        self.developer = developer;
         self
     }
 
@@ -392,6 +419,8 @@ impl Minter {
                     .ok_or_else(|| MintError::NoBundleId(req.key.to_string()))?,
             ),
             TokenFamily::Connect => None,
+            // Never cached here: `cached` keeps these (DESIGN §18).
+            TokenFamily::Developer => return self.cached(req, now),
         };
         // The cache key embeds the scope entry, so a cache hit costs this one string.
         let scoped = self.scoped(req.api, req.method);
@@ -409,15 +438,15 @@ impl Minter {
         let iat = apple_now - self.iat_leeway;
         let claims = Claims {
             iss: key.issuer.clone(),
-            sub: (key.config.kind == KeyKind::Individual).then_some("user"),
+            sub: (key.config.kind == KeyKind::Individual).then(|| Arc::from("user")),
             iat,
-            exp: iat + i64::try_from(lifetime.as_secs()).unwrap_or(0),
-            aud: apple::AUDIENCE,
+            exp: Some(iat + i64::try_from(lifetime.as_secs()).unwrap_or(0)),
+            aud: Some(apple::AUDIENCE),
             scope: scope.map(|s| vec![s.to_string()]),
             bid: bid.map(str::to_string),
         };
         let cacheable = scope.is_none_or(|s| s.len() <= MAX_CACHED_SCOPE);
-        let token = Arc::new(self.sign(key, claims, offset)?);
+        let token = Arc::new(self.sign(key, &key.header_b64, claims, offset, BEARER)?);
         self.counts.minted.fetch_add(1, Ordering::Relaxed);
         if cacheable {
             self.cache.insert(cache_key.text, token.clone(), apple_now);
@@ -442,33 +471,43 @@ impl Minter {
         lifetime.min(api.token_family().max_lifetime())
     }
 
-    fn sign(&self, key: &LoadedKey, claims: Claims, clock_offset: i64) -> Result<Token, MintError> {
+    /// Signs `claims` under the JOSE header `header_b64`; `scheme` goes before the JWT in
+    /// the `Authorization` value (`Bearer `, or nothing for App Attest).
+    fn sign(
+        &self,
+        key: &LoadedKey,
+        header_b64: &str,
+        claims: Claims,
+        clock_offset: i64,
+        scheme: &str,
+    ) -> Result<Token, MintError> {
         let mut payload = Vec::with_capacity(256);
         serde_json::to_writer(&mut payload, &claims).map_err(|_| MintError::Encode)?;
-        // `Bearer ` + header.payload.signature, built in place: the header value is the
+        // scheme + header.payload.signature, built in place: the header value is the
         // token's only copy of the JWT.
         let mut value = String::with_capacity(
-            BEARER.len() + key.header_b64.len() + payload.len().div_ceil(3) * 4 + 90,
+            scheme.len() + header_b64.len() + payload.len().div_ceil(3) * 4 + 90,
         );
-        value.push_str(BEARER);
-        value.push_str(&key.header_b64);
+        value.push_str(scheme);
+        value.push_str(header_b64);
         value.push('.');
         URL_SAFE_NO_PAD.encode_string(&payload, &mut value);
         let signature = key
             .signer
-            .sign(&value.as_bytes()[BEARER.len()..])
+            .sign(&value.as_bytes()[scheme.len()..])
             .map_err(|source| MintError::Sign {
                 key: key.config.name.clone(),
                 source,
             })?;
         value.push('.');
         URL_SAFE_NO_PAD.encode_string(signature, &mut value);
-        let fingerprint = crate::sha256(&value.as_bytes()[BEARER.len()..]);
+        let fingerprint = crate::sha256(&value.as_bytes()[scheme.len()..]);
         let mut authorization = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
             .map_err(|_| MintError::Encode)?;
         authorization.set_sensitive(true);
         Ok(Token {
             authorization,
+            scheme_len: scheme.len(),
             fingerprint: Arc::from(crate::hex(&fingerprint)),
             key_name: key.name.clone(),
             key_id: key.key_id.clone(),
@@ -622,7 +661,7 @@ mod tests {
         ] {
             let t = m.token(&r, now()).unwrap();
             let cap = r.api.token_family().max_lifetime().as_secs() as i64;
-            assert!(t.claims.exp - t.claims.iat <= cap, "{r:?}");
+            assert!(t.claims.exp.unwrap() - t.claims.iat <= cap, "{r:?}");
         }
     }
 

@@ -182,7 +182,7 @@ fn pkcs11_line(module: &Path, label: &str, extra: &str) -> String {
 
 /// Imports every key of the world into the token and deletes its `.p8`.
 fn import_world_keys(hsm: &SoftHsm, dir: &Path) {
-    for slot in [Slot::Team, Slot::Individual, Slot::Iap] {
+    for slot in Slot::ALL {
         let file = dir.join(fixture::key_file(&Identity::TEST, slot));
         let label = file.file_stem().unwrap().to_str().unwrap().to_string();
         let out = hsm.import(&file, &label, PIN);

@@ -56,6 +56,8 @@ pub(crate) struct Shared {
     pub pattern: Bytes,
     uuid_seed: RandomState,
     uuid_counter: AtomicU64,
+    /// Tokens the developer-key roles saw, per key.
+    pub developer_seen: super::developer::Seen,
 }
 
 /// Summarised by hand: the record holds bearer tokens, which `Debug` must not print.
@@ -86,6 +88,7 @@ impl Shared {
             pattern: super::body::pattern_chunk(),
             uuid_seed: RandomState::new(),
             uuid_counter: AtomicU64::new(0),
+            developer_seen: Default::default(),
         }
     }
 
@@ -102,7 +105,7 @@ impl Shared {
     }
 
     /// Apple's clock, in seconds since the epoch.
-    fn now(&self) -> i64 {
+    pub(crate) fn now(&self) -> i64 {
         let host = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -110,7 +113,7 @@ impl Shared {
     }
 
     /// A fresh UUID-looking identifier (version-4 layout). Unique, not secret.
-    fn request_uuid(&self) -> String {
+    pub(crate) fn request_uuid(&self) -> String {
         let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
         let hi = self.uuid_seed.hash_one((n, 0u8));
         let lo = self.uuid_seed.hash_one((n, 1u8));
@@ -301,7 +304,7 @@ fn judge(
     (Ok(token), fault)
 }
 
-async fn count_body(mut body: Incoming) -> u64 {
+pub(crate) async fn count_body(mut body: Incoming) -> u64 {
     let mut len = 0u64;
     while let Some(frame) = body.frame().await {
         match frame {
@@ -327,6 +330,8 @@ fn serves(role: Role, path: &str) -> bool {
         Role::StoreKitProduction | Role::StoreKitSandbox => STOREKIT_PREFIXES
             .iter()
             .any(|prefix| path.starts_with(prefix)),
+        // Answered by `developer`, never here.
+        _ => false,
     }
 }
 
@@ -396,9 +401,7 @@ fn not_authorized(role: Role) -> Response<ResponseBody> {
             StatusCode::UNAUTHORIZED,
             APP_STORE_CONNECT_NOT_AUTHORIZED_BODY,
         ),
-        Role::StoreKitProduction | Role::StoreKitSandbox => {
-            empty_response(StatusCode::UNAUTHORIZED)
-        }
+        _ => empty_response(StatusCode::UNAUTHORIZED),
     }
 }
 
@@ -433,7 +436,7 @@ fn not_found(role: Role, shared: &Shared) -> Response<ResponseBody> {
             }]});
             json_response(StatusCode::NOT_FOUND, body.to_string())
         }
-        Role::StoreKitProduction | Role::StoreKitSandbox => empty_response(StatusCode::NOT_FOUND),
+        _ => empty_response(StatusCode::NOT_FOUND),
     }
 }
 
@@ -447,9 +450,7 @@ fn bad_standin_bytes(role: Role, shared: &Shared) -> Response<ResponseBody> {
             "title": "A parameter has an invalid value",
             "detail": detail,
         }]}),
-        Role::StoreKitProduction | Role::StoreKitSandbox => {
-            json!({"errorCode": 4000000, "errorMessage": detail})
-        }
+        _ => json!({"errorCode": 4000000, "errorMessage": detail}),
     };
     json_response(StatusCode::BAD_REQUEST, body.to_string())
 }
@@ -528,7 +529,7 @@ fn set(response: &mut Response<ResponseBody>, name: HeaderName, value: impl AsRe
 
 /// RFC 9110 IMF-fixdate for `unix_secs`, clamped to what the format (and `httpdate`,
 /// which panics outside it) can express: 1970 to the end of 9999.
-fn http_date(unix_secs: i64) -> String {
+pub(crate) fn http_date(unix_secs: i64) -> String {
     const LAST_SECOND_OF_9999: u64 = 253_402_300_799;
     let secs = u64::try_from(unix_secs)
         .unwrap_or(0)

@@ -220,6 +220,7 @@ mod tests {
             sandbox_only_transactions: Vec::new(),
             error_padding: 0,
             compress_errors: false,
+            apns_reason: None,
         };
         let left = AtomicU32::new(1);
         let asc = request(Role::AppStoreConnect, "/v1/devices", Some(&individual));

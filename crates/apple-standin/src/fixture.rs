@@ -58,6 +58,13 @@ pub struct Identity {
     pub individual: KeyName,
     /// In-App Purchase key (`SubscriptionKey_<ID>.p8`).
     pub iap: KeyName,
+    /// Apple Developer account key (`AuthKey_<ID>.p8` from Certificates, Identifiers &
+    /// Profiles): APNs, DeviceCheck, App Attest, WeatherKit, Apple Music.
+    pub developer: KeyName,
+    /// The developer team's id (the developer tokens' `iss`).
+    pub team_id: &'static str,
+    /// The WeatherKit service id (its token's `sub`).
+    pub service_id: &'static str,
 }
 
 impl Identity {
@@ -77,6 +84,12 @@ impl Identity {
             name: "storekit",
             key_id: "IAPKEY0001",
         },
+        developer: KeyName {
+            name: "push",
+            key_id: "DEVKEY0001",
+        },
+        team_id: "DEF123GHIJ",
+        service_id: "com.example.weatherkit-client",
     };
 
     /// The `demo` command's identity: what its users see in responses and audit records.
@@ -95,6 +108,12 @@ impl Identity {
             name: "storekit",
             key_id: "DEMOIAP001",
         },
+        developer: KeyName {
+            name: "push",
+            key_id: "DEMODEV001",
+        },
+        team_id: "DEMOTEAM99",
+        service_id: "com.example.demo.weatherkit",
     };
 
     /// The name and key id of the key in `slot`.
@@ -103,6 +122,7 @@ impl Identity {
             Slot::Team => self.team,
             Slot::Individual => self.individual,
             Slot::Iap => self.iap,
+            Slot::Developer => self.developer,
         }
     }
 }
@@ -113,6 +133,11 @@ pub enum Slot {
     Team,
     Individual,
     Iap,
+    Developer,
+}
+
+impl Slot {
+    pub const ALL: [Slot; 4] = [Slot::Team, Slot::Individual, Slot::Iap, Slot::Developer];
 }
 
 /// Why the fixture could not be set up.
@@ -187,6 +212,7 @@ pub struct Keys {
     pub team: Key,
     pub individual: Key,
     pub iap: Key,
+    pub developer: Key,
 }
 
 impl Keys {
@@ -195,6 +221,7 @@ impl Keys {
             team: Key::generate()?,
             individual: Key::generate()?,
             iap: Key::generate()?,
+            developer: Key::generate()?,
         })
     }
 
@@ -203,6 +230,7 @@ impl Keys {
             Slot::Team => &self.team,
             Slot::Individual => &self.individual,
             Slot::Iap => &self.iap,
+            Slot::Developer => &self.developer,
         }
     }
 }
@@ -362,7 +390,7 @@ impl World {
             path: keys_dir.clone(),
             source,
         })?;
-        for slot in [Slot::Team, Slot::Individual, Slot::Iap] {
+        for slot in Slot::ALL {
             let path = dir.path().join(key_file(&identity, slot));
             write_private(&path, &keys.get(slot).pem)
                 .map_err(|source| Error::Write { path, source })?;
@@ -379,6 +407,7 @@ impl World {
                 .unwrap_or_else(|| standin.url(Role::AppStoreConnect)),
             production: standin.url(Role::StoreKitProduction),
             sandbox: standin.url(Role::StoreKitSandbox),
+            developer: developer_tables(&standin),
         };
         let config_path = dir.path().join(CONFIG_FILE);
         std::fs::write(&config_path, config_text(options, &urls, &clients)).map_err(|source| {
@@ -429,13 +458,21 @@ fn known_keys(identity: &Identity, keys: &Keys) -> Vec<KnownKey> {
                 bundle_ids: vec![identity.bundle_id.to_string()],
             },
         },
+        KnownKey {
+            key_id: identity.developer.key_id.to_string(),
+            public_key: keys.developer.public.clone(),
+            kind: KnownKeyKind::Developer {
+                team_id: identity.team_id.to_string(),
+                service_id: Some(identity.service_id.to_string()),
+            },
+        },
     ]
 }
 
 /// The key file's path relative to the scratch directory, named as Apple names downloads.
 pub fn key_file(identity: &Identity, slot: Slot) -> String {
     let prefix = match slot {
-        Slot::Team | Slot::Individual => "AuthKey",
+        Slot::Team | Slot::Individual | Slot::Developer => "AuthKey",
         Slot::Iap => "SubscriptionKey",
     };
     format!("{KEYS_DIR}/{prefix}_{}.p8", identity.key(slot).key_id)
@@ -446,6 +483,41 @@ struct Urls {
     connect: String,
     production: String,
     sandbox: String,
+    /// The developer-key APIs' `[apis.<id>]` tables (base_url, sandbox_base_url).
+    developer: String,
+}
+
+fn developer_tables(standin: &Standin) -> String {
+    let mut t = String::new();
+    for (api, production, development) in [
+        ("apns", Role::Apns, Some(Role::ApnsDevelopment)),
+        (
+            "devicecheck",
+            Role::DeviceCheck,
+            Some(Role::DeviceCheckDevelopment),
+        ),
+        (
+            "app-attest",
+            Role::AppAttest,
+            Some(Role::AppAttestDevelopment),
+        ),
+        ("weatherkit", Role::WeatherKit, None),
+        ("apple-music", Role::AppleMusic, None),
+    ] {
+        let _ = writeln!(
+            t,
+            "[apis.{api}]\nbase_url = {}",
+            quoted(&standin.url(production))
+        );
+        if let Some(development) = development {
+            let _ = writeln!(
+                t,
+                "sandbox_base_url = {}",
+                quoted(&standin.url(development))
+            );
+        }
+    }
+    t
 }
 
 /// The `proxy.toml` text. Relative paths are resolved by the proxy against the file's
@@ -463,7 +535,7 @@ fn config_text(options: &Options, urls: &Urls, clients: &[Issued]) -> String {
          [apis.notary]\nbase_url = {connect}\n\
          [apis.app-store-server]\nbase_url = {production}\nsandbox_base_url = {sandbox}\n{storekit}\
          [apis.advanced-commerce]\nbase_url = {production}\nsandbox_base_url = {sandbox}\n\
-         [apis.external-purchase]\nbase_url = {production}\nsandbox_base_url = {sandbox}\n",
+         [apis.external-purchase]\nbase_url = {production}\nsandbox_base_url = {sandbox}\n{developer}",
         listen = quoted(&options.listen),
         server = lines(&options.server_toml),
         audit = lines(&options.audit_toml),
@@ -472,6 +544,7 @@ fn config_text(options: &Options, urls: &Urls, clients: &[Issued]) -> String {
         production = quoted(&urls.production),
         sandbox = quoted(&urls.sandbox),
         storekit = lines(&options.app_store_server_toml),
+        developer = urls.developer,
     );
     let lifetime = options
         .key_lifetime
@@ -500,6 +573,13 @@ fn config_text(options: &Options, urls: &Urls, clients: &[Issued]) -> String {
             true,
             r#"["app-store-server", "advanced-commerce", "external-purchase", "in-app-signing"]"#,
         ),
+        (
+            Slot::Developer,
+            "developer",
+            false,
+            false,
+            r#"["apns", "devicecheck", "app-attest", "weatherkit", "apple-music"]"#,
+        ),
     ] {
         let key = identity.key(slot);
         let _ = write!(
@@ -513,6 +593,14 @@ fn config_text(options: &Options, urls: &Urls, clients: &[Issued]) -> String {
         }
         if bundle {
             let _ = writeln!(t, "bundle_id = {}", quoted(identity.bundle_id));
+        }
+        if slot == Slot::Developer {
+            let _ = writeln!(
+                t,
+                "team_id = {}\nservice_id = {}",
+                quoted(identity.team_id),
+                quoted(identity.service_id)
+            );
         }
         let _ = write!(
             t,
@@ -659,7 +747,7 @@ mod tests {
         };
         let world = World::start(&options).await.expect("fixture");
         let dir = world.dir.path();
-        for slot in [Slot::Team, Slot::Individual, Slot::Iap] {
+        for slot in Slot::ALL {
             let path = dir.join(key_file(&world.identity, slot));
             let text = std::fs::read_to_string(&path).expect("key file");
             assert_eq!(text, world.keys.get(slot).pem);
@@ -677,7 +765,8 @@ mod tests {
         let text = std::fs::read_to_string(&world.config_path).expect("config");
         let config: toml::Table = text.parse().expect("valid TOML");
         let keys = config["keys"].as_array().expect("[[keys]]");
-        assert_eq!(keys.len(), 3);
+        assert_eq!(keys.len(), 4);
+        assert_eq!(keys[3]["kind"].as_str(), Some("developer"));
         assert_eq!(keys[0]["key_id"].as_str(), Some("TEAMKEY001"));
         assert_eq!(
             keys[2]["private_key_file"].as_str(),

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod body;
+mod developer;
 mod exchange;
 mod fault;
 pub mod fixture;
@@ -89,14 +90,38 @@ pub enum Role {
     StoreKitProduction,
     /// `api.storekit-sandbox.apple.com`.
     StoreKitSandbox,
+    /// `api.push.apple.com`: HTTP/2 only (ALPN `h2`), APNs' token rules per connection.
+    Apns,
+    /// `api.sandbox.push.apple.com`.
+    ApnsDevelopment,
+    /// `api.devicecheck.apple.com`.
+    DeviceCheck,
+    /// `api.development.devicecheck.apple.com`.
+    DeviceCheckDevelopment,
+    /// `data.appattest.apple.com`.
+    AppAttest,
+    /// `data-development.appattest.apple.com`.
+    AppAttestDevelopment,
+    /// `weatherkit.apple.com`.
+    WeatherKit,
+    /// `api.music.apple.com`.
+    AppleMusic,
 }
 
 impl Role {
     /// Every role, in listener order.
-    pub const ALL: [Role; 3] = [
+    pub const ALL: [Role; 11] = [
         Role::AppStoreConnect,
         Role::StoreKitProduction,
         Role::StoreKitSandbox,
+        Role::Apns,
+        Role::ApnsDevelopment,
+        Role::DeviceCheck,
+        Role::DeviceCheckDevelopment,
+        Role::AppAttest,
+        Role::AppAttestDevelopment,
+        Role::WeatherKit,
+        Role::AppleMusic,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -104,15 +129,24 @@ impl Role {
             Role::AppStoreConnect => "app-store-connect",
             Role::StoreKitProduction => "app-store-server-production",
             Role::StoreKitSandbox => "app-store-server-sandbox",
+            Role::Apns => "apns-production",
+            Role::ApnsDevelopment => "apns-development",
+            Role::DeviceCheck => "devicecheck-production",
+            Role::DeviceCheckDevelopment => "devicecheck-development",
+            Role::AppAttest => "app-attest-production",
+            Role::AppAttestDevelopment => "app-attest-development",
+            Role::WeatherKit => "weatherkit",
+            Role::AppleMusic => "apple-music",
         }
     }
 
     fn index(self) -> usize {
-        match self {
-            Role::AppStoreConnect => 0,
-            Role::StoreKitProduction => 1,
-            Role::StoreKitSandbox => 2,
-        }
+        Role::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+
+    /// APNs speaks HTTP/2 only.
+    fn http2_only(self) -> bool {
+        matches!(self, Role::Apns | Role::ApnsDevelopment)
     }
 }
 
@@ -129,6 +163,12 @@ pub enum KnownKeyKind {
     InAppPurchase {
         issuer_id: String,
         bundle_ids: Vec<String>,
+    },
+    /// Apple Developer account key (APNs, DeviceCheck, App Attest, WeatherKit, Music):
+    /// `iss` must be `team_id`; WeatherKit's `sub` must be `service_id`.
+    Developer {
+        team_id: String,
+        service_id: Option<String>,
     },
 }
 
@@ -193,6 +233,9 @@ pub struct Faults {
     /// Apple's JSON error bodies are sent gzip-compressed (`Content-Encoding: gzip`) to
     /// requests whose `Accept-Encoding` allows it, as a CDN in front of Apple may.
     pub compress_errors: bool,
+    /// APNs answers every otherwise-accepted push with this status and `{"reason": …}`
+    /// (e.g. `(403, "InvalidProviderToken")`, `(410, "Unregistered")`).
+    pub apns_reason: Option<(u16, String)>,
 }
 
 /// One request as the stand-in received it.
@@ -229,7 +272,7 @@ pub struct VerifiedToken {
 /// waits for them.
 #[derive(Debug)]
 pub struct Standin {
-    addrs: [SocketAddr; 3],
+    addrs: Vec<SocketAddr>,
     ca_pem: String,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
@@ -242,11 +285,16 @@ impl Standin {
         let keyring = Keyring::new(opts.keys)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let authority = tls::Authority::generate().map_err(std::io::Error::other)?;
+        let http2_acceptor = {
+            let mut config = (*authority.server_config).clone();
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            TlsAcceptor::from(Arc::new(config))
+        };
         let acceptor = TlsAcceptor::from(authority.server_config);
         let shared = Arc::new(Shared::new(keyring, opts.clock_offset_secs, opts.faults));
         let (stop, stopped) = watch::channel(false);
 
-        let mut addrs = [SocketAddr::from((Ipv4Addr::LOCALHOST, 0)); 3];
+        let mut addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0)); Role::ALL.len()];
         let mut listeners = Vec::with_capacity(Role::ALL.len());
         for role in Role::ALL {
             let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
@@ -254,7 +302,11 @@ impl Standin {
             listeners.push(tokio::spawn(accept_loop(
                 listener,
                 role,
-                acceptor.clone(),
+                if role.http2_only() {
+                    http2_acceptor.clone()
+                } else {
+                    acceptor.clone()
+                },
                 Arc::clone(&shared),
                 stopped.clone(),
             )));
@@ -277,6 +329,11 @@ impl Standin {
     /// The throw-away CA certificate (PEM) that signed the listeners' certificate.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// How many different tokens signed by `key_id` the developer-key roles have seen.
+    pub fn distinct_tokens(&self, key_id: &str) -> usize {
+        self.shared.developer_seen.count(key_id)
     }
 
     /// Everything received so far, in order.
@@ -378,9 +435,18 @@ async fn serve_connection(
         }
     };
 
+    // APNs binds each connection to a key and limits token changes on it.
+    let connection = Arc::new(std::sync::Mutex::new(developer::Connection::default()));
     let service = service_fn(move |request| {
         let shared = Arc::clone(&shared);
-        async move { Ok::<_, Infallible>(exchange::handle(&shared, role, request).await) }
+        let connection = Arc::clone(&connection);
+        async move {
+            Ok::<_, Infallible>(if developer::serves(role) {
+                developer::handle(&shared, role, &connection, request).await
+            } else {
+                exchange::handle(&shared, role, request).await
+            })
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -393,7 +459,15 @@ async fn serve_connection(
         .auto_date_header(false)
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW);
-    if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
+    let served = if role.http2_only() {
+        builder
+            .http2_only()
+            .serve_connection(TokioIo::new(tls), service)
+            .await
+    } else {
+        builder.serve_connection(TokioIo::new(tls), service).await
+    };
+    if let Err(error) = served {
         tracing::debug!(role = role.as_str(), %peer, %error, "stand-in connection ended with an error");
     }
 }

@@ -106,6 +106,8 @@ pub(crate) enum Rejection {
         "key {0:?} is an In-App Purchase key; App Store Connect takes only team or individual keys"
     )]
     InAppPurchaseKeyOnAppStoreConnect(String),
+    #[error("key {0} is an Apple Developer account key; App Store Connect and the App Store Server API take none")]
+    DeveloperKeyOnAppStore(String),
     #[error("key {0:?} is an App Store Connect key; the App Store Server API takes only In-App Purchase keys")]
     NotInAppPurchaseKey(String),
     #[error("`iss` is {found}, expected the key's issuer ID {expected:?}")]
@@ -207,6 +209,11 @@ impl Keyring {
             }
         }
         Ok(Keyring { keys: map })
+    }
+
+    /// The trusted key `key_id` and its parsed public half.
+    pub(crate) fn trusted(&self, key_id: &str) -> Option<(&KnownKey, &VerifyingKey)> {
+        self.keys.get(key_id).map(|t| (&t.key, &t.verifying))
     }
 
     /// What kind of key `key_id` is, if the stand-in knows it.
@@ -362,7 +369,8 @@ fn check_claims(
     let lifetime = i128::from(exp) - i128::from(iat);
     let max = match request.role {
         Role::AppStoreConnect => MAX_LIFETIME_APP_STORE_CONNECT,
-        Role::StoreKitProduction | Role::StoreKitSandbox => MAX_LIFETIME_STOREKIT,
+        // The storekit roles (the developer-key roles never come here).
+        _ => MAX_LIFETIME_STOREKIT,
     };
     if lifetime > max {
         return Err(Rejection::LifetimeTooLong {
@@ -374,7 +382,7 @@ fn check_claims(
 
     match request.role {
         Role::AppStoreConnect => check_app_store_connect(key, claims, request, scope_encoding),
-        Role::StoreKitProduction | Role::StoreKitSandbox => check_storekit(key, claims),
+        _ => check_storekit(key, claims),
     }
 }
 
@@ -413,6 +421,9 @@ fn check_app_store_connect(
             return Err(Rejection::InAppPurchaseKeyOnAppStoreConnect(
                 key.key_id.clone(),
             ));
+        }
+        KnownKeyKind::Developer { .. } => {
+            return Err(Rejection::DeveloperKeyOnAppStore(key.key_id.clone()));
         }
     }
 
