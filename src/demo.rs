@@ -68,6 +68,8 @@ pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
                     "* /sandbox/inApps/*",
                     "GET /notary/*",
                     "POST /proxy/v1/signatures/*",
+                    "POST /apns/*",
+                    "GET /weatherkit/*",
                 ],
             )
             // What it may have the proxy sign with the In-App Purchase key (DESIGN §15).
@@ -144,6 +146,16 @@ impl Demo {
                 format!(
                     "curl -sS {auth} -H 'Content-Type: application/json' -d '{{\"product_id\":\"com.example.demo.pro.monthly\",\"offer_id\":\"winback-1\",\"transaction_id\":\"2000000123456789\"}}' '{base}/proxy/v1/signatures/promotional-offer'"
                 ),
+            ),
+            (
+                "APNs: a push (developer key; one provider token per key, reused for 40 minutes, over HTTP/2 to \"Apple\"); the status line and apns-id",
+                format!(
+                    "curl -sS -o /dev/null -D - {auth} -H 'apns-topic: com.example.demo' -H 'apns-push-type: alert' -d '{{\"aps\":{{\"alert\":\"Hello from the proxy\"}}}}' '{base}/apns/3/device/a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90'"
+                ),
+            ),
+            (
+                "WeatherKit: current weather (the same developer key; its token carries WeatherKit's id header and service id)",
+                format!("curl -sS {auth} '{base}/weatherkit/api/v1/weather/en/51.50/-0.12?dataSets=currentWeather'"),
             ),
             (
                 "No client secret: the proxy refuses (401 PROXY_UNAUTHENTICATED)",

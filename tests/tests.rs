@@ -9,6 +9,7 @@ mod doctor;
 mod hardening;
 mod hsm;
 mod ops;
+mod push;
 mod review;
 mod second_round;
 mod shape;
@@ -1308,6 +1309,7 @@ async fn demo_prints_curl_lines_that_work_as_pasted_and_stops_on_ctrl_c() {
         .output()
         .is_ok();
     let mut signed = false;
+    let mut pushed = false;
     for line in &curls {
         let body = if have_curl {
             let out = tokio::process::Command::new("sh")
@@ -1326,6 +1328,14 @@ async fn demo_prints_curl_lines_that_work_as_pasted_and_stops_on_ctrl_c() {
             eprintln!("curl is not installed: checking the line's shape only");
             continue;
         };
+        if line.contains("/apns/") {
+            assert!(
+                body.starts_with("HTTP/1.1 200") && body.contains("apns-id"),
+                "{body}"
+            );
+            pushed = true;
+            continue;
+        }
         if line.contains("-D -") {
             assert!(
                 body.contains("x-request-id") && body.contains("x-rate-limit"),
@@ -1346,11 +1356,14 @@ async fn demo_prints_curl_lines_that_work_as_pasted_and_stops_on_ctrl_c() {
             continue;
         }
         assert!(
-            json.get("data").is_some() || json["errors"][0]["code"].is_string(),
+            json.get("data").is_some()
+                || json.get("currentWeather").is_some()
+                || json["errors"][0]["code"].is_string(),
             "Apple-shaped JSON: {body}"
         );
     }
     assert!(signed || !have_curl, "the demo signs a promotional offer");
+    assert!(pushed || !have_curl, "the demo sends a push");
     let pid = child.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-INT", &pid])
