@@ -10,19 +10,25 @@
 //!     answer `CKR_DEVICE_ERROR` (an HSM that stopped answering);
 //!   - `drop-sessions`: the next `C_SignInit` closes every session of the slot in the real
 //!     module (which also logs the application out), deletes the control file and answers
-//!     `CKR_SESSION_HANDLE_INVALID` (an HSM that restarted under the proxy).
+//!     `CKR_SESSION_HANDLE_INVALID` (an HSM that restarted under the proxy);
+//!   - `pin-refused`: as `drop-sessions` (without deleting the file), and `C_Login` answers
+//!     `CKR_PIN_INCORRECT` (an HSM restarted with another PIN).
+//!
+//! - `AAP_P11_COUNT_FILE`: when set, rewritten after every `C_OpenSession`, `C_CloseSession`
+//!   and `C_Login` as `open=<sessions open> peak=<most open at once> logins=<C_Login calls>`.
 //!
 //! Test code only: it never ships in the proxy.
 
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
 use std::ptr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use cryptoki_sys::{
-    CKR_DEVICE_ERROR, CKR_GENERAL_ERROR, CKR_OK, CKR_SESSION_HANDLE_INVALID, CK_ATTRIBUTE, CK_BYTE,
-    CK_FLAGS, CK_FUNCTION_LIST, CK_MECHANISM, CK_NOTIFY, CK_OBJECT_HANDLE, CK_RV,
-    CK_SESSION_HANDLE, CK_SESSION_INFO, CK_SLOT_ID, CK_ULONG, CK_USER_TYPE, CK_UTF8CHAR,
+    CKR_DEVICE_ERROR, CKR_GENERAL_ERROR, CKR_OK, CKR_PIN_INCORRECT, CKR_SESSION_HANDLE_INVALID,
+    CK_ATTRIBUTE, CK_BYTE, CK_FLAGS, CK_FUNCTION_LIST, CK_MECHANISM, CK_NOTIFY, CK_OBJECT_HANDLE,
+    CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO, CK_SLOT_ID, CK_ULONG, CK_USER_TYPE, CK_UTF8CHAR,
 };
 
 struct Real {
@@ -64,6 +70,22 @@ fn down() -> bool {
     fault().as_deref() == Some("down")
 }
 
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+static LOGINS: AtomicUsize = AtomicUsize::new(0);
+
+fn write_counts() {
+    if let Some(path) = std::env::var_os("AAP_P11_COUNT_FILE") {
+        let text = format!(
+            "open={} peak={} logins={}\n",
+            OPEN.load(Ordering::SeqCst),
+            PEAK.load(Ordering::SeqCst),
+            LOGINS.load(Ordering::SeqCst)
+        );
+        let _ = std::fs::write(path, text);
+    }
+}
+
 macro_rules! forward {
     ($name:ident ( $($arg:expr),* )) => {
         match real().and_then(|r| r.list.$name) {
@@ -83,7 +105,22 @@ unsafe extern "C" fn open_session(
     if down() {
         return CKR_DEVICE_ERROR;
     }
-    forward!(C_OpenSession(slot, flags, application, notify, session))
+    let rv = forward!(C_OpenSession(slot, flags, application, notify, session));
+    if rv == CKR_OK {
+        let open = OPEN.fetch_add(1, Ordering::SeqCst) + 1;
+        PEAK.fetch_max(open, Ordering::SeqCst);
+        write_counts();
+    }
+    rv
+}
+
+unsafe extern "C" fn close_session(session: CK_SESSION_HANDLE) -> CK_RV {
+    let rv = forward!(C_CloseSession(session));
+    if rv == CKR_OK {
+        let _ = OPEN.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        write_counts();
+    }
+    rv
 }
 
 unsafe extern "C" fn login(
@@ -92,8 +129,12 @@ unsafe extern "C" fn login(
     pin: *mut CK_UTF8CHAR,
     pin_len: CK_ULONG,
 ) -> CK_RV {
-    if down() {
-        return CKR_DEVICE_ERROR;
+    LOGINS.fetch_add(1, Ordering::SeqCst);
+    write_counts();
+    match fault().as_deref() {
+        Some("down") => return CKR_DEVICE_ERROR,
+        Some("pin-refused") => return CKR_PIN_INCORRECT,
+        _ => {}
     }
     forward!(C_Login(session, user, pin, pin_len))
 }
@@ -116,13 +157,17 @@ unsafe extern "C" fn sign_init(
 ) -> CK_RV {
     match fault().as_deref() {
         Some("down") => return CKR_DEVICE_ERROR,
-        Some("drop-sessions") => {
+        Some(mode @ ("drop-sessions" | "pin-refused")) => {
             let mut info = CK_SESSION_INFO::default();
             if forward!(C_GetSessionInfo(session, &mut info)) == CKR_OK {
                 forward!(C_CloseAllSessions(info.slotID));
+                OPEN.store(0, Ordering::SeqCst);
+                write_counts();
             }
-            if let Some(path) = std::env::var_os("AAP_P11_FAULT_FILE") {
-                let _ = std::fs::remove_file(path);
+            if mode == "drop-sessions" {
+                if let Some(path) = std::env::var_os("AAP_P11_FAULT_FILE") {
+                    let _ = std::fs::remove_file(path);
+                }
             }
             return CKR_SESSION_HANDLE_INVALID;
         }
@@ -152,6 +197,7 @@ pub unsafe extern "C" fn C_GetFunctionList(out: *mut *mut CK_FUNCTION_LIST) -> C
         let mut list = real()?.list;
         list.C_GetFunctionList = Some(C_GetFunctionList);
         list.C_OpenSession = Some(open_session);
+        list.C_CloseSession = Some(close_session);
         list.C_Login = Some(login);
         list.C_FindObjectsInit = Some(find_objects_init);
         list.C_SignInit = Some(sign_init);

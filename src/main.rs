@@ -258,8 +258,25 @@ fn run(command: Command, given: Option<&std::path::Path>) -> anyhow::Result<()> 
 }
 
 fn key_import(file: &std::path::Path, target: config::Pkcs11Source) -> anyhow::Result<()> {
-    let module = std::path::absolute(&target.module).unwrap_or_else(|_| target.module.clone());
-    let target = config::Pkcs11Source { module, ..target };
+    for (flag, value) in [
+        ("--token-label", &target.token_label),
+        ("--key-label", &target.key_label),
+    ] {
+        if value.trim().is_empty() {
+            bail!("{flag} is empty: give the label of the token, and a free label for the key (e.g. AuthKey_<KEY ID>)");
+        }
+    }
+    // The printed line must mean the same from the config's directory as from here.
+    let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let pin = match &target.pin {
+        config::PinSource::File(p) => config::PinSource::File(absolute(p)),
+        other => other.clone(),
+    };
+    let target = config::Pkcs11Source {
+        module: absolute(&target.module),
+        pin,
+        ..target
+    };
     let (secret, warnings) = token::key::load_secret(&config::KeySource::File(file.to_path_buf()))?;
     for w in warnings {
         eprintln!("warning: {w}");

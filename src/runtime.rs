@@ -124,8 +124,14 @@ fn fingerprint(config_path: &Path, config: &Config) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     std::fs::read(config_path).unwrap_or_default().hash(&mut h);
     for key in &config.keys {
-        if let crate::config::KeySource::File(p) = &key.source {
-            std::fs::read(p).unwrap_or_default().hash(&mut h);
+        match &key.source {
+            crate::config::KeySource::File(p) => std::fs::read(p).unwrap_or_default().hash(&mut h),
+            // A rotated HSM PIN file is a change too.
+            crate::config::KeySource::Pkcs11(crate::config::Pkcs11Source {
+                pin: crate::config::PinSource::File(p),
+                ..
+            }) => std::fs::read(p).unwrap_or_default().hash(&mut h),
+            _ => {}
         }
     }
     // A rotated inbound certificate is a change too.

@@ -603,7 +603,17 @@ mod tests {
                 "keys[0].pkcs11.sessions",
                 "not in 1..=64",
             ),
-            (&format!("{full}, pin = \"1234\""), "pin", "unknown field"),
+            (&format!("{full}, pin = \"1234\""), "`pin`", "unknown field"),
+            (
+                &format!("{full}, pin_env = \"1234\""),
+                "keys[0].pkcs11.pin_env",
+                "not an environment variable name",
+            ),
+            (
+                &format!("{full}, pin_file = \"\""),
+                "keys[0].pkcs11.pin_file",
+                "is empty",
+            ),
         ] {
             let err = parse(&hsm(table)).unwrap_err().to_string();
             assert!(err.contains(field) && err.contains(says), "{table}: {err}");

@@ -450,10 +450,6 @@ impl Validator<'_> {
             "set the CKA_LABEL the key was imported with (`apple-api-proxy key import` prints it)",
         )?;
         let pin = match (p.pin_env, p.pin_file) {
-            (Some(v), None) if !v.trim().is_empty() => PinSource::Env(v),
-            (None, Some(f)) if !f.trim().is_empty() => {
-                PinSource::File(self.path(&format!("{prefix}.pin_file"), &f)?)
-            }
             (Some(_), Some(_)) => {
                 return Err(self.invalid(
                     format!("{prefix}.pin_env"),
@@ -461,7 +457,30 @@ impl Validator<'_> {
                     "keep exactly one",
                 ))
             }
-            _ => {
+            (Some(v), None) => {
+                // The name of a variable, never the PIN itself (which would then be echoed).
+                let valid = v.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                    && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if !valid {
+                    return Err(self.invalid(
+                        format!("{prefix}.pin_env"),
+                        "is not an environment variable name (letters, digits and _, not starting with a digit)",
+                        "name the variable that holds the PIN, e.g. pin_env = \"HSM_PIN\"; the PIN itself never goes in the config",
+                    ));
+                }
+                PinSource::Env(v)
+            }
+            (None, Some(f)) if !f.trim().is_empty() => {
+                PinSource::File(self.path(&format!("{prefix}.pin_file"), &f)?)
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid(
+                    format!("{prefix}.pin_file"),
+                    "is empty",
+                    "set the path of a file holding the token's user PIN",
+                ))
+            }
+            (None, None) => {
                 return Err(self.invalid(
                     format!("{prefix}.pin_env"),
                     "the token's user PIN has no source",

@@ -19,9 +19,9 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as P11Error, RvError};
@@ -44,6 +44,14 @@ const SESSION_WAIT: Duration = Duration::from_secs(5);
 
 /// How often a failing key is test-signed until it answers again.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often a working key is test-signed anyway, so an HSM that died while the token
+/// cache was serving shows on `/readyz` before the next signature fails.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Signatures that may wait for a session beyond the pool's size; more are refused at once
+/// (503), so a slow HSM never ties up the runtime's threads without bound.
+const MAX_WAITING: usize = 64;
 
 const SELF_TEST_MESSAGE: &[u8] = b"apple-api-proxy self-test";
 
@@ -68,6 +76,11 @@ struct Inner {
     healthy: AtomicBool,
     /// Why the key is unavailable, while it is.
     problem: Mutex<Option<String>>,
+    /// The token refused the PIN: no login is tried again until a reload, so a wrong PIN
+    /// never runs down the token's retry counter and locks it.
+    pin_refused: AtomicBool,
+    /// Signatures in progress or waiting for a session.
+    in_line: AtomicUsize,
 }
 
 struct Pool {
@@ -81,6 +94,9 @@ struct Pool {
 struct Open {
     session: Session,
     key: ObjectHandle,
+    /// A signature made on it verified with the key's public half: until then (a new
+    /// session, the key found again) each signature is checked before it is used.
+    verified: bool,
 }
 
 impl fmt::Debug for Pkcs11Key {
@@ -189,19 +205,36 @@ fn read_pin(pin: &PinSource) -> Result<AuthPin, String> {
     Ok(AuthPin::from(text.to_string()))
 }
 
+/// Why a login failed; `pin` when the token refused the PIN itself.
+struct LoginFailed {
+    pin: bool,
+    problem: String,
+}
+
 /// Logs the session's application in as the token's user (already logged in is fine: the
 /// login is shared by all of an application's sessions).
-fn login(session: &Session, pin: &AuthPin, from: &PinSource) -> Result<(), String> {
+fn login(session: &Session, pin: &AuthPin, from: &PinSource) -> Result<(), LoginFailed> {
+    let refused = |problem: String| LoginFailed { pin: true, problem };
     match session.login(UserType::User, Some(pin)) {
         Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-        Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => {
-            Err(format!("the PIN from {from} is wrong (CKR_PIN_INCORRECT)"))
-        }
-        Err(P11Error::Pkcs11(RvError::PinLocked, _)) => Err(
+        Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => Err(refused(format!(
+            "the PIN from {from} is wrong (CKR_PIN_INCORRECT)"
+        ))),
+        Err(P11Error::Pkcs11(RvError::PinLocked, _)) => Err(refused(
             "the token's user PIN is locked (CKR_PIN_LOCKED); the security officer must unlock it"
                 .into(),
-        ),
-        Err(e) => Err(format!("login failed: {}", rv(&e))),
+        )),
+        Err(P11Error::Pkcs11(
+            code @ (RvError::PinExpired | RvError::PinInvalid | RvError::PinLenRange),
+            _,
+        )) => Err(refused(format!(
+            "the token refuses the PIN from {from} ({})",
+            ckr_name(code)
+        ))),
+        Err(e) => Err(LoginFailed {
+            pin: false,
+            problem: format!("login failed: {}", rv(&e)),
+        }),
     }
 }
 
@@ -277,7 +310,7 @@ impl Pkcs11Key {
                 FIX_TOKEN,
             )
         })?;
-        login(&session, &pin, &source.pin).map_err(|p| hsm_error(source, p, FIX_PIN))?;
+        login(&session, &pin, &source.pin).map_err(|f| hsm_error(source, f.problem, FIX_PIN))?;
         let key = find_one(&session, ObjectClass::PRIVATE_KEY, &source.key_label)
             .map_err(|p| hsm_error(source, p, FIX_LABEL))?;
         let attributes = session
@@ -330,13 +363,19 @@ impl Pkcs11Key {
             public: public.to_vec(),
             extractable,
             pool: Mutex::new(Pool {
-                idle: vec![Open { session, key }],
+                idle: vec![Open {
+                    session,
+                    key,
+                    verified: false,
+                }],
                 open: 1,
                 max,
             }),
             freed: Condvar::new(),
             healthy: AtomicBool::new(true),
             problem: Mutex::new(None),
+            pin_refused: AtomicBool::new(false),
+            in_line: AtomicUsize::new(0),
         });
         inner.self_test().map_err(|p| {
             hsm_error(
@@ -368,17 +407,30 @@ fn read_public(session: &Session, label: &str) -> Result<[u8; 65], String> {
         })
 }
 
-/// Test-signs every [`PROBE_INTERVAL`] while the key is failing; ends with the key.
+/// Test-signs every [`PROBE_INTERVAL`] while the key is failing, every [`HEALTH_INTERVAL`]
+/// while it works; ends with the key. A refused PIN is not retried (see `pin_refused`).
 fn spawn_probe(inner: Weak<Inner>) {
     let spawned = std::thread::Builder::new()
         .name("pkcs11-probe".into())
-        .spawn(move || loop {
-            std::thread::sleep(PROBE_INTERVAL);
-            let Some(inner) = inner.upgrade() else {
-                return;
-            };
-            if !inner.healthy.load(Ordering::Relaxed) && inner.self_test().is_ok() {
-                tracing::info!(key = %inner.source, "the HSM answers again: signing resumed");
+        .spawn(move || {
+            let mut last_check = Instant::now();
+            loop {
+                std::thread::sleep(PROBE_INTERVAL);
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                if inner.pin_refused.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let healthy = inner.healthy.load(Ordering::Relaxed);
+                if healthy && last_check.elapsed() < HEALTH_INTERVAL {
+                    continue;
+                }
+                last_check = Instant::now();
+                let passed = inner.self_test().is_ok();
+                if passed && !healthy {
+                    tracing::info!(key = %inner.source, "the HSM answers again: signing resumed");
+                }
             }
         });
     if let Err(e) = spawned {
@@ -388,18 +440,34 @@ fn spawn_probe(inner: Weak<Inner>) {
 
 impl Inner {
     fn open_session(&self) -> Result<Open, String> {
+        if self.pin_refused.load(Ordering::Relaxed) {
+            return Err(format!(
+                "the token refused the PIN from {} earlier; fix the PIN and reload (the proxy does not try it again, so the token's retry counter does not lock it)",
+                self.source.pin
+            ));
+        }
         let session = self
             .ctx
             .open_ro_session(self.slot)
             .map_err(|e| format!("cannot open a session: {}", rv(&e)))?;
-        login(&session, &self.pin, &self.source.pin)?;
+        login(&session, &self.pin, &self.source.pin).map_err(|f| {
+            if f.pin {
+                self.pin_refused.store(true, Ordering::Relaxed);
+            }
+            f.problem
+        })?;
         let key = find_one(&session, ObjectClass::PRIVATE_KEY, &self.source.key_label)?;
-        Ok(Open { session, key })
+        Ok(Open {
+            session,
+            key,
+            verified: false,
+        })
     }
 
     /// An idle session, a new one while fewer than `max` exist, or — all busy — the first
     /// one freed within [`SESSION_WAIT`].
     fn checkout(&self) -> Result<Open, Checkout> {
+        let deadline = Instant::now() + SESSION_WAIT;
         let mut pool = lock(&self.pool);
         loop {
             if let Some(open) = pool.idle.pop() {
@@ -414,14 +482,15 @@ impl Inner {
                     Checkout::Failed(problem)
                 });
             }
-            let (next, wait) = self
-                .freed
-                .wait_timeout(pool, SESSION_WAIT)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            pool = next;
-            if wait.timed_out() && pool.idle.is_empty() && pool.open >= pool.max {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(Checkout::Busy(pool.max));
             }
+            pool = self
+                .freed
+                .wait_timeout(pool, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -448,14 +517,17 @@ impl Inner {
     fn sign_digest(&self, digest: &[u8]) -> Result<[u8; 64], SignError> {
         let mut problem = String::new();
         for _ in 0..2 {
-            let open = match self.checkout() {
+            let mut open = match self.checkout() {
                 Ok(open) => open,
                 Err(Checkout::Busy(n)) => {
-                    return Err(SignError::Unavailable(format!(
-                        "{}: all {n} sessions stayed busy for {} s",
+                    // A hung HSM holds every session: that is a failing key too.
+                    let problem = format!(
+                        "{}: all {n} sessions stayed busy for {} s (a hung or overloaded HSM)",
                         self.source,
                         SESSION_WAIT.as_secs()
-                    )))
+                    );
+                    self.mark_unhealthy(&problem);
+                    return Err(SignError::Unavailable(problem));
                 }
                 Err(Checkout::Failed(p)) => {
                     problem = p;
@@ -464,12 +536,26 @@ impl Inner {
             };
             match open.session.sign(&Mechanism::Ecdsa, open.key, digest) {
                 Ok(signature) => {
-                    self.checkin(open);
-                    let raw = match signature.len() {
+                    let raw: Option<[u8; 64]> = match signature.len() {
                         64 => signature.try_into().ok(),
                         _ => raw_from_der(&signature),
+                    };
+                    let Some(raw) = raw else {
+                        self.checkin(open);
+                        return Err(SignError::Failed);
+                    };
+                    // The first signature of a session (a key found again after a retry
+                    // included) is checked against the public key before it is used.
+                    if !open.verified {
+                        if !self.verifies_digest(digest, &raw) {
+                            self.discard(open);
+                            let problem = format!("{}: the key object's signature does not verify with its public key (was the key replaced on the token?)", self.source);
+                            self.mark_unhealthy(&problem);
+                            return Err(SignError::Unavailable(problem));
+                        }
+                        open.verified = true;
                     }
-                    .ok_or(SignError::Failed)?;
+                    self.checkin(open);
                     self.mark_healthy();
                     return Ok(raw);
                 }
@@ -482,6 +568,18 @@ impl Inner {
         let problem = format!("{}: {problem}", self.source);
         self.mark_unhealthy(&problem);
         Err(SignError::Unavailable(problem))
+    }
+
+    /// Whether `raw` is a signature of the SHA-256 `digest` by the key's public half.
+    fn verifies_digest(&self, digest: &[u8], raw: &[u8; 64]) -> bool {
+        use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
+        let (Ok(key), Ok(signature)) = (
+            p256::ecdsa::VerifyingKey::from_sec1_bytes(&self.public),
+            p256::ecdsa::Signature::from_slice(raw),
+        ) else {
+            return false;
+        };
+        key.verify_prehash(digest, &signature).is_ok()
     }
 
     fn self_test(&self) -> Result<(), String> {
@@ -528,10 +626,28 @@ enum Checkout {
     Failed(String),
 }
 
+/// Counts a signature in line for the key while it lives.
+struct InLine<'a>(&'a AtomicUsize);
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Signer for Pkcs11Key {
     fn sign(&self, message: &[u8]) -> Result<[u8; 64], SignError> {
+        let inner = &self.inner;
+        let max = lock(&inner.pool).max + MAX_WAITING;
+        let _in_line = InLine(&inner.in_line);
+        if inner.in_line.fetch_add(1, Ordering::Relaxed) >= max {
+            return Err(SignError::Unavailable(format!(
+                "{}: {max} signatures are already in progress or waiting for its sessions",
+                inner.source
+            )));
+        }
         let digest = ring::digest::digest(&ring::digest::SHA256, message);
-        off_the_runtime(|| self.inner.sign_digest(digest.as_ref()))
+        off_the_runtime(|| inner.sign_digest(digest.as_ref()))
     }
 
     fn public_key(&self) -> &[u8] {
@@ -580,7 +696,7 @@ pub fn import(secret: &p256::SecretKey, target: &Pkcs11Source) -> Result<Importe
             FIX_TOKEN,
         )
     })?;
-    login(&session, &pin, &target.pin).map_err(|p| hsm_error(target, p, FIX_PIN))?;
+    login(&session, &pin, &target.pin).map_err(|f| hsm_error(target, f.problem, FIX_PIN))?;
     let label = target.key_label.as_bytes().to_vec();
     let taken = session
         .find_objects(&[Attribute::Label(label.clone())])
@@ -605,7 +721,7 @@ pub fn import(secret: &p256::SecretKey, target: &Pkcs11Source) -> Result<Importe
     let public = secret.public_key().to_encoded_point(false);
     let mut ec_point = vec![0x04, 0x41];
     ec_point.extend_from_slice(public.as_bytes());
-    let private_template = [
+    let mut private_template = [
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::KeyType(KeyType::EC),
         Attribute::EcParams(P256_PARAMS.to_vec()),
@@ -621,7 +737,14 @@ pub fn import(secret: &p256::SecretKey, target: &Pkcs11Source) -> Result<Importe
         Attribute::Label(label.clone()),
         Attribute::Id(label.clone()),
     ];
-    let private = session.create_object(&private_template).map_err(|e| {
+    let created = session.create_object(&private_template);
+    // The template's copy of the scalar is wiped whatever the token said.
+    for attribute in &mut private_template {
+        if let Attribute::Value(value) = attribute {
+            zeroize::Zeroize::zeroize(value);
+        }
+    }
+    let private = created.map_err(|e| {
         hsm_error(
             target,
             format!("cannot store the private key: {}", rv(&e)),
@@ -642,12 +765,27 @@ pub fn import(secret: &p256::SecretKey, target: &Pkcs11Source) -> Result<Importe
         Attribute::Id(label),
     ];
     let undo = |problem: String, objects: &[ObjectHandle]| {
-        for o in objects {
-            let _ = session.destroy_object(*o);
-        }
+        let left: Vec<String> = objects
+            .iter()
+            .filter_map(|o| {
+                session
+                    .destroy_object(*o)
+                    .err()
+                    .map(|e| format!("{o} ({})", rv(&e)))
+            })
+            .collect();
+        let cleanup = if left.is_empty() {
+            "the objects written were removed".to_string()
+        } else {
+            format!(
+                "removing what was written failed for object handle(s) {}: delete the objects labelled `{}` by hand (`pkcs11-tool --delete-object`)",
+                left.join(", "),
+                target.key_label
+            )
+        };
         hsm_error(
             target,
-            format!("{problem}; the objects written were removed"),
+            format!("{problem}; {cleanup}"),
             "check the token's policy for imported keys",
         )
     };

@@ -154,7 +154,8 @@ impl SoftHsm {
     }
 }
 
-/// The fault-injecting shim `cargo test` built next to the binary.
+/// The fault-injecting shim `cargo test` built next to the binary. (`cargo test --test
+/// tests` alone does not rebuild examples: after changing the shim, `cargo build --examples`.)
 fn shim() -> PathBuf {
     let shim = Path::new(env!("CARGO_BIN_EXE_apple-api-proxy"))
         .parent()
@@ -428,10 +429,53 @@ async fn with_every_key_in_the_hsm_and_no_p8_left_the_proxy_serves_every_api() {
         now,
     )
     .expect("StoreKit accepts the HSM's signature");
+    // The legacy form is DER: the HSM's raw r‖s converted, verified as StoreKit would.
+    let r = send(
+        http::Request::post(format!(
+            "http://{}/proxy/v1/signatures/promotional-offer-v1",
+            b.addr
+        ))
+        .header("authorization", format!("Bearer {shop}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            r#"{"product_id":"com.example.pro.year","offer_id":"winback-2"}"#,
+        )))
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let answer = r.json();
+    in_app::verify_v1(
+        answer["signature"].as_str().unwrap(),
+        &SignerOf {
+            public_key: &b.world.keys.iap.public,
+            key_id: IAP_KID,
+            issuer_id: ISSUER,
+            bundle_id: BUNDLE,
+        },
+        &in_app::V1Offer {
+            product_id: "com.example.pro.year",
+            offer_id: "winback-2",
+            app_account_token: "",
+            nonce: answer["nonce"].as_str().unwrap(),
+            timestamp_ms: answer["timestamp"].as_i64().unwrap(),
+        },
+        now * 1000,
+    )
+    .expect("StoreKit accepts the HSM's V1 (DER) signature");
+    // The developer key from the token too: a push.
+    let r = send(
+        b.request("POST", "/apns/3/device/a1b2c3d4")
+            .header("apns-topic", "com.example.app")
+            .body(Full::new(Bytes::from(r#"{"aps":{}}"#)))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
 
     assert_eq!(admin(&b, "/readyz").await.status, StatusCode::OK);
     let metrics = b.metrics().await;
-    for key in ["connect", "me", "storekit"] {
+    for key in ["connect", "me", "storekit", "push"] {
         let up = format!(r#"aap_signer_up{{key="{key}",backend="pkcs11"}} 1"#);
         assert!(metrics.contains(&up), "{up} in\n{metrics}");
     }
@@ -709,10 +753,33 @@ async fn a_reload_finds_and_self_tests_hsm_keys_and_a_bad_label_keeps_the_old_ke
     assert_eq!(admin(&b, "/readyz").await.status, StatusCode::OK);
 }
 
+/// The shim's counters (`examples/pkcs11_fault.rs`): sessions open, the most at once, logins.
+fn counts(file: &Path) -> (usize, usize, usize) {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let get = |name: &str| {
+        text.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (get("open"), get("peak"), get("logins"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_fresh_scope_requests_over_eight_connections_share_two_sessions() {
     let Some(hsm) = SoftHsm::new() else { return };
-    let (b, _) = start(&hsm, Path::new(MODULE), ", sessions = 2", Setup::default()).await;
+    let count_file = hsm.dir.path().join("counts");
+    let setup = Setup {
+        env: vec![
+            (
+                "AAP_P11_COUNT_FILE".into(),
+                count_file.display().to_string(),
+            ),
+            ("AAP_P11_FAULT_REAL".into(), MODULE.into()),
+        ],
+        ..Setup::default()
+    };
+    let (b, _) = start(&hsm, &shim(), ", sessions = 2", setup).await;
     b.world.standin.clear_received();
     let clients: Vec<_> = (0..8).map(|_| http2_client()).collect();
     let mut tasks = Vec::new();
@@ -735,4 +802,69 @@ async fn a_hundred_fresh_scope_requests_over_eight_connections_share_two_session
         .map(|r| r.headers["authorization"].as_bytes().to_vec())
         .collect();
     assert_eq!(tokens.len(), 100, "one signature per scope");
+    // Four keys, each opened with one session at start; only `connect` signed here, on at
+    // most its two.
+    let (_, peak, _) = counts(&count_file);
+    assert!(
+        (4..=5).contains(&peak),
+        "at most 2 sessions for the signing key (+1 each for the other 3): peak {peak}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_the_token_refuses_at_run_time_is_not_retried_until_a_reload() {
+    let Some(hsm) = SoftHsm::new() else { return };
+    let (fault, count_file) = (hsm.fault_file(), hsm.dir.path().join("counts"));
+    let setup = Setup {
+        env: vec![
+            ("AAP_P11_FAULT_FILE".into(), fault.display().to_string()),
+            (
+                "AAP_P11_COUNT_FILE".into(),
+                count_file.display().to_string(),
+            ),
+            ("AAP_P11_FAULT_REAL".into(), MODULE.into()),
+        ],
+        ..Setup::default()
+    };
+    let (b, _) = start(&hsm, &shim(), "", setup).await;
+    assert_eq!(get(&b, "/v1/apps/1").await.status, StatusCode::OK);
+    // The HSM restarts under the proxy (sessions and login gone) and refuses its PIN now
+    // (the shim's `pin-refused`: SoftHSM2 keeps the PIN it loaded).
+    std::fs::write(&fault, "pin-refused").unwrap();
+    let r = get(&b, "/v1/apps/2").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    let ready = admin(&b, "/readyz").await;
+    let why = String::from_utf8_lossy(&ready.body);
+    assert!(
+        ready.status == StatusCode::SERVICE_UNAVAILABLE && why.contains("PIN"),
+        "{why}"
+    );
+    // No further login is tried (the token's retry counter would lock it): not by
+    // requests, not by the probe.
+    let (_, _, logins) = counts(&count_file);
+    assert_eq!(
+        get(&b, "/v1/apps/3").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        counts(&count_file).2,
+        logins,
+        "no login after the PIN was refused"
+    );
+    assert!(!why.contains(PIN), "{why}");
+    // The PIN is fixed and the config reloaded: service resumes.
+    std::fs::remove_file(&fault).unwrap();
+    let path = b.world.config_path.clone();
+    let text_ = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text_.replace("[audit]", "# PIN fixed\n[audit]")).unwrap();
+    let mut back = false;
+    for _ in 0..100 {
+        if get(&b, "/v1/apps/4").await.status == StatusCode::OK {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "a reload with the right PIN serves again");
 }
