@@ -7,7 +7,8 @@
 # client connections, latency at half of peak load, a 1 GiB streamed response), then the
 # `sign` mode (benches/load/sign.sh: in-app signatures against nginx's floor and ring's raw
 # sign, signatures/s per core, p99 at half of peak), then the `hsm` mode (benches/load/hsm.sh:
-# the same key in memory and in SoftHSM2, `unique` and `fixed`).
+# the same key in memory and in SoftHSM2, `unique` and `fixed`), and the `apns` mode
+# (benches/load/apns.sh: pushes against nginx's floor).
 #
 #   scripts/loadtest.sh                   # 3 rounds (~5 min) + extras (~1.5 min)
 #   ROUNDS=1 EXTRAS=0 scripts/loadtest.sh # a quick look (~1.5 min), noisier
@@ -50,6 +51,10 @@ fi
 if [[ ${SIGN:-1} != 0 ]]; then
   echo
   "$ROOT/benches/load/sign.sh" || status=$?
+fi
+if [[ ${APNS:-1} != 0 ]]; then
+  echo
+  "$ROOT/benches/load/apns.sh" || status=$?
 fi
 if [[ ${HSM:-1} != 0 ]]; then
   echo

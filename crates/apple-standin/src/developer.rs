@@ -32,7 +32,7 @@ use serde_json::{json, Map, Value};
 use sha2::Digest as _;
 
 use super::body::ResponseBody;
-use super::exchange::{count_body, http_date, lock, Shared};
+use super::exchange::{count_body, http_date, lock, standin_delay_ms, Shared};
 use super::{KnownKeyKind, Received, Role, VerifiedToken};
 
 /// APNs: a provider token may be at most this old (APPLE.md §9.1).
@@ -372,6 +372,10 @@ pub(crate) async fn handle(
         fault: (forced.is_some() && recorded.is_ok() && api == Api::Apns).then_some("apns_reason"),
     });
 
+    // `?standin_delay_ms=N` holds the answer (for measuring requests in flight).
+    if let Some(ms) = standin_delay_ms(parts.uri.query()) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let mut response = match (api, &verdict, connection_refusal.as_ref()) {
         (Api::Apns, Err(r), _) | (Api::Apns, Ok(_), Some(r)) => {
             let status = if r.reason == "TooManyProviderTokenUpdates" {

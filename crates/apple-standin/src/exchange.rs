@@ -363,7 +363,7 @@ fn standin_bytes(query: Option<&str>) -> Result<Option<u64>, ()> {
 }
 
 /// `standin_delay_ms=N` in the query, bounded; anything else is no delay.
-fn standin_delay_ms(query: Option<&str>) -> Option<u64> {
+pub(crate) fn standin_delay_ms(query: Option<&str>) -> Option<u64> {
     query?
         .split('&')
         .filter_map(|pair| pair.split_once('='))
