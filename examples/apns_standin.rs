@@ -28,7 +28,12 @@ async fn main() {
     // Serve until the bench script closes our stdin (or exits).
     let _ = tokio::task::spawn_blocking(|| {
         let mut line = String::new();
-        while std::io::stdin().lock().read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+        while std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
             line.clear();
         }
     })

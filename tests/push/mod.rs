@@ -633,3 +633,125 @@ async fn the_proxys_own_errors_on_apns_routes_carry_apns_reason() {
         "nothing reached Apple"
     );
 }
+
+type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+async fn send_https(client: HttpsClient, req: http::Request<Full<Bytes>>) -> Reply {
+    use http_body_util::BodyExt as _;
+    let response = client.request(req).await.expect("request succeeds");
+    let (parts, body) = response.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("body").to_bytes(),
+    }
+}
+
+/// A client straight to the stand-in (trusting its CA), speaking only HTTP/2 or only
+/// HTTP/1.1.
+fn standin_client(ca_pem: &str, http2: bool) -> HttpsClient {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let connector = if http2 {
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(http2)
+        .build(connector)
+}
+
+/// An APNs provider token signed here (RustCrypto), not by the proxy.
+fn provider_token(pem: &str, iat: i64) -> String {
+    use base64::Engine as _;
+    use p256::ecdsa::signature::Signer as _;
+    use p256::pkcs8::DecodePrivateKey as _;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let input = format!(
+        "{}.{}",
+        b64(&serde_json::json!({"alg": "ES256", "kid": DEV_KID})),
+        b64(&serde_json::json!({"iss": TEAM, "iat": iat}))
+    );
+    let key = p256::ecdsa::SigningKey::from_pkcs8_pem(pem).unwrap();
+    let signature: p256::ecdsa::Signature = key.sign(input.as_bytes());
+    format!(
+        "{input}.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature.to_bytes())
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stand_ins_apns_enforces_apples_rules_per_connection() {
+    let world = World::new(&Setup::default(), "127.0.0.1:0").await;
+    let url = format!("{}/3/device/{DEVICE}", world.standin.url(Role::Apns));
+    let pem = &world.keys.developer.pem;
+    let now = apple_api_proxy::token::unix_secs(std::time::SystemTime::now());
+    let send_push = |client: &HttpsClient, token: String| {
+        let request = http::Request::post(&url)
+            .header("authorization", format!("bearer {token}"))
+            .header("apns-topic", "com.example.app")
+            .body(Full::new(payload()))
+            .unwrap();
+        send_https(client.clone(), request)
+    };
+    let client = standin_client(world.standin.ca_pem(), true);
+    let first = send_push(&client, provider_token(pem, now - 5)).await;
+    assert_eq!(first.status, StatusCode::OK);
+    // Another token on the same connection within 20 minutes: 429.
+    let second = send_push(&client, provider_token(pem, now - 4)).await;
+    assert_eq!(second.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(second.json()["reason"], "TooManyProviderTokenUpdates");
+    // The first token keeps working there; a new connection takes the second.
+    assert_eq!(
+        send_push(&client, provider_token(pem, now - 5))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let other = standin_client(world.standin.ca_pem(), true);
+    assert_eq!(
+        send_push(&other, provider_token(pem, now - 4)).await.status,
+        StatusCode::OK
+    );
+    // An hour old: expired. No token: missing. A token with exp: not APNs' shape.
+    let fresh = standin_client(world.standin.ca_pem(), true);
+    let old = send_push(&fresh, provider_token(pem, now - 3700)).await;
+    assert_eq!(
+        (old.status, old.json()["reason"].clone()),
+        (StatusCode::FORBIDDEN, Value::from("ExpiredProviderToken"))
+    );
+    let none = send_https(
+        fresh.clone(),
+        http::Request::post(&url)
+            .header("apns-topic", "t")
+            .body(Full::new(payload()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(none.json()["reason"], "MissingProviderToken");
+    // HTTP/1.1 is refused at the TLS handshake (ALPN h2 only).
+    let h1 = standin_client(world.standin.ca_pem(), false);
+    let request = http::Request::post(&url)
+        .body(Full::new(payload()))
+        .unwrap();
+    assert!(
+        h1.request(request).await.is_err(),
+        "the APNs role must not speak HTTP/1.1"
+    );
+}
