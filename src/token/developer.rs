@@ -73,16 +73,7 @@ impl Minter {
         req: &Request<'_>,
         now: SystemTime,
     ) -> Result<Arc<Token>, MintError> {
-        let key = self
-            .keys
-            .get(req.key)
-            .ok_or_else(|| MintError::UnknownKey(req.key.to_string()))?;
-        if !key.config.apis.contains(&req.api) {
-            return Err(MintError::WrongApi {
-                key: req.key.to_string(),
-                api: req.api,
-            });
-        }
+        let key = self.loaded(req)?;
         let missing = |field| MintError::Missing {
             key: req.key.to_string(),
             field,

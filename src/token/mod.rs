@@ -402,16 +402,7 @@ impl Minter {
         now: SystemTime,
         use_cache: bool,
     ) -> Result<Arc<Token>, MintError> {
-        let key = self
-            .keys
-            .get(req.key)
-            .ok_or_else(|| MintError::UnknownKey(req.key.to_string()))?;
-        if !key.config.apis.contains(&req.api) {
-            return Err(MintError::WrongApi {
-                key: req.key.to_string(),
-                api: req.api,
-            });
-        }
+        let key = self.loaded(req)?;
         let bid = match req.api.token_family() {
             TokenFamily::StoreKit => Some(
                 req.bundle_id
@@ -458,6 +449,21 @@ impl Minter {
     /// one of Apple's transient 401s must not resend the token Apple just refused.
     pub fn remint(&self, req: &Request<'_>, now: SystemTime) -> Result<Arc<Token>, MintError> {
         self.mint(req, now, false)
+    }
+
+    /// The key that signs `req`, if it is loaded and serves `req.api`.
+    fn loaded(&self, req: &Request<'_>) -> Result<&LoadedKey, MintError> {
+        let key = self
+            .keys
+            .get(req.key)
+            .ok_or_else(|| MintError::UnknownKey(req.key.to_string()))?;
+        if !key.config.apis.contains(&req.api) {
+            return Err(MintError::WrongApi {
+                key: req.key.to_string(),
+                api: req.api,
+            });
+        }
+        Ok(key)
     }
 
     /// `exp - iat` for this key and request: the key's lifetime (already capped at its

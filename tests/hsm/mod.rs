@@ -402,64 +402,44 @@ async fn with_every_key_in_the_hsm_and_no_p8_left_the_proxy_serves_every_api() {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    // An in-app signature made by the HSM, checked as StoreKit would.
-    let r = send(
-        http::Request::post(format!(
-            "http://{}/proxy/v1/signatures/promotional-offer",
-            b.addr
-        ))
-        .header("authorization", format!("Bearer {shop}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(
-            r#"{"product_id":"com.example.pro.year","offer_id":"winback-1"}"#,
-        )))
-        .unwrap(),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    // In-app signatures made by the HSM, checked as StoreKit would: the JWS form, and the
+    // legacy form, DER (the HSM's raw r‖s converted).
+    let sign = |kind: &str, offer: &str| {
+        send(
+            http::Request::post(format!("http://{}/proxy/v1/signatures/{kind}", b.addr))
+                .header("authorization", format!("Bearer {shop}"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(format!(
+                    r#"{{"product_id":"com.example.pro.year","offer_id":"{offer}"}}"#
+                ))))
+                .unwrap(),
+        )
+    };
+    let iap = SignerOf {
+        public_key: &b.world.keys.iap.public,
+        key_id: IAP_KID,
+        issuer_id: ISSUER,
+        bundle_id: BUNDLE,
+    };
     let now = apple_api_proxy::token::unix_secs(std::time::SystemTime::now());
-    in_app::verify_jws(
-        r.json()["signature"].as_str().unwrap(),
-        &SignerOf {
-            public_key: &b.world.keys.iap.public,
-            key_id: IAP_KID,
-            issuer_id: ISSUER,
-            bundle_id: BUNDLE,
-        },
-        now,
-    )
-    .expect("StoreKit accepts the HSM's signature");
-    // The legacy form is DER: the HSM's raw r‖s converted, verified as StoreKit would.
-    let r = send(
-        http::Request::post(format!(
-            "http://{}/proxy/v1/signatures/promotional-offer-v1",
-            b.addr
-        ))
-        .header("authorization", format!("Bearer {shop}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(
-            r#"{"product_id":"com.example.pro.year","offer_id":"winback-2"}"#,
-        )))
-        .unwrap(),
-    )
-    .await;
+    let r = sign("promotional-offer", "winback-1").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    in_app::verify_jws(r.json()["signature"].as_str().unwrap(), &iap, now)
+        .expect("StoreKit accepts the HSM's signature");
+    let r = sign("promotional-offer-v1", "winback-2").await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let answer = r.json();
+    let offer = in_app::V1Offer {
+        product_id: "com.example.pro.year",
+        offer_id: "winback-2",
+        app_account_token: "",
+        nonce: answer["nonce"].as_str().unwrap(),
+        timestamp_ms: answer["timestamp"].as_i64().unwrap(),
+    };
     in_app::verify_v1(
         answer["signature"].as_str().unwrap(),
-        &SignerOf {
-            public_key: &b.world.keys.iap.public,
-            key_id: IAP_KID,
-            issuer_id: ISSUER,
-            bundle_id: BUNDLE,
-        },
-        &in_app::V1Offer {
-            product_id: "com.example.pro.year",
-            offer_id: "winback-2",
-            app_account_token: "",
-            nonce: answer["nonce"].as_str().unwrap(),
-            timestamp_ms: answer["timestamp"].as_i64().unwrap(),
-        },
+        &iap,
+        &offer,
         now * 1000,
     )
     .expect("StoreKit accepts the HSM's V1 (DER) signature");

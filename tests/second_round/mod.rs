@@ -29,35 +29,70 @@ impl Binary {
         edit: impl FnOnce(String) -> String,
         files: impl FnOnce(&std::path::Path),
     ) -> Binary {
-        let (port, admin_port) = (free_port(), free_port());
+        let (mut port, mut admin_port) = (free_port(), free_port());
         let world = World::new(&setup, &format!("127.0.0.1:{port}")).await;
         files(world.dir.path());
-        let text = std::fs::read_to_string(&world.config_path)
-            .unwrap()
-            .replace(
-                "admin_listen = \"off\"",
-                &format!("admin_listen = \"127.0.0.1:{admin_port}\""),
-            );
-        std::fs::write(&world.config_path, edit(text)).unwrap();
+        let mut text = edit(
+            std::fs::read_to_string(&world.config_path)
+                .unwrap()
+                .replace(
+                    "admin_listen = \"off\"",
+                    &format!("admin_listen = \"127.0.0.1:{admin_port}\""),
+                ),
+        );
         let log = world.dir.path().join("stderr.log");
-        let mut child = serve_command(
-            &world.config_path,
-            setup.rust_log.unwrap_or("warn"),
-            setup.rust_log.map(|_| log.as_path()),
-        )
-        .envs(setup.env.iter().map(|(k, v)| (k, v)))
-        .spawn()
-        .unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-        wait_listening(addr, &mut child).await;
-        wait_listening(admin, &mut child).await;
-        Binary {
-            world,
-            addr,
-            admin,
-            child,
+        // A port free a moment ago can be taken before the proxy binds it (another test's
+        // client connection gets it as its local port): then start again on new ports.
+        for attempt in 0.. {
+            std::fs::write(&world.config_path, &text).unwrap();
+            let mut child = serve_command(
+                &world.config_path,
+                setup.rust_log.unwrap_or("warn"),
+                setup.rust_log.map(|_| log.as_path()),
+            )
+            .envs(setup.env.iter().map(|(k, v)| (k, v)))
+            .spawn()
+            .unwrap();
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+            match (up(addr, &mut child).await, up(admin, &mut child).await) {
+                (Ok(()), Ok(())) => {
+                    return Binary {
+                        world,
+                        addr,
+                        admin,
+                        child,
+                    }
+                }
+                (Err(why), _) | (_, Err(why)) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let stderr = child
+                        .stderr
+                        .take()
+                        .map(|mut e| {
+                            let mut s = String::new();
+                            let _ = std::io::Read::read_to_string(&mut e, &mut s);
+                            s
+                        })
+                        .unwrap_or_else(|| std::fs::read_to_string(&log).unwrap_or_default());
+                    let port_taken = stderr.contains("cannot listen");
+                    assert!(
+                        port_taken && attempt < 3,
+                        "the proxy did not start: {why}\n{stderr}"
+                    );
+                    let (p, a) = (free_port(), free_port());
+                    text = text
+                        .replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{p}"))
+                        .replace(
+                            &format!("127.0.0.1:{admin_port}"),
+                            &format!("127.0.0.1:{a}"),
+                        );
+                    (port, admin_port) = (p, a);
+                }
+            }
         }
+        unreachable!()
     }
 
     pub(crate) fn request(&self, method: &str, path: &str) -> http::request::Builder {
@@ -76,6 +111,20 @@ impl Binary {
         .await;
         String::from_utf8_lossy(&r.body).into_owned()
     }
+}
+
+/// Waits until something accepts on `addr`; `Err` when the proxy exited first.
+async fn up(addr: SocketAddr, child: &mut Child) -> Result<(), String> {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("it exited early: {status}"));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Err(format!("nothing listens on {addr}"))
 }
 
 impl Drop for Binary {
