@@ -323,6 +323,18 @@ async fn hundreds_of_pushes_share_one_provider_token_and_a_reload_keeps_it() {
             .collect()
     };
     assert_eq!(tokens(&b).len(), 1);
+    let connections: HashSet<u64> = b
+        .world
+        .standin
+        .received()
+        .iter()
+        .map(|r| r.connection)
+        .collect();
+    assert_eq!(
+        connections.len(),
+        1,
+        "one connection to APNs for every device"
+    );
 
     // A reload (any change to the file) builds a new runtime: the token stays.
     let path = b.world.config_path.clone();
@@ -534,6 +546,7 @@ async fn each_apns_reason_is_diagnosed_and_the_apps_own_errors_pass_through() {
         (400, "BadDeviceToken", None),
         (429, "TooManyRequests", None),
     ];
+    let mut previous: Option<(u64, &str)> = None;
     for (status, reason, diagnosis) in cases {
         b.world.standin.set_faults(Faults {
             apns_reason: Some((status, reason.to_string())),
@@ -541,6 +554,16 @@ async fn each_apns_reason_is_diagnosed_and_the_apps_own_errors_pass_through() {
         });
         let r = send(push(&b, &path)).await;
         assert_eq!(r.status.as_u16(), status, "{reason}");
+        // One connection for every push of the key; a new one after UnrelatedKeyIdInToken.
+        let connection = b.world.standin.received().last().unwrap().connection;
+        if let Some((before, why)) = previous {
+            if why == "UnrelatedKeyIdInToken" {
+                assert_ne!(connection, before, "a new connection after {why}");
+            } else {
+                assert_eq!(connection, before, "the connection is reused after {why}");
+            }
+        }
+        previous = Some((connection, reason));
         let body = r.json();
         assert_eq!(
             body["reason"], reason,

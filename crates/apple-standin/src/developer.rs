@@ -49,10 +49,21 @@ const WEATHERKIT_MAX_SECS: i64 = 3600;
 /// What one APNs connection has been bound to (per TCP connection, as APNs does it).
 #[derive(Debug, Default)]
 pub(crate) struct Connection {
+    /// Its number (see `Received::connection`).
+    id: u64,
     /// The key id of the first accepted push.
     key_id: Option<String>,
     /// The token in use on this connection and when (stand-in seconds) it arrived.
     token: Option<(String, i64)>,
+}
+
+impl Connection {
+    pub(crate) fn new(id: u64) -> Connection {
+        Connection {
+            id,
+            ..Connection::default()
+        }
+    }
 }
 
 /// Distinct tokens seen, per key id.
@@ -370,6 +381,7 @@ pub(crate) async fn handle(
         body_len,
         verdict: recorded.clone(),
         fault: (forced.is_some() && recorded.is_ok() && api == Api::Apns).then_some("apns_reason"),
+        connection: lock(connection).id,
     });
 
     // `?standin_delay_ms=N` holds the answer (for measuring requests in flight).

@@ -153,6 +153,7 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 pub(crate) async fn handle(
     shared: &Shared,
     role: Role,
+    connection: u64,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let now = shared.now();
@@ -206,6 +207,7 @@ pub(crate) async fn handle(
         body_len,
         verdict,
         fault: fault.map(Fault::as_str),
+        connection,
     });
     if let Some(ms) = standin_delay_ms(query.as_deref()) {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;

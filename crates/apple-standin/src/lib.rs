@@ -259,6 +259,8 @@ pub struct Received {
     /// or `"strict_scope_encoding"` (the scope would have matched after percent-decoding;
     /// `verdict` is then `Err`).
     pub fault: Option<&'static str>,
+    /// Which TCP connection it came on: a number per accepted connection, in order.
+    pub connection: u64,
 }
 
 /// A token that passed every check: its decoded header and claims.
@@ -414,6 +416,9 @@ async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await.map(|_| ());
 }
 
+/// Numbers the accepted connections ([`Received::connection`]).
+static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// TLS handshake, then HTTP/1.1 or HTTP/2 (whichever the client speaks) until the client
 /// hangs up or the task is aborted.
 async fn serve_connection(
@@ -436,7 +441,8 @@ async fn serve_connection(
     };
 
     // APNs binds each connection to a key and limits token changes on it.
-    let connection = Arc::new(std::sync::Mutex::new(developer::Connection::default()));
+    let id = CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let connection = Arc::new(std::sync::Mutex::new(developer::Connection::new(id)));
     let service = service_fn(move |request| {
         let shared = Arc::clone(&shared);
         let connection = Arc::clone(&connection);
@@ -444,7 +450,7 @@ async fn serve_connection(
             Ok::<_, Infallible>(if developer::serves(role) {
                 developer::handle(&shared, role, &connection, request).await
             } else {
-                exchange::handle(&shared, role, request).await
+                exchange::handle(&shared, role, id, request).await
             })
         }
     });
