@@ -112,6 +112,21 @@ pub fn explain(token: &str, now: i64) -> Report {
         r.claims = claims;
         return r;
     }
+    // No `aud` and an `iss` shaped like a Team ID: an Apple Developer key's token (APNs and
+    // its kin, WeatherKit, Music; APPLE.md §9).
+    let developer = claims.get("aud").is_none()
+        && claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .is_some_and(apple::is_plausible_key_id);
+    if developer {
+        // Apple's examples for these APIs carry no `typ`.
+        r.problems.retain(|p| !p.starts_with("header has no typ"));
+        check_developer(&header, &claims, now, &mut r);
+        r.header = header;
+        r.claims = claims;
+        return r;
+    }
     let family = if claims.get("bid").is_some() {
         Some((
             TokenFamily::StoreKit,
@@ -132,6 +147,79 @@ pub fn explain(token: &str, now: i64) -> Report {
     r.header = header;
     r.claims = claims;
     r
+}
+
+/// The developer-key APIs' token rules (APPLE.md §9): APNs, DeviceCheck and App Attest take
+/// `{iss, iat}` only, under an hour old; WeatherKit adds `exp` (≤ 1 h), `sub` and the header's
+/// `id`; Apple Music adds `exp` (≤ 15,777,000 s).
+fn check_developer(header: &Value, claims: &Value, now: i64, r: &mut Report) {
+    let p = &mut r.problems;
+    let names: Vec<&str> = claims
+        .as_object()
+        .map(|m| m.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    let iat = claims.get("iat").and_then(Value::as_i64);
+    let exp = claims.get("exp").and_then(Value::as_i64);
+    let weatherkit = header.get("id").is_some() || claims.get("sub").is_some();
+    let (what, allowed): (&'static str, &[&str]) = match (exp, weatherkit) {
+        (None, _) => (
+            "it has no aud, no exp and a Team ID as iss: an APNs / DeviceCheck / App Attest provider token",
+            &["iss", "iat"],
+        ),
+        (Some(_), true) => (
+            "it has a Team ID as iss, exp and sub (or an id header): a WeatherKit token",
+            &["iss", "iat", "exp", "sub"],
+        ),
+        (Some(_), false) => (
+            "it has a Team ID as iss and exp, no aud: an Apple Music developer token",
+            &["iss", "iat", "exp", "origin"],
+        ),
+    };
+    r.api = Some((TokenFamily::Developer, what));
+    for extra in names.iter().filter(|n| !allowed.contains(n)) {
+        p.push(format!(
+            "claim `{extra}` is not one Apple lists for this token"
+        ));
+    }
+    match iat {
+        None => p.push("no iat claim; Apple requires it".into()),
+        Some(iat) if iat > now => p.push(format!(
+            "iat is {} s in the future; Apple rejects tokens issued in the future (check this host's clock)",
+            iat - now
+        )),
+        Some(iat) if exp.is_none() && now - iat >= 3600 => p.push(format!(
+            "iat is {} s old; APNs refuses provider tokens older than an hour (403 ExpiredProviderToken)",
+            now - iat
+        )),
+        Some(_) => {}
+    }
+    if let (Some(iat), Some(exp)) = (iat, exp) {
+        let max = if weatherkit { 3600 } else { 15_777_000 };
+        if exp <= now {
+            p.push(format!("the token expired {} s ago", now - exp));
+        }
+        if exp - iat > max {
+            p.push(format!(
+                "exp - iat is {} s; {} allows at most {max} s",
+                exp - iat,
+                if weatherkit {
+                    "the proxy's safe reading of WeatherKit"
+                } else {
+                    "Apple Music"
+                }
+            ));
+        }
+    }
+    if weatherkit {
+        let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
+        let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("");
+        let want = format!("{iss}.{sub}");
+        if header.get("id").and_then(Value::as_str) != Some(want.as_str()) {
+            p.push(format!(
+                "WeatherKit needs the header's id to be \"<team id>.<service id>\" (\"{want}\")"
+            ));
+        }
+    }
 }
 
 fn check_header(header: &Value, problems: &mut Vec<String>) {
@@ -450,6 +538,52 @@ mod tests {
 
     fn good_header() -> Value {
         serde_json::json!({"alg": "ES256", "kid": "2X9R4HXF34", "typ": "JWT"})
+    }
+
+    #[test]
+    fn developer_tokens_are_judged_by_their_own_apis_rules() {
+        let jwt = |header: Value, claims: Value| {
+            let b = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
+            format!(
+                "{}.{}.{}",
+                b(&header),
+                b(&claims),
+                URL_SAFE_NO_PAD.encode([1u8; 64])
+            )
+        };
+        let apns = explain(
+            &jwt(
+                serde_json::json!({"alg": "ES256", "kid": "ABC123DEFG"}),
+                serde_json::json!({"iss": "DEF123GHIJ", "iat": NOW - 60}),
+            ),
+            NOW,
+        );
+        assert_eq!(apns.api.map(|a| a.0), Some(TokenFamily::Developer));
+        assert!(apns.problems.is_empty(), "{:?}", apns.problems);
+        let stale = explain(
+            &jwt(
+                serde_json::json!({"alg": "ES256", "kid": "ABC123DEFG"}),
+                serde_json::json!({"iss": "DEF123GHIJ", "iat": NOW - 4000, "scope": "x"}),
+            ),
+            NOW,
+        );
+        let said = stale.problems.join("\n");
+        assert!(
+            said.contains("ExpiredProviderToken") && said.contains("`scope`"),
+            "{said}"
+        );
+        let weather = explain(
+            &jwt(
+                serde_json::json!({"alg": "ES256", "kid": "ABC123DEFG", "id": "DEF123GHIJ.com.example.wk"}),
+                serde_json::json!({"iss": "DEF123GHIJ", "iat": NOW - 60, "exp": NOW + 7200, "sub": "com.example.other"}),
+            ),
+            NOW,
+        );
+        let said = weather.problems.join("\n");
+        assert!(
+            said.contains("at most 3600") && said.contains("DEF123GHIJ.com.example.other"),
+            "{said}"
+        );
     }
 
     #[test]

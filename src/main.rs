@@ -699,12 +699,16 @@ fn explain(token: Option<String>, config: Option<&std::path::Path>) -> anyhow::R
                     }
                 }
                 let iss = report.claims.get("iss").and_then(|v| v.as_str());
-                if k.issuer_id.as_deref() != iss {
+                let (field, expected) = match k.kind {
+                    apple::KeyKind::Developer => ("team_id", k.team_id.as_deref()),
+                    _ => ("issuer_id", k.issuer_id.as_deref()),
+                };
+                if expected != iss {
                     problems.push(format!(
-                        "iss {:?} differs from key `{}`'s issuer_id {:?}",
+                        "iss {:?} differs from key `{}`'s {field} {:?}",
                         iss.unwrap_or(""),
                         k.name,
-                        k.issuer_id.as_deref().unwrap_or("(none: individual key)")
+                        expected.unwrap_or("(none: individual key)")
                     ));
                 }
                 let public = minter.public_key(&k.name).unwrap_or_default();

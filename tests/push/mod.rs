@@ -335,6 +335,25 @@ async fn hundreds_of_pushes_share_one_provider_token_and_a_reload_keeps_it() {
         1,
         "one connection to APNs for every device"
     );
+    // `explain --config` judges the provider token by APNs' rules and knows its key.
+    let token = tokens(&b).into_iter().next().unwrap();
+    let token = String::from_utf8(token).unwrap();
+    let out = bin()
+        .args(["explain", "--config"])
+        .arg(&b.world.config_path)
+        .arg(&token)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("provider token") && said.contains("signature verifies with key `push`"),
+        "{said}"
+    );
 
     // A reload (any change to the file) builds a new runtime: the token stays.
     let path = b.world.config_path.clone();
