@@ -72,6 +72,8 @@ struct Inner {
     /// `CKA_SENSITIVE`).
     extractable: bool,
     pool: Mutex<Pool>,
+    /// The pool's bound (`sessions`).
+    max_sessions: usize,
     freed: Condvar,
     healthy: AtomicBool,
     /// Why the key is unavailable, while it is.
@@ -87,7 +89,6 @@ struct Pool {
     idle: Vec<Open>,
     /// Sessions in existence: idle plus checked out.
     open: usize,
-    max: usize,
 }
 
 /// A logged-in session and the key's handle in it.
@@ -272,6 +273,15 @@ pub(crate) fn ec_point(value: &[u8]) -> Option<[u8; 65]> {
     (bare[0] == 0x04).then(|| bare.try_into().ok()).flatten()
 }
 
+/// A token's `CKM_ECDSA` answer as raw `r‖s`: as it is when 64 bytes, converted when a
+/// token answered DER.
+fn raw_signature(signature: &[u8]) -> Option<[u8; 64]> {
+    match signature.len() {
+        64 => signature.try_into().ok(),
+        _ => raw_from_der(signature),
+    }
+}
+
 fn bool_attribute(attributes: &[Attribute], ty: AttributeType) -> Option<bool> {
     attributes.iter().find_map(|a| match (a, ty) {
         (Attribute::Extractable(v), AttributeType::Extractable)
@@ -369,8 +379,8 @@ impl Pkcs11Key {
                     verified: false,
                 }],
                 open: 1,
-                max,
             }),
+            max_sessions: max,
             freed: Condvar::new(),
             healthy: AtomicBool::new(true),
             problem: Mutex::new(None),
@@ -473,7 +483,7 @@ impl Inner {
             if let Some(open) = pool.idle.pop() {
                 return Ok(open);
             }
-            if pool.open < pool.max {
+            if pool.open < self.max_sessions {
                 pool.open += 1;
                 drop(pool);
                 return self.open_session().map_err(|problem| {
@@ -484,7 +494,7 @@ impl Inner {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Checkout::Busy(pool.max));
+                return Err(Checkout::Busy(self.max_sessions));
             }
             pool = self
                 .freed
@@ -536,11 +546,7 @@ impl Inner {
             };
             match open.session.sign(&Mechanism::Ecdsa, open.key, digest) {
                 Ok(signature) => {
-                    let raw: Option<[u8; 64]> = match signature.len() {
-                        64 => signature.try_into().ok(),
-                        _ => raw_from_der(&signature),
-                    };
-                    let Some(raw) = raw else {
+                    let Some(raw) = raw_signature(&signature) else {
                         self.checkin(open);
                         return Err(SignError::Failed);
                     };
@@ -638,7 +644,7 @@ impl Drop for InLine<'_> {
 impl Signer for Pkcs11Key {
     fn sign(&self, message: &[u8]) -> Result<[u8; 64], SignError> {
         let inner = &self.inner;
-        let max = lock(&inner.pool).max + MAX_WAITING;
+        let max = inner.max_sessions + MAX_WAITING;
         let _in_line = InLine(&inner.in_line);
         if inner.in_line.fetch_add(1, Ordering::Relaxed) >= max {
             return Err(SignError::Unavailable(format!(
@@ -830,11 +836,7 @@ pub fn import(secret: &p256::SecretKey, target: &Pkcs11Source) -> Result<Importe
                 &[private, public_object],
             )
         })?;
-    let raw = match signature.len() {
-        64 => signature.try_into().ok(),
-        _ => raw_from_der(&signature),
-    };
-    let verified = raw.is_some_and(|raw: [u8; 64]| {
+    let verified = raw_signature(&signature).is_some_and(|raw: [u8; 64]| {
         ring::signature::UnparsedPublicKey::new(
             &ring::signature::ECDSA_P256_SHA256_FIXED,
             public.as_bytes(),

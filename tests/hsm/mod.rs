@@ -650,14 +650,7 @@ async fn an_hsm_failing_at_run_time_is_a_503_that_never_reaches_apple_and_heals_
 
     // The HSM is back: the probe notices without any request, and signing resumes.
     std::fs::remove_file(&fault).unwrap();
-    let mut healed = false;
-    for _ in 0..100 {
-        if admin(&b, "/readyz").await.status == StatusCode::OK {
-            healed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let healed = eventually(|| async { admin(&b, "/readyz").await.status == StatusCode::OK }).await;
     assert!(healed, "/readyz recovers by itself");
     assert_eq!(get(&b, "/v1/apps/1").await.status, StatusCode::OK);
 
@@ -701,14 +694,7 @@ async fn a_reload_finds_and_self_tests_hsm_keys_and_a_bad_label_keeps_the_old_ke
         good.replacen("AuthKey_TEAMKEY001", "AuthKey_GONE", 1),
     )
     .unwrap();
-    let mut rejected = false;
-    for _ in 0..100 {
-        if reloads(&b.metrics().await, "rejected") >= 1 {
-            rejected = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let rejected = eventually(|| async { reloads(&b.metrics().await, "rejected") >= 1 }).await;
     assert!(rejected, "the reload naming a missing key is rejected");
     assert_eq!(
         get(&b, "/v1/apps/2").await.status,
@@ -720,14 +706,7 @@ async fn a_reload_finds_and_self_tests_hsm_keys_and_a_bad_label_keeps_the_old_ke
         good.replace("[audit]", "# reloaded\n[audit]"),
     )
     .unwrap();
-    let mut applied = false;
-    for _ in 0..100 {
-        if reloads(&b.metrics().await, "applied") >= 1 {
-            applied = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let applied = eventually(|| async { reloads(&b.metrics().await, "applied") >= 1 }).await;
     assert!(applied, "a good reload is applied");
     assert_eq!(get(&b, "/v1/apps/3").await.status, StatusCode::OK);
     assert_eq!(admin(&b, "/readyz").await.status, StatusCode::OK);
@@ -838,13 +817,6 @@ async fn a_pin_the_token_refuses_at_run_time_is_not_retried_until_a_reload() {
     let path = b.world.config_path.clone();
     let text_ = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text_.replace("[audit]", "# PIN fixed\n[audit]")).unwrap();
-    let mut back = false;
-    for _ in 0..100 {
-        if get(&b, "/v1/apps/4").await.status == StatusCode::OK {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let back = eventually(|| async { get(&b, "/v1/apps/4").await.status == StatusCode::OK }).await;
     assert!(back, "a reload with the right PIN serves again");
 }

@@ -359,17 +359,12 @@ async fn hundreds_of_pushes_share_one_provider_token_and_a_reload_keeps_it() {
     let path = b.world.config_path.clone();
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("[audit]", "# reloaded\n[audit]")).unwrap();
-    let mut applied = false;
-    for _ in 0..100 {
-        if b.metrics()
+    let applied = eventually(|| async {
+        b.metrics()
             .await
             .contains("aap_config_reloads_total{result=\"applied\"} 1")
-        {
-            applied = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert!(applied, "the reload was applied");
     for i in 0..20 {
         let r = send(push(&b, &format!("/apns/3/device/{:064x}", 1000 + i))).await;
@@ -381,6 +376,15 @@ async fn hundreds_of_pushes_share_one_provider_token_and_a_reload_keeps_it() {
         "the same token after a reload"
     );
     assert_eq!(tokens(&b).len(), 1);
+}
+
+/// `apple-api-proxy check --config PATH`.
+fn check(config: &std::path::Path) -> std::process::Output {
+    bin()
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,11 +407,7 @@ async fn a_config_asking_apns_for_less_than_twenty_minutes_is_refused_naming_the
     ] {
         let text = good.replacen("team_id = ", &format!("{edit}team_id = "), 1);
         std::fs::write(&world.config_path, text).unwrap();
-        let out = bin()
-            .args(["check", "--config"])
-            .arg(&world.config_path)
-            .output()
-            .unwrap();
+        let out = check(&world.config_path);
         assert_eq!(out.status.code(), Some(1));
         let said = String::from_utf8_lossy(&out.stderr);
         for w in want {
@@ -417,11 +417,7 @@ async fn a_config_asking_apns_for_less_than_twenty_minutes_is_refused_naming_the
     // WeatherKit without a service id, and a team id on another kind of key.
     let no_service = good.replacen(&format!("service_id = \"{SERVICE}\"\n"), "", 1);
     std::fs::write(&world.config_path, no_service).unwrap();
-    let out = bin()
-        .args(["check", "--config"])
-        .arg(&world.config_path)
-        .output()
-        .unwrap();
+    let out = check(&world.config_path);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         said.contains("keys[3].service_id") && said.contains("weatherkit"),
@@ -430,11 +426,7 @@ async fn a_config_asking_apns_for_less_than_twenty_minutes_is_refused_naming_the
     // 20m and 55m are the bounds, and the check prints when each token is renewed.
     let text = good.replacen("team_id = ", "apns_token_refresh = \"20m\"\nteam_id = ", 1);
     std::fs::write(&world.config_path, text).unwrap();
-    let out = bin()
-        .args(["check", "--config"])
-        .arg(&world.config_path)
-        .output()
-        .unwrap();
+    let out = check(&world.config_path);
     assert!(
         out.status.success(),
         "{}",

@@ -298,6 +298,21 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Whether `check` comes true within 10 s (polled every 100 ms).
+pub async fn eventually<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// Waits until something accepts on `addr`.
 pub async fn wait_listening(addr: SocketAddr, child: &mut Child) {
     for _ in 0..200 {
