@@ -29,7 +29,7 @@ impl Binary {
         edit: impl FnOnce(String) -> String,
         files: impl FnOnce(&std::path::Path),
     ) -> Binary {
-        let (mut port, mut admin_port) = (free_port(), free_port());
+        let (mut port, mut admin_port) = free_port_pair();
         let world = World::new(&setup, &format!("127.0.0.1:{port}")).await;
         files(world.dir.path());
         let mut text = edit(
@@ -81,7 +81,7 @@ impl Binary {
                         port_taken && attempt < 3,
                         "the proxy did not start: {why}\n{stderr}"
                     );
-                    let (p, a) = (free_port(), free_port());
+                    let (p, a) = free_port_pair();
                     text = text
                         .replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{p}"))
                         .replace(

@@ -298,6 +298,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Two different ports that were free a moment ago: both are held while the second is
+/// chosen, so the kernel cannot hand out the same one twice.
+pub fn free_port_pair() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
 /// Whether `check` comes true within 10 s (polled every 100 ms).
 pub async fn eventually<F, Fut>(mut check: F) -> bool
 where
