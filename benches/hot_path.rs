@@ -200,7 +200,7 @@ fn bench_ring(c: &mut Criterion) {
 fn bench_request(c: &mut Criterion) {
     let fixture = fixture();
     let routes = route::Table::new(&fixture.config);
-    let clients = Clients::new(&fixture.config);
+    let clients = Clients::new(&fixture.config).expect("the fixture's clients");
     let mut headers = HeaderMap::new();
     headers.insert("host", HeaderValue::from_static("127.0.0.1:18080"));
     headers.insert(

@@ -33,10 +33,14 @@ pub type Client = hyper_util::client::legacy::Client<Connector, ProxyBody>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{file}: cannot read the extra CA file: {error} (fix: check [upstream] ca_file)")]
-    CaRead { file: String, error: std::io::Error },
-    #[error("{file}: holds no usable PEM certificate (fix: point [upstream] ca_file at a PEM file of CA certificates)")]
-    CaEmpty { file: String },
+    #[error("{file}: cannot read the extra CA file: {error} (fix: check {field})")]
+    CaRead {
+        file: String,
+        field: &'static str,
+        error: std::io::Error,
+    },
+    #[error("{file}: holds no usable PEM certificate (fix: point {field} at a PEM file of CA certificates)")]
+    CaEmpty { file: String, field: &'static str },
     #[error("TLS setup failed")]
     Tls(#[from] rustls::Error),
     #[error("[upstream] egress_proxy `{0}` is not an http:// URL with a host (fix: write it as \"http://proxy.internal:3128\")")]
@@ -46,32 +50,52 @@ pub enum ClientError {
 /// Builds the upstream client: host roots (Mozilla's as the fallback when the host has
 /// none) plus `[upstream] ca_file`; HTTP/2 or HTTP/1.1, as the upstream's ALPN chooses.
 pub fn client(config: &Config) -> Result<Client, ClientError> {
-    build(config, false)
+    build(config, false, None)
+}
+
+/// The client an identity provider's discovery document and JWKS are fetched with
+/// (DESIGN §17): the upstream client's trust (host roots, `[upstream] ca_file`) and egress,
+/// plus the provider's own `ca_file`.
+pub fn identity_client(
+    config: &Config,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Client, ClientError> {
+    build(config, false, ca_file)
 }
 
 /// The same client speaking HTTP/2 only (ALPN `h2` alone, and no HTTP/1.1 fallback): for
 /// APNs, which speaks nothing else (APPLE.md §9.1). Each one keeps its own connection per
 /// host, so one per key never mixes keys on a connection.
 pub fn http2_client(config: &Config) -> Result<Client, ClientError> {
-    build(config, true)
+    build(config, true, None)
 }
 
-fn build(config: &Config, http2_only: bool) -> Result<Client, ClientError> {
+fn build(
+    config: &Config,
+    http2_only: bool,
+    identity_ca: Option<&std::path::Path>,
+) -> Result<Client, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     let (added, _) = roots.add_parsable_certificates(native.certs);
     if added == 0 {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     }
-    if let Some(path) = &config.upstream.ca_file {
+    let extra = [
+        (config.upstream.ca_file.as_deref(), "[upstream] ca_file"),
+        (identity_ca, "the identity provider's ca_file"),
+    ];
+    for (path, field) in extra {
+        let Some(path) = path else { continue };
         let file = path.display().to_string();
         let pem = std::fs::read(path).map_err(|error| ClientError::CaRead {
             file: file.clone(),
+            field,
             error,
         })?;
         let (n, _) = roots.add_parsable_certificates(pem_certs(&pem));
         if n == 0 {
-            return Err(ClientError::CaEmpty { file });
+            return Err(ClientError::CaEmpty { file, field });
         }
     }
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(

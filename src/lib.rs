@@ -9,16 +9,18 @@
 //! - [`apple`]: what Apple requires, as pure data (APIs, hosts, mounts, token strategies,
 //!   audiences, lifetime caps, per-endpoint limits).
 //! - [`config`]: `proxy.toml` → raw (serde) → validated [`config::Config`].
+//! - [`forward`]: the pooled rustls client, header hygiene, streaming bodies.
+//! - [`identity`]: workload identity (OIDC ID tokens): JWKS, verification, each provider's
+//!   keys fetched and refreshed over `forward`'s client.
 //! - [`route`]: path → the proxy's own endpoint or Apple's API, environment and upstream;
 //!   path checks.
 //! - [`client`]: who is calling (client secrets, client keys — an Apple SDK's own JWT —,
-//!   mTLS) and what they may call (allow rules, rate limits, signing policy).
+//!   identity tokens, mTLS) and what they may call (allow rules, rate limits, signing policy).
 //! - [`token`]: `.p8` loading, the [`token::Signer`] seam, claims, scope, Apple's clock, the
 //!   cache.
 //! - [`audit`]: the hash-chained audit log, its single writer, redaction, `audit verify`.
 //! - `metrics`: Prometheus counters and histograms with fixed label sets.
 //! - `limits`: Apple's per-endpoint storekit limits enforced locally, with fair shares.
-//! - [`forward`]: the pooled rustls client, header hygiene, streaming bodies.
 //! - `framing`: watches HTTP/1 framing under hyper to refuse request smuggling.
 //! - [`diagnose`]: pure: evidence of an Apple 401/403 → ranked likely causes with fixes.
 //! - [`explain`]: pure: any Apple JWT → every rule it breaks (the `explain` command).
@@ -73,6 +75,7 @@ pub mod forward;
 pub(crate) mod framing;
 #[cfg(test)]
 mod fuzz;
+pub mod identity;
 pub(crate) mod limits;
 pub(crate) mod metrics;
 pub mod proxy;

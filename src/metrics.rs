@@ -94,6 +94,31 @@ struct SignerLabels {
     backend: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderOutcomeLabels {
+    provider: String,
+    outcome: &'static str,
+}
+
+/// An identity provider's state and running totals (DESIGN §17), copied in at scrape time.
+#[derive(Clone, Copy, Debug)]
+pub struct IdentityStats<'a> {
+    pub provider: &'a str,
+    /// Whether the last key fetch worked.
+    pub up: bool,
+    /// Keys cached now.
+    pub keys: usize,
+    pub fetches_ok: u64,
+    pub fetches_failed: u64,
+    /// Verifications by outcome (a fixed set).
+    pub verifications: &'a [(&'static str, u64)],
+}
+
 /// One finished request, as metrics see it.
 #[derive(Clone, Copy, Debug)]
 pub struct Summary<'a> {
@@ -143,6 +168,10 @@ pub struct Metrics {
     rate_limit_remaining: Family<KeyLabels, Gauge>,
     signer_up: Family<SignerLabels, Gauge>,
     signer_failures: Family<KeyLabels, Counter>,
+    identity_verifications: Family<ProviderOutcomeLabels, Counter>,
+    identity_key_fetches: Family<ProviderOutcomeLabels, Counter>,
+    identity_provider_up: Family<ProviderLabels, Gauge>,
+    identity_keys: Family<ProviderLabels, Gauge>,
     tokens_minted: Counter,
     token_cache_hits: Counter,
     clock_offset: Gauge,
@@ -235,6 +264,30 @@ impl Metrics {
             "Requests refused with 503 PROXY_SIGNER_UNAVAILABLE because the key's signer failed",
             signer_failures.clone(),
         );
+        let identity_verifications = Family::<ProviderOutcomeLabels, Counter>::default();
+        registry.register(
+            "identity_verifications",
+            "Identity tokens checked (DESIGN §17), by provider and outcome (ok, expired, audience, signature, unknown_key, no_client, unavailable, …)",
+            identity_verifications.clone(),
+        );
+        let identity_key_fetches = Family::<ProviderOutcomeLabels, Counter>::default();
+        registry.register(
+            "identity_key_fetches",
+            "Fetches of an identity provider's discovery document and JWKS, by provider and outcome (ok, error)",
+            identity_key_fetches.clone(),
+        );
+        let identity_provider_up = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "identity_provider_up",
+            "1 while the last fetch of the identity provider's keys worked (cached keys keep serving while it is 0)",
+            identity_provider_up.clone(),
+        );
+        let identity_keys = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "identity_provider_keys",
+            "Keys of the identity provider cached now (0: its tokens get 503 PROXY_IDENTITY_UNAVAILABLE)",
+            identity_keys.clone(),
+        );
         let tokens_minted = Counter::default();
         registry.register(
             "tokens_minted",
@@ -307,6 +360,10 @@ impl Metrics {
             rate_limit_remaining,
             signer_up,
             signer_failures,
+            identity_verifications,
+            identity_key_fetches,
+            identity_provider_up,
+            identity_keys,
             tokens_minted,
             token_cache_hits,
             clock_offset,
@@ -411,7 +468,42 @@ impl Metrics {
 
     /// The exposition text, with `snapshot` copied in first, and `signers` (each key's
     /// name, backend and whether it can sign now) replacing the previous signer gauges.
-    pub fn encode(&self, snapshot: Snapshot, signers: &[(&str, &'static str, bool)]) -> String {
+    pub fn encode(
+        &self,
+        snapshot: Snapshot,
+        signers: &[(&str, &'static str, bool)],
+        identity: &[IdentityStats<'_>],
+    ) -> String {
+        self.identity_provider_up.clear();
+        self.identity_keys.clear();
+        for p in identity {
+            let provider = || ProviderLabels {
+                provider: p.provider.to_string(),
+            };
+            self.identity_provider_up
+                .get_or_create(&provider())
+                .set(i64::from(p.up));
+            self.identity_keys
+                .get_or_create(&provider())
+                .set(i64::try_from(p.keys).unwrap_or(i64::MAX));
+            let outcome = |outcome| ProviderOutcomeLabels {
+                provider: p.provider.to_string(),
+                outcome,
+            };
+            sync(
+                &self.identity_key_fetches.get_or_create(&outcome("ok")),
+                p.fetches_ok,
+            );
+            sync(
+                &self.identity_key_fetches.get_or_create(&outcome("error")),
+                p.fetches_failed,
+            );
+            for (o, n) in p.verifications {
+                if *n > 0 {
+                    sync(&self.identity_verifications.get_or_create(&outcome(o)), *n);
+                }
+            }
+        }
         self.signer_up.clear();
         for (key, backend, up) in signers {
             self.signer_up
@@ -502,6 +594,14 @@ mod tests {
                 ..Snapshot::default()
             },
             &[("connect", "memory", true), ("hsm", "pkcs11", false)],
+            &[IdentityStats {
+                provider: "github-actions",
+                up: false,
+                keys: 2,
+                fetches_ok: 3,
+                fetches_failed: 1,
+                verifications: &[("ok", 5), ("expired", 1), ("audience", 0)],
+            }],
         );
         for want in [
             r#"aap_requests_total{api="app-store-connect",client="ci",status_class="4xx",status="401",decision="forwarded"} 1"#,
@@ -516,6 +616,12 @@ mod tests {
             r#"aap_signer_up{key="connect",backend="memory"} 1"#,
             r#"aap_signer_up{key="hsm",backend="pkcs11"} 0"#,
             r#"aap_signer_failures_total{key="hsm"} 1"#,
+            r#"aap_identity_provider_up{provider="github-actions"} 0"#,
+            r#"aap_identity_provider_keys{provider="github-actions"} 2"#,
+            r#"aap_identity_key_fetches_total{provider="github-actions",outcome="ok"} 3"#,
+            r#"aap_identity_key_fetches_total{provider="github-actions",outcome="error"} 1"#,
+            r#"aap_identity_verifications_total{provider="github-actions",outcome="ok"} 5"#,
+            r#"aap_identity_verifications_total{provider="github-actions",outcome="expired"} 1"#,
             "aap_request_duration_seconds_bucket",
         ] {
             assert!(text.contains(want), "{want}\n{text}");
@@ -527,8 +633,10 @@ mod tests {
                 ..Snapshot::default()
             },
             &[("connect", "memory", true)],
+            &[],
         );
         assert!(again.contains("aap_tokens_minted_total 3"));
+        assert!(!again.contains(r#"aap_identity_provider_up{"#), "{again}");
         // A key gone after a reload leaves no gauge behind.
         assert!(!again.contains(r#"aap_signer_up{key="hsm""#), "{again}");
     }

@@ -302,6 +302,7 @@ mod tests {
             request_id: format!("r-{n}").into(),
             client: Some("ci".into()),
             client_auth: "secret",
+            identity: None,
             client_addr: "127.0.0.1:5000".into(),
             method: "GET".into(),
             path: "/v1/apps".into(),

@@ -50,8 +50,12 @@ pub struct Record {
     pub request_id: Arc<str>,
     /// The client's configured name; `null` when unauthenticated.
     pub client: Option<Arc<str>>,
-    /// `secret`, `client_key`, `mtls`, `anonymous`, or `none`.
+    /// `secret`, `client_key`, `oidc`, `mtls`, `anonymous`, or `none`.
     pub client_auth: &'static str,
+    /// Identity tokens only (absent on every other record, DESIGN §17): the provider and
+    /// the token's `sub` — also when it matched no client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Arc<crate::client::OidcSubject>>,
     pub client_addr: Arc<str>,
     pub method: Cow<'static, str>,
     /// The path as the client sent it, secret-looking segments redacted.

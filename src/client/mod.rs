@@ -5,10 +5,13 @@
 //! client key (DESIGN §17b: the JWT an Apple SDK signs with a key the proxy issued, whose
 //! `kid` is the client's `key_id`; see [`key`]), or with its TLS client certificate. Any
 //! other `Authorization` value (a JWT whose `kid` is no client's) is not a credential: it
-//! is ignored for identity and never forwarded. Allow rules are `METHOD /path-glob`, default
+//! is ignored for identity and never forwarded. An OIDC ID token (DESIGN §17) whose `iss` is
+//! a configured identity provider's is verified against that provider's keys
+//! ([`crate::identity`]) and its claims pick the client: the first, in config order, whose
+//! `identity.claims` globs all match. Allow rules are `METHOD /path-glob`, default
 //! deny, and match the path exactly as the client sent it (`*` matches across `/`).
 //!
-//! Imports only `config`. Holds no secret: only hashes and public keys.
+//! Imports `config` and `identity`. Holds no secret: only hashes and public keys.
 
 pub mod key;
 
@@ -19,7 +22,8 @@ use std::time::{Duration, Instant};
 use http::header::{AUTHORIZATION, PROXY_AUTHORIZATION};
 use http::HeaderMap;
 
-use crate::config::{ClientConfig, Config, RateLimit};
+use crate::config::{ClientConfig, ClientIdentity, Config, RateLimit};
+use crate::identity;
 
 /// Every client secret starts with this, so the proxy can tell one from an SDK's JWT.
 pub(crate) const SECRET_PREFIX: &str = "aap_";
@@ -32,6 +36,8 @@ pub enum AuthMethod {
     Certificate,
     /// A JWT signed with the client's key (DESIGN §17b).
     ClientKey,
+    /// An OIDC ID token from a configured identity provider (DESIGN §17).
+    Oidc,
 }
 
 impl AuthMethod {
@@ -41,6 +47,7 @@ impl AuthMethod {
             AuthMethod::Secret => "secret",
             AuthMethod::Certificate => "mtls",
             AuthMethod::ClientKey => "client_key",
+            AuthMethod::Oidc => "oidc",
         }
     }
 }
@@ -107,6 +114,23 @@ pub struct Identity {
     pub method: AuthMethod,
     /// Index into [`Clients`]; `None` for anonymous.
     index: Option<usize>,
+    /// Who the identity token says the caller is, when it came with one.
+    pub oidc: Option<Arc<OidcSubject>>,
+}
+
+/// The provider and `sub` of a verified identity token: the audit record's `identity`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct OidcSubject {
+    pub provider: Arc<str>,
+    pub subject: Arc<str>,
+}
+
+/// What a failed identity check would need to be tried again: the provider's index and
+/// the key-set version the token was checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refetchable {
+    pub provider: usize,
+    pub version: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -121,6 +145,35 @@ pub enum AuthError {
         client: String,
         check: key::KeyCheck,
     },
+    /// An identity token from `provider` failed `check` (DESIGN §17).
+    #[error("the identity token from provider `{provider}` fails a check: {check}")]
+    Identity {
+        provider: String,
+        check: Box<identity::Check>,
+        /// Set for an unknown `kid`: a refetch of the provider's keys may find it.
+        refetch: Option<Refetchable>,
+    },
+    /// No keys of `provider` are cached and none could be fetched.
+    #[error("identity provider `{provider}`'s keys cannot be had: {why}")]
+    IdentityUnavailable {
+        provider: String,
+        why: String,
+        refetch: Refetchable,
+    },
+    /// A valid identity token that no client's `identity.claims` match.
+    #[error("the identity token of provider `{}` for subject `{}` matches no client", .0.provider, .0.subject)]
+    NoClientForIdentity(Arc<OidcSubject>),
+}
+
+impl AuthError {
+    /// Whether refetching the provider's keys could change the answer, and for which one.
+    pub fn refetchable(&self) -> Option<Refetchable> {
+        match self {
+            AuthError::Identity { refetch, .. } => *refetch,
+            AuthError::IdentityUnavailable { refetch, .. } => Some(*refetch),
+            _ => None,
+        }
+    }
 }
 
 struct Rule {
@@ -142,6 +195,8 @@ struct Client {
     signing: Option<crate::config::SigningPolicy>,
     /// Where its pushes on APNs' own `/3/device/` path go.
     apns_environment: crate::apple::Environment,
+    /// The identity tokens that are this client (DESIGN §17).
+    identity: Option<ClientIdentity>,
     /// Shared with the runtime before a reload when the client keeps its name and rate, so a
     /// reload never refills a spent budget.
     bucket: Option<Arc<Bucket>>,
@@ -193,6 +248,31 @@ pub struct Clients {
     /// token → (client index, last second it stays valid). Bounded; a reload starts afresh,
     /// so a removed client key stops working at once.
     verified: Mutex<HashMap<[u8; 32], (usize, i64)>>,
+    /// The identity providers in config order, with the rules their tokens must meet.
+    providers: Vec<ProviderRules>,
+    /// Issuer → index into `providers`.
+    by_issuer: HashMap<String, usize>,
+    /// Identity tokens already verified and mapped to a client, by SHA-256 of the token;
+    /// bounded like `verified`, and a reload starts afresh.
+    identities: Mutex<HashMap<[u8; 32], IdentityHit>>,
+}
+
+/// A provider as this runtime uses it: its keys (shared across reloads) and its rules.
+struct ProviderRules {
+    provider: Arc<identity::Provider>,
+    audience: String,
+    max_token_age_secs: i64,
+}
+
+/// A verified identity token: whose it is and how long it stays valid.
+struct IdentityHit {
+    client: usize,
+    provider: usize,
+    /// The key-set version it was verified against: a key set that changed since (a key
+    /// removed at the issuer) means verifying it again.
+    version: u64,
+    until: i64,
+    subject: Arc<OidcSubject>,
 }
 
 /// Verified client-key JWTs remembered at most.
@@ -211,13 +291,21 @@ impl std::fmt::Debug for Clients {
 }
 
 impl Clients {
-    pub fn new(config: &Config) -> Clients {
-        Clients::carrying(config, None)
+    /// The clients of `config`, with identity providers of their own (that fetch keys
+    /// only when asked to, outside a Tokio runtime).
+    pub fn new(config: &Config) -> Result<Clients, identity::provider::SetupError> {
+        let providers = identity::Registry::default().providers(config)?;
+        Ok(Clients::carrying(config, None, providers))
     }
 
     /// The clients of `config`; each one that `previous` knows by the same name and rate
-    /// keeps its rate-limit bucket (a reload must not refill a spent budget).
-    pub(crate) fn carrying(config: &Config, previous: Option<&Clients>) -> Clients {
+    /// keeps its rate-limit bucket (a reload must not refill a spent budget). `providers`
+    /// are `config`'s identity providers, in its order.
+    pub(crate) fn carrying(
+        config: &Config,
+        previous: Option<&Clients>,
+        providers: Vec<Arc<identity::Provider>>,
+    ) -> Clients {
         let bucket_of = |c: &ClientConfig| {
             let rate = c.rate_limit?;
             let kept = previous
@@ -241,6 +329,36 @@ impl Clients {
                 .filter_map(|(i, c)| c.client_key.as_ref().map(|k| (k.key_id.clone(), i)))
                 .collect(),
             verified: Mutex::new(HashMap::new()),
+            by_issuer: providers
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.issuer.clone(), i))
+                .collect(),
+            providers: providers
+                .into_iter()
+                .zip(&config.identity_providers)
+                .map(|(provider, p)| ProviderRules {
+                    provider,
+                    audience: p.audience.clone(),
+                    max_token_age_secs: i64::try_from(p.max_token_age.as_secs())
+                        .unwrap_or(i64::MAX),
+                })
+                .collect(),
+            identities: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The identity providers, in config order.
+    pub fn identity_providers(&self) -> impl Iterator<Item = &Arc<identity::Provider>> {
+        self.providers.iter().map(|p| &p.provider)
+    }
+
+    /// Refetches a provider's keys after `why` (an unknown `kid`, or no keys), at most
+    /// once per 30 s per provider; `Changed` means authenticating again may now succeed.
+    pub async fn refetch(&self, why: Refetchable) -> identity::Refetch {
+        match self.providers.get(why.provider) {
+            Some(p) => p.provider.refetch(why.version).await,
+            None => identity::Refetch::Unchanged,
         }
     }
 
@@ -257,6 +375,9 @@ impl Clients {
             if let Some(identity) = self.client_key(headers, now)? {
                 return Ok(identity);
             }
+            if let Some(identity) = self.identity_token(headers, now)? {
+                return Ok(identity);
+            }
             if let Some(cert) = cert {
                 if let Some(i) = self
                     .clients
@@ -267,6 +388,7 @@ impl Clients {
                         name: self.clients[i].name.clone(),
                         method: AuthMethod::Certificate,
                         index: Some(i),
+                        oidc: None,
                     });
                 }
             }
@@ -275,6 +397,7 @@ impl Clients {
                     name: self.anonymous.clone(),
                     method: AuthMethod::Anonymous,
                     index: None,
+                    oidc: None,
                 })
             } else {
                 Err(AuthError::Missing)
@@ -296,7 +419,148 @@ impl Clients {
             name: self.clients[i].name.clone(),
             method: AuthMethod::Secret,
             index: Some(i),
+            oidc: None,
         })
+    }
+
+    /// The client an identity token in the headers authenticates (DESIGN §17); `Ok(None)`
+    /// when no bearer JWT's `iss` is a configured provider's issuer.
+    fn identity_token(&self, headers: &HeaderMap, now: i64) -> Result<Option<Identity>, AuthError> {
+        if self.providers.is_empty() {
+            return Ok(None);
+        }
+        for token in bearer_values(headers) {
+            if token.starts_with(SECRET_PREFIX) {
+                continue;
+            }
+            let digest = crate::sha256(token.as_bytes());
+            if let Some(identity) = self.remembered_identity(&digest, now) {
+                return Ok(Some(identity));
+            }
+            let Some(p) = identity::verify::issuer_of(token)
+                .and_then(|iss| self.by_issuer.get(&iss).copied())
+            else {
+                continue;
+            };
+            return self.verify_identity(token, digest, p, now).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// A token verified earlier that is still valid against an unchanged key set.
+    fn remembered_identity(&self, digest: &[u8; 32], now: i64) -> Option<Identity> {
+        let mut remembered = self.identities.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = remembered.get(digest)?;
+        let rules = &self.providers[hit.provider];
+        if now > hit.until || rules.provider.version() != hit.version {
+            remembered.remove(digest);
+            return None;
+        }
+        rules.provider.count("ok");
+        let c = &self.clients[hit.client];
+        Some(Identity {
+            name: c.name.clone(),
+            method: AuthMethod::Oidc,
+            index: Some(hit.client),
+            oidc: Some(hit.subject.clone()),
+        })
+    }
+
+    fn verify_identity(
+        &self,
+        token: &str,
+        digest: [u8; 32],
+        p: usize,
+        now: i64,
+    ) -> Result<Identity, AuthError> {
+        let rules = &self.providers[p];
+        let provider = &rules.provider;
+        let (keys, version) = provider.keys();
+        let refetch = Refetchable {
+            provider: p,
+            version,
+        };
+        let Some(keys) = keys else {
+            provider.count("unavailable");
+            return Err(AuthError::IdentityUnavailable {
+                provider: provider.name.to_string(),
+                why: provider
+                    .last_error()
+                    .unwrap_or_else(|| "its keys have not been fetched yet".into()),
+                refetch,
+            });
+        };
+        let verified = identity::verify::verify(
+            token,
+            &keys,
+            &identity::Rules {
+                issuer: &provider.issuer,
+                audience: &rules.audience,
+                max_token_age_secs: rules.max_token_age_secs,
+            },
+            now,
+        )
+        .map_err(|check| {
+            provider.count(check.outcome());
+            AuthError::Identity {
+                provider: provider.name.to_string(),
+                refetch: matches!(check, identity::Check::UnknownKey(_)).then_some(refetch),
+                check: Box::new(check),
+            }
+        })?;
+        let subject = Arc::new(OidcSubject {
+            provider: provider.name.clone(),
+            subject: verified.subject.clone(),
+        });
+        let Some(i) = self.clients.iter().position(|c| {
+            c.identity
+                .as_ref()
+                .is_some_and(|id| id.provider == p && claims_match(&verified.claims, &id.claims))
+        }) else {
+            provider.count("no_client");
+            return Err(AuthError::NoClientForIdentity(subject));
+        };
+        provider.count("ok");
+        let mut remembered = self.identities.lock().unwrap_or_else(|p| p.into_inner());
+        if remembered.len() >= MAX_VERIFIED {
+            remembered.retain(|_, hit| hit.until >= now);
+            if remembered.len() >= MAX_VERIFIED {
+                remembered.clear();
+            }
+        }
+        remembered.insert(
+            digest,
+            IdentityHit {
+                client: i,
+                provider: p,
+                version,
+                until: verified.valid_until,
+                subject: subject.clone(),
+            },
+        );
+        Ok(Identity {
+            name: self.clients[i].name.clone(),
+            method: AuthMethod::Oidc,
+            index: Some(i),
+            oidc: Some(subject),
+        })
+    }
+
+    /// The first client, in config order, that a verified identity token of provider `p`
+    /// with `claims` is (for `explain --config`).
+    pub fn identity_client(
+        &self,
+        p: usize,
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> Option<&str> {
+        self.clients
+            .iter()
+            .find(|c| {
+                c.identity
+                    .as_ref()
+                    .is_some_and(|id| id.provider == p && claims_match(claims, &id.claims))
+            })
+            .map(|c| &*c.name)
     }
 
     /// The client a client-key JWT in the headers authenticates; `Ok(None)` when no bearer
@@ -316,6 +580,7 @@ impl Clients {
             name: client.name.clone(),
             method: AuthMethod::ClientKey,
             index: Some(i),
+            oidc: None,
         };
         let digest = crate::sha256(token.as_bytes());
         let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
@@ -416,6 +681,7 @@ impl Client {
             client_key: c.client_key.as_ref().map(|k| k.public_key.clone()),
             signing: c.signing.clone(),
             apns_environment: c.apns_environment,
+            identity: c.identity.clone(),
             bucket,
         }
     }
@@ -448,6 +714,20 @@ fn presented_secret(headers: &HeaderMap) -> Option<&str> {
                     .then_some(token)
             })
         })
+}
+
+/// Whether every claim rule (name → glob, the `allow` glob syntax) is met: each named claim
+/// is a string that matches its glob.
+fn claims_match(
+    claims: &serde_json::Map<String, serde_json::Value>,
+    rules: &[(String, String)],
+) -> bool {
+    rules.iter().all(|(name, glob)| {
+        claims
+            .get(name)
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|v| glob_match(glob, v))
+    })
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -499,7 +779,7 @@ mod tests {
             "[[clients]]\nname = \"ci\"\nsecret_sha256 = \"{}\"\nallow = [{allow}]\n",
             crate::hex(&crate::sha256(secret.as_bytes()))
         );
-        Clients::new(&Config::parse(&text, "t.toml", Path::new(".")).unwrap())
+        Clients::new(&Config::parse(&text, "t.toml", Path::new(".")).unwrap()).unwrap()
     }
 
     impl Clients {
@@ -512,7 +792,7 @@ mod tests {
     fn certificates_match_dns_sans_first_and_cn_only_without_sans() {
         let text =
             "[[clients]]\nname = \"ci\"\ntls_subject = \"ci.internal\"\nallow = [\"GET /v1/*\"]\n";
-        let c = Clients::new(&Config::parse(text, "t.toml", Path::new(".")).unwrap());
+        let c = Clients::new(&Config::parse(text, "t.toml", Path::new(".")).unwrap()).unwrap();
         let san = CertIdentity {
             dns_names: vec!["CI.internal".into()],
             common_name: Some("other".into()),
@@ -606,7 +886,8 @@ mod tests {
                 Path::new("."),
             )
             .unwrap(),
-        );
+        )
+        .unwrap();
         assert_eq!(
             anon.authenticate_h(&HeaderMap::new()).unwrap().method,
             AuthMethod::Anonymous
@@ -674,5 +955,113 @@ mod tests {
         let a = generate_secret().unwrap();
         assert!(a.starts_with(SECRET_PREFIX) && a.len() == 4 + 43);
         assert_ne!(a, generate_secret().unwrap());
+    }
+
+    /// Identity tokens (DESIGN §17) against a provider whose keys are set in place of a
+    /// fetch: signed with RustCrypto's p256, verified with ring.
+    #[test]
+    fn identity_tokens_pick_the_first_matching_client_and_are_remembered_until_keys_change() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine as _;
+        use p256::ecdsa::signature::Signer as _;
+        use serde_json::json;
+        let iss = "https://token.actions.githubusercontent.com";
+        let text = format!(
+            "[[identity_providers]]\nname = \"gha\"\nissuer = \"{iss}\"\naudience = \"aap\"\n\
+             [[clients]]\nname = \"release\"\nallow = [\"* /v1/*\"]\n\
+             identity = {{ provider = \"gha\", claims = {{ repository = \"example/app\", ref = \"refs/heads/main\" }} }}\n\
+             [[clients]]\nname = \"any-branch\"\nallow = [\"GET /v1/*\"]\n\
+             identity = {{ provider = \"gha\", claims = {{ repository = \"example/*\" }} }}\n"
+        );
+        let c = Clients::new(&Config::parse(&text, "t.toml", Path::new(".")).unwrap()).unwrap();
+        let key = p256::ecdsa::SigningKey::from_slice(&[7; 32]).unwrap();
+        let point = key.verifying_key().to_encoded_point(false);
+        let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1",
+            "x": URL_SAFE_NO_PAD.encode(point.x().unwrap()), "y": URL_SAFE_NO_PAD.encode(point.y().unwrap())}]});
+        let provider = c.identity_providers().next().unwrap().clone();
+        let now = 1_800_000_000;
+        let jwt = |kid: &str, repository: &str, git_ref: &str| {
+            let signed = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(json!({"alg": "ES256", "kid": kid}).to_string()),
+                URL_SAFE_NO_PAD.encode(
+                    json!({"iss": iss, "aud": "aap", "sub": format!("repo:{repository}"),
+                    "repository": repository, "ref": git_ref, "iat": now, "exp": now + 300})
+                    .to_string()
+                )
+            );
+            let sig: p256::ecdsa::Signature = key.sign(signed.as_bytes());
+            format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+        };
+        let bearer = |t: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+            h
+        };
+        let main = jwt("k1", "example/app", "refs/heads/main");
+        // No keys fetched yet: unavailable, and worth a refetch.
+        let e = c.authenticate(&bearer(&main), None, now).unwrap_err();
+        assert!(matches!(e, AuthError::IdentityUnavailable { .. }), "{e}");
+        assert_eq!(e.refetchable().map(|r| r.provider), Some(0));
+
+        provider.set_keys(identity::KeySet::parse(jwks.to_string().as_bytes()).unwrap());
+        let who = c.authenticate(&bearer(&main), None, now).unwrap();
+        assert_eq!((&*who.name, who.method), ("release", AuthMethod::Oidc));
+        assert_eq!(&*who.oidc.as_ref().unwrap().subject, "repo:example/app");
+        assert!(c.allows(&who, "POST", "/v1/builds"));
+        // First match wins: a feature branch falls through to the second client.
+        let feature = jwt("k1", "example/app", "refs/heads/feature");
+        let who = c.authenticate(&bearer(&feature), None, now).unwrap();
+        assert_eq!(&*who.name, "any-branch");
+        assert!(!c.allows(&who, "POST", "/v1/builds"));
+        // Valid, but no client's claims match: the error names the subject.
+        let e = c
+            .authenticate(
+                &bearer(&jwt("k1", "evil/app", "refs/heads/main")),
+                None,
+                now,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("subject `repo:evil/app`"), "{e}");
+        // An unknown kid may be found by a refetch; the error never holds the token.
+        let e = c
+            .authenticate(
+                &bearer(&jwt("k2", "example/app", "refs/heads/main")),
+                None,
+                now,
+            )
+            .unwrap_err();
+        assert!(
+            e.refetchable().is_some() && e.to_string().contains("unknown key"),
+            "{e}"
+        );
+        assert!(!format!("{e:?}{e}").contains(&main[..40]));
+        // Remembered: still accepted after the cache's own clock check, refused once expired.
+        assert_eq!(
+            &*c.authenticate(&bearer(&main), None, now + 10).unwrap().name,
+            "release"
+        );
+        assert!(c
+            .authenticate(&bearer(&main), None, now + 300 + 61)
+            .is_err());
+        // A changed key set (a key removed at the issuer) is never answered from memory.
+        provider.set_keys(
+            identity::KeySet::parse(
+                br#"{"keys":[{"kty":"EC","crv":"P-256","kid":"other","x":"AA","y":"AA"}]}"#,
+            )
+            .unwrap_or_default(),
+        );
+        let e = c.authenticate(&bearer(&main), None, now + 10).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown key") || e.to_string().contains("no usable"),
+            "{e}"
+        );
+        let ok = provider
+            .stats()
+            .verifications
+            .iter()
+            .find(|(o, _)| *o == "ok")
+            .map(|(_, n)| *n);
+        assert_eq!(ok, Some(3));
     }
 }

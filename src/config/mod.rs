@@ -139,7 +139,35 @@ pub struct Config {
     pub apis: BTreeMap<Api, ApiSettings>,
     pub keys: Vec<KeyConfig>,
     pub clients: Vec<ClientConfig>,
+    /// `[[identity_providers]]`: OIDC issuers whose ID tokens authenticate clients (DESIGN §17).
+    pub identity_providers: Vec<IdentityProviderConfig>,
     pub log: Log,
+}
+
+/// An OIDC issuer whose ID tokens authenticate clients (DESIGN §17).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityProviderConfig {
+    pub name: String,
+    /// Exactly the tokens' `iss`; an https:// URL.
+    pub issuer: String,
+    /// The tokens' `aud` must contain it.
+    pub audience: String,
+    /// Where the keys are; `None`: the `jwks_uri` of the issuer's discovery document.
+    pub jwks_url: Option<String>,
+    /// Extra trust anchors for the issuer's (and JWKS host's) TLS.
+    pub ca_file: Option<PathBuf>,
+    /// Tokens issued longer ago are refused.
+    pub max_token_age: Duration,
+}
+
+/// `identity = { provider, claims }` on a client: which verified identity tokens are this
+/// client. Every claim must be a string matching its glob; the first client that matches wins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// Index into [`Config::identity_providers`].
+    pub provider: usize,
+    /// Claim name → glob (the `allow` glob syntax), in name order.
+    pub claims: Vec<(String, String)>,
 }
 
 /// Operational logs (`tracing`). The `--log-format` flag and `RUST_LOG` override these.
@@ -278,6 +306,8 @@ pub struct ClientConfig {
     pub signing: Option<SigningPolicy>,
     /// Where this client's pushes on APNs' own `/3/device/` path go (DESIGN §18).
     pub apns_environment: Environment,
+    /// The identity tokens that authenticate this client (DESIGN §17).
+    pub identity: Option<ClientIdentity>,
 }
 
 /// A client key (DESIGN §17b): the `kid` a client's SDK puts in its JWT header, and the
@@ -846,6 +876,97 @@ mod tests {
                 "clients[0].key_id",
             ),
             (client("a", ""), "clients[0].secret_sha256"),
+        ];
+        for (text, field) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(&format!("field `{field}`")), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn identity_providers_and_client_identities_are_validated_naming_the_field() {
+        let provider = |extra: &str| {
+            format!("[[identity_providers]]\nname = \"gha\"\nissuer = \"https://token.actions.githubusercontent.com\"\n{extra}\n")
+        };
+        let aud = "audience = \"apple-api-proxy\"";
+        let client = |extra: &str| {
+            format!("[[clients]]\nname = \"release-ci\"\nallow = [\"GET /v1/*\"]\n{extra}\n")
+        };
+        let identity = "identity = { provider = \"gha\", claims = { repository = \"example/app\", ref = \"refs/heads/main\" } }";
+        let c = parse(&format!("{}{}", provider(aud), client(identity))).unwrap();
+        let p = &c.identity_providers[0];
+        assert_eq!(p.max_token_age, Duration::from_secs(3600));
+        assert_eq!(p.jwks_url, None);
+        let id = c.clients[0].identity.as_ref().unwrap();
+        assert_eq!(id.provider, 0);
+        assert_eq!(
+            id.claims,
+            [
+                ("ref".to_string(), "refs/heads/main".to_string()),
+                ("repository".to_string(), "example/app".to_string())
+            ]
+        );
+        let secret = format!("secret_sha256 = \"{}\"", "a".repeat(64));
+        let cases = [
+            (provider(""), "identity_providers[0].audience"),
+            (
+                provider("audience = \" \""),
+                "identity_providers[0].audience",
+            ),
+            (
+                format!("[[identity_providers]]\nissuer = \"https://x.example\"\n{aud}\n"),
+                "identity_providers[0].name",
+            ),
+            (
+                provider(&format!("{aud}\njwks_url = \"http://x.example/jwks\"")),
+                "identity_providers[0].jwks_url",
+            ),
+            (
+                provider(&format!("{aud}\nmax_token_age = \"30s\"")),
+                "identity_providers[0].max_token_age",
+            ),
+            (
+                format!(
+                    "[[identity_providers]]\nname = \"a\"\nissuer = \"http://x.example\"\n{aud}\n"
+                ),
+                "identity_providers[0].issuer",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    provider(aud),
+                    provider(aud).replace("\"gha\"", "\"gha2\"")
+                ),
+                "identity_providers[1].issuer",
+            ),
+            (
+                client("identity = { provider = \"nope\", claims = { sub = \"x\" } }"),
+                "clients[0].identity.provider",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    provider(aud),
+                    client("identity = { provider = \"gha\" }")
+                ),
+                "clients[0].identity.claims",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    provider(aud),
+                    client("identity = { provider = \"gha\", claims = { repository = \"**\" } }")
+                ),
+                "clients[0].identity.claims",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    provider(aud),
+                    client(&format!("{identity}\n{secret}"))
+                ),
+                "clients[0].secret_sha256",
+            ),
         ];
         for (text, field) in cases {
             let err = parse(&text).unwrap_err().to_string();

@@ -24,7 +24,30 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub clients: Vec<RawClient>,
     #[serde(default)]
+    pub identity_providers: Vec<RawIdentityProvider>,
+    #[serde(default)]
     pub log: RawLog,
+}
+
+/// `[[identity_providers]]` (DESIGN §17).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIdentityProvider {
+    pub name: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub jwks_url: Option<String>,
+    pub ca_file: Option<String>,
+    pub max_token_age: Option<String>,
+}
+
+/// `identity = { provider, claims = { … } }` on a client (DESIGN §17).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClientIdentity {
+    pub provider: String,
+    #[serde(default)]
+    pub claims: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -156,6 +179,7 @@ pub(super) struct RawClient {
     pub public_key: Option<String>,
     pub signing: Option<RawSigning>,
     pub apns_environment: Option<String>,
+    pub identity: Option<RawClientIdentity>,
 }
 
 /// `[clients.signing]`: what the client may have the proxy sign (DESIGN §15).

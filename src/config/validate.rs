@@ -125,11 +125,12 @@ impl Validator<'_> {
             keys.push(key);
         }
 
+        let identity_providers = self.identity_providers(raw.identity_providers)?;
         let mut clients = Vec::with_capacity(raw.clients.len());
         let mut client_names = HashSet::new();
         let mut client_key_ids = BTreeMap::new();
         for (i, c) in raw.clients.into_iter().enumerate() {
-            let client = self.client(i, c, &keys)?;
+            let client = self.client(i, c, &keys, &identity_providers)?;
             if !client_names.insert(client.name.clone()) {
                 return Err(self.invalid(
                     format!("clients[{i}].name"),
@@ -187,6 +188,7 @@ impl Validator<'_> {
             apis,
             keys,
             clients,
+            identity_providers,
         })
     }
 
@@ -771,6 +773,7 @@ impl Validator<'_> {
         i: usize,
         c: RawClient,
         keys: &[KeyConfig],
+        providers: &[IdentityProviderConfig],
     ) -> Result<ClientConfig, ConfigError> {
         let field = |name: &str| format!("clients[{i}].{name}");
         if c.name.is_empty() {
@@ -793,11 +796,36 @@ impl Validator<'_> {
             })
             .transpose()?;
         let client_key = self.client_key(i, &c)?;
-        if secret_sha256.is_none() && c.tls_subject.is_none() && client_key.is_none() {
+        let identity = match &c.identity {
+            Some(raw) => Some(self.client_identity(i, raw, providers)?),
+            None => None,
+        };
+        if identity.is_some() {
+            // One credential per client: a CI client moved to its platform's identity token
+            // must not keep a secret (or key, or certificate) that can still leak.
+            for (set, name) in [
+                (secret_sha256.is_some(), "secret_sha256"),
+                (client_key.is_some(), "key_id"),
+                (c.tls_subject.is_some(), "tls_subject"),
+            ] {
+                if set {
+                    return Err(self.invalid(
+                        field(name),
+                        format!("client `{}` has an identity and a {name}", c.name),
+                        "a client authenticates one way: remove the old credential once its callers send identity tokens, or split it into two clients",
+                    ));
+                }
+            }
+        }
+        if secret_sha256.is_none()
+            && c.tls_subject.is_none()
+            && client_key.is_none()
+            && identity.is_none()
+        {
             return Err(self.invalid(
                 field("secret_sha256"),
                 "the client has no way to authenticate",
-                format!("run `apple-api-proxy client-secret {0}` and paste its secret_sha256 line, or `apple-api-proxy client-key {0}` for its key_id and public_key, or set tls_subject", c.name),
+                format!("run `apple-api-proxy client-secret {0}` and paste its secret_sha256 line, or `apple-api-proxy client-key {0}` for its key_id and public_key, or set tls_subject, or an identity = {{ provider, claims }}", c.name),
             ));
         }
         for (j, rule) in c.allow.iter().enumerate() {
@@ -846,6 +874,7 @@ impl Validator<'_> {
             client_key,
             signing,
             apns_environment,
+            identity,
             rate_limit: c
                 .rate_limit
                 .as_deref()
@@ -864,6 +893,168 @@ impl Validator<'_> {
 }
 
 impl Validator<'_> {
+    /// `[[identity_providers]]` (DESIGN §17): unique names (they label metrics and audit
+    /// records) and issuers (a token's `iss` picks its provider), https:// issuers and JWKS
+    /// URLs, an audience, and a `max_token_age` from 1 min to 24 h.
+    fn identity_providers(
+        &self,
+        raw: Vec<RawIdentityProvider>,
+    ) -> Result<Vec<IdentityProviderConfig>, ConfigError> {
+        let mut out: Vec<IdentityProviderConfig> = Vec::with_capacity(raw.len());
+        for (i, p) in raw.into_iter().enumerate() {
+            let field = |name: &str| format!("identity_providers[{i}].{name}");
+            let name = p.name.unwrap_or_default();
+            let plausible = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+            if !plausible {
+                return Err(self.invalid(
+                    field("name"),
+                    if name.is_empty() { "is missing".to_string() } else { format!("`{name}` is not 1–64 letters, digits, `.`, `_`, `-`") },
+                    "name the provider, e.g. name = \"github-actions\"; clients refer to it by this name",
+                ));
+            }
+            if let Some(other) = out.iter().find(|o| o.name == name) {
+                return Err(self.invalid(
+                    field("name"),
+                    format!("a provider named `{}` is already defined", other.name),
+                    "give every identity provider a unique name",
+                ));
+            }
+            let issuer = p.issuer.unwrap_or_default();
+            self.https_url(
+                &field("issuer"),
+                &issuer,
+                "the tokens' iss exactly, e.g. \"https://token.actions.githubusercontent.com\"",
+            )?;
+            if let Some(other) = out.iter().find(|o| o.issuer == issuer) {
+                return Err(self.invalid(
+                    field("issuer"),
+                    format!("provider `{}` already has issuer `{issuer}`", other.name),
+                    "a token's iss picks its provider, so each issuer is configured once; several audiences or claim sets are several clients of one provider",
+                ));
+            }
+            let audience = match p.audience {
+                Some(a) if !a.trim().is_empty() => a,
+                _ => {
+                    return Err(self.invalid(
+                        field("audience"),
+                        "is missing",
+                        "set the audience your callers request, e.g. audience = \"apple-api-proxy\" (without one, a token minted for any other service would be accepted)",
+                    ))
+                }
+            };
+            if let Some(url) = &p.jwks_url {
+                self.https_url(&field("jwks_url"), url, "where the issuer publishes its JWKS, e.g. \"https://kubernetes.default.svc/openid/v1/jwks\"")?;
+            }
+            let ca_file = p
+                .ca_file
+                .as_deref()
+                .map(|f| self.path(&field("ca_file"), f))
+                .transpose()?;
+            let max_token_age = self.duration(
+                &field("max_token_age"),
+                p.max_token_age.as_deref(),
+                Duration::from_secs(3600),
+            )?;
+            if !(Duration::from_secs(60)..=Duration::from_secs(24 * 3600)).contains(&max_token_age)
+            {
+                return Err(self.invalid(
+                    field("max_token_age"),
+                    format!(
+                        "{} is outside 1m–24h",
+                        humantime::format_duration(max_token_age)
+                    ),
+                    "CI and service-account tokens live minutes to an hour; the default is \"1h\"",
+                ));
+            }
+            out.push(IdentityProviderConfig {
+                name,
+                issuer,
+                audience,
+                jwks_url: p.jwks_url,
+                ca_file,
+                max_token_age,
+            });
+        }
+        Ok(out)
+    }
+
+    fn https_url(&self, field: &str, value: &str, fix: &str) -> Result<(), ConfigError> {
+        let ok = value.parse::<Uri>().is_ok_and(|u| {
+            u.scheme_str() == Some("https") && u.authority().is_some() && u.query().is_none()
+        }) && !value.contains('#');
+        if ok {
+            Ok(())
+        } else {
+            Err(self.invalid(
+                field,
+                if value.is_empty() {
+                    "is missing".to_string()
+                } else {
+                    format!("`{value}` is not an https:// URL without query or fragment")
+                },
+                format!("write {fix} (keys are only fetched over TLS)"),
+            ))
+        }
+    }
+
+    /// `clients[i].identity` (DESIGN §17): a configured provider, and claims that narrow it
+    /// down — on GitHub Actions any repository's workflow can ask for the proxy's audience, so
+    /// a client without claims (or with only `*` globs) would be anyone's.
+    fn client_identity(
+        &self,
+        i: usize,
+        raw: &RawClientIdentity,
+        providers: &[IdentityProviderConfig],
+    ) -> Result<ClientIdentity, ConfigError> {
+        let Some(provider) = providers.iter().position(|p| p.name == raw.provider) else {
+            return Err(self.invalid(
+                format!("clients[{i}].identity.provider"),
+                format!("no identity provider named `{}`", raw.provider),
+                if providers.is_empty() {
+                    "add an [[identity_providers]] entry with this name".to_string()
+                } else {
+                    format!(
+                        "use one of: {}",
+                        providers
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
+            ));
+        };
+        let narrowing = raw.claims.values().any(|g| g.bytes().any(|b| b != b'*'));
+        if !narrowing {
+            return Err(self.invalid(
+                format!("clients[{i}].identity.claims"),
+                if raw.claims.is_empty() { "is empty".to_string() } else { "matches every value (only `*` globs)".to_string() },
+                "name the claims that single out your callers, e.g. claims = { repository = \"example/app\", ref = \"refs/heads/main\" }: the issuer signs tokens for anyone who asks for your audience",
+            ));
+        }
+        for (name, glob) in &raw.claims {
+            if name.is_empty() || glob.is_empty() {
+                return Err(self.invalid(
+                    format!("clients[{i}].identity.claims"),
+                    "has an empty claim name or value",
+                    "write claim = \"glob\" pairs, e.g. ref = \"refs/heads/main\"",
+                ));
+            }
+        }
+        Ok(ClientIdentity {
+            provider,
+            claims: raw
+                .claims
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+    }
+
     /// `clients[i].key_id` with `public_key_file` or `public_key` (DESIGN §17b): a P-256
     /// public key (`BEGIN PUBLIC KEY`) and the `kid` the client's SDK signs with.
     fn client_key(&self, i: usize, c: &RawClient) -> Result<Option<ClientKey>, ConfigError> {

@@ -63,9 +63,13 @@ impl Proxy {
                 cert,
                 crate::token::unix_secs(std::time::SystemTime::now()),
             )
-            .map_err(Refusal::Unauthenticated)?;
+            .map_err(|e| {
+                ex.identity_refetch = e.refetchable();
+                auth_refusal(e, ex)
+            })?;
         ex.client = Some(who.name.clone());
         ex.client_auth = who.method.as_str();
+        ex.identity = who.oidc.clone();
         match self.shared.audit.get() {
             Some(a) if a.admits() => {}
             other => {
@@ -214,5 +218,27 @@ impl Proxy {
                 share: held.share,
                 retry_after: held.retry_after,
             })
+    }
+}
+
+/// The refusal for a failed authentication: a 401 naming the check, except that an identity
+/// provider without keys is a 503 and a valid identity token that is no client's a 403
+/// naming its subject (DESIGN §17), whose record keeps the identity.
+fn auth_refusal(e: crate::client::AuthError, ex: &mut Exchange) -> Refusal {
+    use crate::client::AuthError;
+    match e {
+        AuthError::IdentityUnavailable { provider, why, .. } => Refusal::IdentityUnavailable {
+            provider,
+            source: why.into(),
+        },
+        AuthError::NoClientForIdentity(subject) => {
+            let detail = format!(
+                "the identity token of provider `{}` for subject `{}` matches no client's identity claims",
+                subject.provider, subject.subject
+            );
+            ex.identity = Some(subject);
+            Refusal::Forbidden { detail }
+        }
+        other => Refusal::Unauthenticated(other),
     }
 }

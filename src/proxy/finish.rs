@@ -110,6 +110,7 @@ impl Exchange {
             request_id: self.id.clone(),
             client: self.client.take(),
             client_auth: self.client_auth,
+            identity: self.identity.take(),
             client_addr: self.head.peer.text.clone(),
             method: std::mem::take(&mut self.head.method),
             path: std::mem::take(&mut self.head.path),

@@ -139,7 +139,30 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Refusal> {
         let (parts, body) = req.into_parts();
-        let admitted = match self.admit(&parts, cert, ex)? {
+        let admission = match self.admit(&parts, cert, ex) {
+            Ok(admission) => admission,
+            // An identity token with a `kid` the cached keys lack, or a provider with no keys
+            // yet: one refetch (at most one per 30 s per provider), then admission again.
+            Err(refusal) => match ex.identity_refetch.take() {
+                Some(why) => match self.clients.refetch(why).await {
+                    crate::identity::Refetch::Changed => self.admit(&parts, cert, ex)?,
+                    crate::identity::Refetch::Failed(e) => {
+                        return Err(match refusal {
+                            Refusal::IdentityUnavailable { provider, .. } => {
+                                Refusal::IdentityUnavailable {
+                                    provider,
+                                    source: e.into(),
+                                }
+                            }
+                            other => other,
+                        })
+                    }
+                    crate::identity::Refetch::Unchanged => return Err(refusal),
+                },
+                None => return Err(refusal),
+            },
+        };
+        let admitted = match admission {
             Admission::Apple(admitted) => admitted,
             // The proxy's own endpoints (DESIGN §14) answer here; finish audits them.
             Admission::Own { who, endpoint } => {
@@ -193,6 +216,11 @@ pub struct Exchange {
     started: Instant,
     client: Option<Arc<str>>,
     client_auth: &'static str,
+    /// The identity token's provider and subject (DESIGN §17), also on a 403 when it
+    /// matched no client.
+    identity: Option<Arc<crate::client::OidcSubject>>,
+    /// Set by admission when refetching an identity provider's keys could let the request in.
+    identity_refetch: Option<crate::client::Refetchable>,
     api: Option<Api>,
     environment: Option<Environment>,
     key: Option<Arc<str>>,
@@ -228,6 +256,8 @@ impl Proxy {
             started,
             client: None,
             client_auth: "none",
+            identity: None,
+            identity_refetch: None,
             api: None,
             environment: None,
             key: None,

@@ -358,7 +358,7 @@ impl Refusal {
         match self {
             Refusal::Unauthenticated(AuthError::Missing) => "send your proxy client secret as `Proxy-Authorization: Bearer aap_…` or `Authorization: Bearer aap_…`, or a JWT signed with your client key".into(),
             Refusal::Unauthenticated(AuthError::Invalid) => "the client secret is not valid".into(),
-            Refusal::Unauthenticated(e @ AuthError::ClientKey { .. }) => e.to_string(),
+            Refusal::Unauthenticated(e) => e.to_string(),
             Refusal::Forbidden { detail } => detail.clone(),
             Refusal::SigningDenied { client, denied } => {
                 format!("client `{client}` may not sign this: {denied}")

@@ -31,6 +31,8 @@ pub enum StartError {
     Audit(#[from] audit::AuditError),
     #[error(transparent)]
     Upstream(#[from] forward::ClientError),
+    #[error("{0}")]
+    Identity(#[from] crate::identity::provider::SetupError),
 }
 
 /// Everything a request needs, built once from config and swapped whole on reload.
@@ -61,6 +63,8 @@ pub(super) struct Shared {
     pub mint_counts: Arc<MintCounts>,
     /// The developer-key APIs' tokens: a reload never re-mints one (DESIGN §18).
     pub developer_tokens: Arc<crate::token::DeveloperTokens>,
+    /// The identity providers' keys: a reload that keeps a provider keeps its keys.
+    pub identity: crate::identity::Registry,
     /// When Apple last accepted each key, by (key id, SHA-256 of its public key): a new key
     /// under an old name starts with no history, a renamed key keeps its own.
     key_history: Mutex<HashMap<KeyIdentity, Arc<AtomicI64>>>,
@@ -95,6 +99,7 @@ impl Proxy {
             clock: Arc::new(AppleClock::default()),
             mint_counts: Arc::default(),
             developer_tokens: Arc::default(),
+            identity: crate::identity::Registry::default(),
             key_history: Mutex::default(),
             ids: RequestIds::new(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
@@ -161,10 +166,11 @@ impl Proxy {
                 })
                 .collect()
         };
+        let providers = shared.identity.providers(&config)?;
         Ok((
             Proxy {
                 routes: route::Table::new(&config),
-                clients: Clients::carrying(&config, previous.map(|p| &p.clients)),
+                clients: Clients::carrying(&config, previous.map(|p| &p.clients), providers),
                 minter,
                 upstream,
                 apns,
@@ -265,6 +271,11 @@ impl Proxy {
                 Some((k.name.as_str(), backend.as_str(), up))
             })
             .collect();
+        let identity: Vec<_> = self
+            .clients
+            .identity_providers()
+            .map(|p| p.stats())
+            .collect();
         self.shared.metrics.encode(
             metrics::Snapshot {
                 tokens_minted: minted,
@@ -281,6 +292,17 @@ impl Proxy {
                 .unwrap_or(0),
             },
             &signers,
+            &identity
+                .iter()
+                .map(|s| metrics::IdentityStats {
+                    provider: &s.name,
+                    up: s.up,
+                    keys: s.keys,
+                    fetches_ok: s.fetches_ok,
+                    fetches_failed: s.fetches_failed,
+                    verifications: &s.verifications,
+                })
+                .collect::<Vec<_>>(),
         )
     }
 
