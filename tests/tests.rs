@@ -8,6 +8,7 @@ mod deploy;
 mod doctor;
 mod hardening;
 mod hsm;
+mod identity;
 mod ops;
 mod push;
 mod review;

@@ -22,6 +22,7 @@ mod exchange;
 mod fault;
 pub mod fixture;
 pub mod in_app;
+pub mod oidc;
 mod tls;
 mod verify;
 
