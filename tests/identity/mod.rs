@@ -78,9 +78,24 @@ fn detail(r: &Reply) -> String {
 async fn a_ci_job_with_only_its_identity_token_calls_app_store_connect_and_every_bad_token_is_refused(
 ) {
     let issuer = OidcIssuer::start().await.unwrap();
+    // GitHub, GitLab and Kubernetes sign RS256; the issuer publishes an RSA and an EC key.
+    issuer.add_rsa_key("rsa-1", true).unwrap();
     let evil = OidcIssuer::start().await.unwrap();
     let b = start(&issuer).await;
     let iss = issuer.issuer();
+    let rs256 = issuer.sign("rsa-1", json!({}), claims(&iss));
+    assert!(rs256.starts_with(&{
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256""#)[..16]
+            .to_string()
+    }));
+    let r = get(&b, &rs256).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "RS256: {}",
+        String::from_utf8_lossy(&r.body)
+    );
     let good = issuer.sign("key-1", json!({}), claims(&iss));
     // Keys are fetched at start; the first request may race the fetch, and waits for it.
     let r = get(&b, &good).await;
@@ -166,6 +181,16 @@ async fn a_ci_job_with_only_its_identity_token_calls_app_store_connect_and_every
             issuer.sign("nope", json!({}), claims(&iss)),
             "unknown key",
         ),
+        (
+            "RS256 on the EC key",
+            issuer.sign("key-1", json!({"alg": "RS256"}), claims(&iss)),
+            "does not fit",
+        ),
+        (
+            "ES256 on the RSA key",
+            issuer.sign("rsa-1", json!({"alg": "ES256"}), claims(&iss)),
+            "does not fit",
+        ),
     ];
     for (what, token, says) in &cases {
         let r = get(&b, token).await;
@@ -215,8 +240,8 @@ async fn a_ci_job_with_only_its_identity_token_calls_app_store_connect_and_every
     .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
 
-    let records = binary_audit(&b, 4 + cases.len()).await;
-    let ok = &records[0];
+    let records = binary_audit(&b, 5 + cases.len()).await;
+    let ok = &records[1];
     assert_eq!(ok["client"], "release-ci");
     assert_eq!(ok["client_auth"], "oidc");
     assert_eq!(
@@ -238,7 +263,8 @@ async fn a_ci_job_with_only_its_identity_token_calls_app_store_connect_and_every
         r#"aap_identity_verifications_total{provider="ci",outcome="expired"}"#,
         r#"aap_identity_verifications_total{provider="ci",outcome="no_client"} 1"#,
         r#"aap_identity_provider_up{provider="ci"} 1"#,
-        r#"aap_identity_provider_keys{provider="ci"} 1"#,
+        r#"aap_identity_provider_keys{provider="ci"} 2"#,
+        r#"aap_identity_verifications_total{provider="ci",outcome="algorithm"} 4"#,
     ] {
         assert!(metrics.contains(want), "{want}\n{metrics}");
     }

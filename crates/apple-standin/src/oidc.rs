@@ -44,12 +44,19 @@ impl std::fmt::Debug for OidcIssuer {
     }
 }
 
+/// An issuer key: GitHub, GitLab and Kubernetes sign with RSA; some issuers with P-256.
+#[derive(Clone)]
+enum Key {
+    Ec(SigningKey),
+    Rsa(Box<rsa::RsaPrivateKey>),
+}
+
 struct State {
     issuer: String,
     /// What the discovery document says the issuer is (normally `issuer`).
     named: Mutex<Option<String>>,
     /// kid → (key, published in the JWKS).
-    keys: Mutex<BTreeMap<String, (SigningKey, bool)>>,
+    keys: Mutex<BTreeMap<String, (Key, bool)>>,
     down: AtomicBool,
     delay_ms: AtomicU64,
     discovery_fetches: AtomicUsize,
@@ -128,7 +135,14 @@ impl OidcIssuer {
     /// Adds a fresh P-256 key under `kid`, published in the JWKS or not.
     pub fn add_key(&self, kid: &str, published: bool) {
         let key = SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
-        lock(&self.state.keys).insert(kid.to_string(), (key, published));
+        lock(&self.state.keys).insert(kid.to_string(), (Key::Ec(key), published));
+    }
+
+    /// Adds a fresh 2048-bit RSA key under `kid` (its tokens are RS256).
+    pub fn add_rsa_key(&self, kid: &str, published: bool) -> Result<(), rsa::Error> {
+        let key = rsa::RsaPrivateKey::new(&mut p256::elliptic_curve::rand_core::OsRng, 2048)?;
+        lock(&self.state.keys).insert(kid.to_string(), (Key::Rsa(Box::new(key)), published));
+        Ok(())
     }
 
     /// Publishes or withdraws `kid` from the JWKS (it can still sign).
@@ -159,26 +173,44 @@ impl OidcIssuer {
         )
     }
 
-    /// An ES256 ID token signed with `kid`'s key: header `{alg, kid, typ}` plus `header`'s
-    /// fields, and `claims` as given.
+    /// An ID token signed with `kid`'s key (a throw-away P-256 key when `kid` is none of
+    /// the issuer's): header `{alg, kid, typ}` — `alg` ES256 or RS256 by the key — plus
+    /// `header`'s fields (which may override `alg`), and `claims` as given.
     pub fn sign(&self, kid: &str, header: Value, claims: Value) -> String {
-        let mut h = json!({"alg": "ES256", "kid": kid, "typ": "JWT"});
+        let key = lock(&self.state.keys)
+            .get(kid)
+            .map(|(k, _)| k.clone())
+            .unwrap_or_else(|| {
+                Key::Ec(SigningKey::random(
+                    &mut p256::elliptic_curve::rand_core::OsRng,
+                ))
+            });
+        let alg = match key {
+            Key::Ec(_) => "ES256",
+            Key::Rsa(_) => "RS256",
+        };
+        let mut h = json!({"alg": alg, "kid": kid, "typ": "JWT"});
         if let (Some(h), Value::Object(extra)) = (h.as_object_mut(), header) {
             h.extend(extra);
         }
-        let keys = lock(&self.state.keys);
-        let key = keys
-            .get(kid)
-            .map(|(k, _)| k.clone())
-            .unwrap_or_else(|| SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng));
-        drop(keys);
         let signed = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(h.to_string()),
             URL_SAFE_NO_PAD.encode(claims.to_string())
         );
-        let sig: Signature = key.sign(signed.as_bytes());
-        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+        let sig = match key {
+            Key::Ec(k) => {
+                let sig: Signature = k.sign(signed.as_bytes());
+                sig.to_bytes().to_vec()
+            }
+            Key::Rsa(k) => {
+                use rsa::signature::SignatureEncoding as _;
+                rsa::pkcs1v15::SigningKey::<rsa::sha2::Sha256>::new(*k)
+                    .sign(signed.as_bytes())
+                    .to_vec()
+            }
+        };
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig))
     }
 
     /// The JWKS as published now.
@@ -197,13 +229,24 @@ fn jwks(state: &State) -> Value {
     let keys: Vec<Value> = lock(&state.keys)
         .iter()
         .filter(|(_, (_, published))| *published)
-        .map(|(kid, (key, _))| {
-            let point = key.verifying_key().to_encoded_point(false);
-            json!({
-                "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
-                "x": URL_SAFE_NO_PAD.encode(point.x().map(|x| x.to_vec()).unwrap_or_default()),
-                "y": URL_SAFE_NO_PAD.encode(point.y().map(|y| y.to_vec()).unwrap_or_default()),
-            })
+        .map(|(kid, (key, _))| match key {
+            Key::Ec(key) => {
+                let point = key.verifying_key().to_encoded_point(false);
+                json!({
+                    "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+                    "x": URL_SAFE_NO_PAD.encode(point.x().map(|x| x.to_vec()).unwrap_or_default()),
+                    "y": URL_SAFE_NO_PAD.encode(point.y().map(|y| y.to_vec()).unwrap_or_default()),
+                })
+            }
+            Key::Rsa(key) => {
+                use rsa::traits::PublicKeyParts as _;
+                // As GitHub publishes them: no `alg` on the key.
+                json!({
+                    "kty": "RSA", "use": "sig", "kid": kid,
+                    "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
+                    "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
+                })
+            }
         })
         .collect();
     json!({ "keys": keys })
