@@ -453,6 +453,11 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         if let Some(subject) = &c.tls_subject {
             auth.push(format!("mTLS:{subject}"));
         }
+        if let Some(id) = &c.identity {
+            let provider = &config.identity_providers[id.provider].name;
+            let claims: Vec<String> = id.claims.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            auth.push(format!("oidc:{provider}[{}]", claims.join(",")));
+        }
         println!(
             "  {:<18} {:<22} key={:<10} allow: {}",
             c.name,
@@ -464,6 +469,35 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
                 c.allow.join(", ")
             }
         );
+    }
+    if !config.identity_providers.is_empty() {
+        println!("\nIDENTITY PROVIDERS");
+        let fetched = runtime()?.block_on(async {
+            let mut out = Vec::new();
+            for p in proxy.identity_providers() {
+                out.push(p.fetch().await.map(|()| p.keys().0));
+            }
+            out
+        });
+        for (p, keys) in config.identity_providers.iter().zip(fetched) {
+            let state = match keys {
+                Ok(Some(set)) => {
+                    let mut kids: Vec<&str> = set.keys.keys().map(String::as_str).collect();
+                    kids.sort_unstable();
+                    format!("keys: {}", kids.join(", "))
+                }
+                Ok(None) => "keys: none".to_string(),
+                Err(e) => format!("KEYS UNAVAILABLE (its clients would get 503): {e}"),
+            };
+            println!(
+                "  {:<18} {} aud={} max_token_age={}\n  {:<18} {state}",
+                p.name,
+                p.issuer,
+                p.audience,
+                humantime::format_duration(p.max_token_age),
+                ""
+            );
+        }
     }
     println!("\nSIGNING (in-app signatures; a client without [clients.signing] signs nothing)");
     let mut any = false;
@@ -619,6 +653,13 @@ fn explain(token: Option<String>, config: Option<&std::path::Path>) -> anyhow::R
     println!("header: {}", report.header);
     println!("claims: {}", report.claims);
     let config = config.map(Config::load).transpose()?;
+    // An identity token (DESIGN §17) is a client's credential, verified against its
+    // provider's keys, fetched now.
+    if let Some(config) = &config {
+        if let Some(done) = explain_identity(config, &token, now)? {
+            return done;
+        }
+    }
     // A JWT signed with a client key (DESIGN §17b) is the client's credential, not an Apple
     // token: only §17b's rules apply to it.
     if let Some(config) = &config {
@@ -736,6 +777,71 @@ fn explain(token: Option<String>, config: Option<&std::path::Path>) -> anyhow::R
             println!("  - {p}");
         }
         std::process::exit(1);
+    }
+}
+
+/// `explain --config` on an identity token: fetches its provider's keys, verifies it by
+/// DESIGN §17 and says which client it is. `None` when the token's `iss` is no provider's.
+fn explain_identity(
+    config: &Config,
+    token: &str,
+    now: i64,
+) -> anyhow::Result<Option<anyhow::Result<()>>> {
+    let bare = token.trim().trim_start_matches("Bearer ").trim();
+    let Some(iss) = apple_api_proxy::identity::verify::issuer_of(bare) else {
+        return Ok(None);
+    };
+    let Some(p) = config
+        .identity_providers
+        .iter()
+        .position(|p| p.issuer == iss)
+    else {
+        return Ok(None);
+    };
+    let provider = &config.identity_providers[p];
+    println!(
+        "kind:   identity token: iss is identity provider `{}`'s issuer (DESIGN §17); Apple never sees it",
+        provider.name
+    );
+    let clients = client::Clients::new(config)?;
+    let Some(keys) = clients.identity_providers().nth(p) else {
+        return Ok(None);
+    };
+    runtime()?.block_on(keys.fetch()).map_err(|e| {
+        anyhow!(
+            "cannot fetch identity provider `{}`'s keys: {e}",
+            provider.name
+        )
+    })?;
+    let (Some(set), _) = keys.keys() else {
+        return Err(anyhow!("identity provider `{}` has no keys", provider.name));
+    };
+    let rules = apple_api_proxy::identity::Rules {
+        issuer: &provider.issuer,
+        audience: &provider.audience,
+        max_token_age_secs: i64::try_from(provider.max_token_age.as_secs()).unwrap_or(i64::MAX),
+    };
+    match apple_api_proxy::identity::verify::verify(bare, &set, &rules, now) {
+        Err(check) => {
+            println!("\ndoes not verify: {check}");
+            std::process::exit(1);
+        }
+        Ok(v) => {
+            println!(
+                "note:   verifies with key {:?}; subject {:?}",
+                v.kid, &*v.subject
+            );
+            match clients.identity_client(p, &v.claims) {
+                Some(name) => {
+                    println!("\nOK: authenticates client `{name}` (the first whose identity claims match)");
+                    Ok(Some(Ok(())))
+                }
+                None => {
+                    println!("\nverifies, but matches no client's identity claims: the proxy answers 403");
+                    std::process::exit(1);
+                }
+            }
+        }
     }
 }
 

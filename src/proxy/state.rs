@@ -188,6 +188,11 @@ impl Proxy {
         &self.config
     }
 
+    /// The identity providers, in config order (for `check`).
+    pub fn identity_providers(&self) -> impl Iterator<Item = &Arc<crate::identity::Provider>> {
+        self.clients.identity_providers()
+    }
+
     pub fn minter(&self) -> &Minter {
         &self.minter
     }

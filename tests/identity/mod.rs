@@ -351,3 +351,77 @@ async fn with_no_keys_to_be_had_identity_tokens_get_503_and_the_proxy_recovers_o
         "the background retry fetches the keys once the issuer is back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_says_which_client_an_identity_token_is_and_check_lists_the_providers_keys() {
+    let issuer = OidcIssuer::start().await.unwrap();
+    let b = start(&issuer).await;
+    let iss = issuer.issuer();
+    let explain = |token: String| {
+        let config = b.world.config_path.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                bin()
+                    .args(["explain", "--config"])
+                    .arg(&config)
+                    .arg(&token)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let out = explain(issuer.sign("key-1", json!({}), claims(&iss))).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("identity token"), "{stdout}");
+    assert!(
+        stdout.contains("OK: authenticates client `release-ci`"),
+        "{stdout}"
+    );
+    let out = explain(issuer.sign(
+        "key-1",
+        json!({}),
+        with(claims(&iss), "aud", json!("other")),
+    ))
+    .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("audience"));
+    let out = explain(issuer.sign(
+        "key-1",
+        json!({}),
+        with(claims(&iss), "repository", json!("evil/app")),
+    ))
+    .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("matches no client"));
+
+    let config = b.world.config_path.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        bin()
+            .arg("check")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("IDENTITY PROVIDERS"), "{stdout}");
+    assert!(stdout.contains("keys: key-1"), "{stdout}");
+    assert!(
+        stdout.contains("oidc:ci[ref=refs/heads/main,repository=example/app]"),
+        "{stdout}"
+    );
+}
