@@ -11,6 +11,9 @@
 //!   ES256 verification — once per token, then cached —, path check, route, policy),
 //!   the upstream header copy, and the audit path redaction.
 //! - `diagnose/*`: the 401 doctor on representative evidence (only on Apple's 401/403).
+//! - `identity/*`: an identity token (DESIGN §17): the full RS256 and ES256 verification a
+//!   token pays once (then it is remembered), and the SHA-256 of a CI-sized token that every
+//!   later request pays to find it remembered.
 //! - `signing/*`: an in-app signature request's own work (DESIGN §15): the body parsed and
 //!   checked, the policy, and the whole of it with the nonce and the ES256 signature.
 
@@ -441,9 +444,53 @@ fn short() -> Criterion {
         .configure_from_args()
 }
 
+fn bench_identity(c: &mut Criterion) {
+    use apple_api_proxy::identity::{verify, KeySet, Rules};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let issuer = runtime
+        .block_on(apple_standin::oidc::OidcIssuer::start())
+        .expect("the stand-in issuer");
+    issuer.add_rsa_key("rsa-1", true).expect("an RSA key");
+    let keys = KeySet::parse(issuer.jwks().to_string().as_bytes()).expect("the issuer's JWKS");
+    let iss = issuer.issuer();
+    let now = token::unix_secs(SystemTime::now());
+    // Shaped like a GitHub Actions token's claims (about 1 KiB once signed with RSA).
+    let claims = serde_json::json!({
+        "iss": iss, "aud": "apple-api-proxy", "sub": "repo:example/app:environment:release",
+        "repository": "example/app", "repository_owner": "example", "ref": "refs/heads/main",
+        "sha": "8d3c1e0f5a7b9c2d4e6f8a0b1c3d5e7f9a1b3c5d", "workflow": "release",
+        "job_workflow_ref": "example/app/.github/workflows/release.yml@refs/heads/main",
+        "environment": "release", "run_id": "7000000001", "run_attempt": "1",
+        "iat": now, "nbf": now, "exp": now + 300,
+    });
+    let rules = Rules {
+        issuer: &iss,
+        audience: "apple-api-proxy",
+        max_token_age_secs: 3600,
+    };
+    let mut g = c.benchmark_group("identity");
+    for kid in ["rsa-1", "key-1"] {
+        let token = issuer.sign(kid, serde_json::json!({}), claims.clone());
+        assert!(verify::verify(&token, &keys, &rules, now).is_ok());
+        let name = if kid == "rsa-1" { "verify_rs256" } else { "verify_es256" };
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(verify::verify(black_box(&token), &keys, &rules, now).is_ok()))
+        });
+        if kid == "rsa-1" {
+            g.bench_function("remembered_lookup_sha256", |b| {
+                b.iter(|| black_box(apple_api_proxy::sha256(black_box(token.as_bytes()))))
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = short();
-    targets = bench_ring, bench_mint, bench_request, bench_diagnose, bench_signing
+    targets = bench_ring, bench_mint, bench_request, bench_diagnose, bench_signing, bench_identity
 }
 criterion_main!(benches);
