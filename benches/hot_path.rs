@@ -475,7 +475,11 @@ fn bench_identity(c: &mut Criterion) {
     for kid in ["rsa-1", "key-1"] {
         let token = issuer.sign(kid, serde_json::json!({}), claims.clone());
         assert!(verify::verify(&token, &keys, &rules, now).is_ok());
-        let name = if kid == "rsa-1" { "verify_rs256" } else { "verify_es256" };
+        let name = if kid == "rsa-1" {
+            "verify_rs256"
+        } else {
+            "verify_es256"
+        };
         g.bench_function(name, |b| {
             b.iter(|| black_box(verify::verify(black_box(&token), &keys, &rules, now).is_ok()))
         });
