@@ -290,7 +290,7 @@ impl Provider {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| FetchError(format!("{url}: {}", chain(&e))))?;
+                .map_err(|e| FetchError(format!("{url}: {}", crate::error_chain(&e))))?;
             if response.status() != http::StatusCode::OK {
                 return Err(FetchError(format!("{url} answered {}", response.status())));
             }
@@ -309,18 +309,6 @@ impl Provider {
                 ))
             })?
     }
-}
-
-/// An error and its sources, `: `-separated (hyper's own text is only "client error").
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -249,11 +249,16 @@ impl Check {
 
 /// A header or claim value as it may appear in an error: printable, at most 64 characters.
 fn shown(s: &str) -> String {
-    let mut out: String = s.chars().filter(|c| !c.is_control()).take(64).collect();
+    let mut out = printable(s, 64);
     if s.chars().count() > 64 {
         out.push('…');
     }
     out
+}
+
+/// `s` without control characters, cut at `max` characters.
+fn printable(s: &str, max: usize) -> String {
+    s.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 
 /// The decoded parts of a compact JWS.
@@ -408,11 +413,12 @@ pub fn verify(token: &str, keys: &KeySet, rules: &Rules<'_>, now: i64) -> Result
             max: rules.max_token_age_secs,
         });
     }
+    // `sub` as the audit record and a 403 show it: printable, at most 256 characters.
     let subject: Arc<str> = Arc::from(
         claims
             .get("sub")
             .and_then(Value::as_str)
-            .map(shown_subject)
+            .map(|s| printable(s, 256))
             .unwrap_or_default()
             .as_str(),
     );
@@ -424,11 +430,6 @@ pub fn verify(token: &str, keys: &KeySet, rules: &Rules<'_>, now: i64) -> Result
         claims,
         subject,
     })
-}
-
-/// `sub` as the audit record and a 403 show it: printable, at most 256 characters.
-fn shown_subject(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).take(256).collect()
 }
 
 #[cfg(test)]
