@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize as _;
 use serde_norway::Value as Yaml;
 
+use apple_standin::oidc::OidcIssuer;
+
 use crate::support::{bin, free_port, sha_hex, write_private, TestKey};
 
 /// Where the Kubernetes manifests mount the config and the keys (and the image's CMD reads).
@@ -209,8 +211,15 @@ fn file_name(path: &str) -> String {
 
 /// A copy of `config` fit for `check` here: key paths through `key_path` (file name → path)
 /// with a fresh P-256 key written there (0600), placeholder secret hashes replaced by the
-/// hash of a made-up secret.
-fn with_test_keys(config: &toml::Table, dir: &Path, key_path: impl Fn(&str) -> String) -> String {
+/// hash of a made-up secret (clients with an identity have none), and each identity
+/// provider's keys fetched from `issuer` on 127.0.0.1 (its `issuer` string, audience and
+/// token age as committed; `jwks_url` and `ca_file` redirected).
+fn with_test_keys(
+    config: &toml::Table,
+    dir: &Path,
+    issuer: Option<&LocalIssuer>,
+    key_path: impl Fn(&str) -> String,
+) -> String {
     let mut config = config.clone();
     for key in config["keys"].as_array_mut().unwrap() {
         let path = key["private_key_file"].as_str().unwrap().to_string();
@@ -221,6 +230,10 @@ fn with_test_keys(config: &toml::Table, dir: &Path, key_path: impl Fn(&str) -> S
         key["private_key_file"] = toml::Value::String(key_path(&path));
     }
     for client in config["clients"].as_array_mut().unwrap() {
+        if client.get("identity").is_some() {
+            assert!(client.get("secret_sha256").is_none());
+            continue;
+        }
         let name = client["name"].as_str().unwrap().to_string();
         let hash = client["secret_sha256"].as_str().unwrap_or("");
         if !(hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())) {
@@ -231,7 +244,40 @@ fn with_test_keys(config: &toml::Table, dir: &Path, key_path: impl Fn(&str) -> S
             client["secret_sha256"] = toml::Value::String(sha_hex(&format!("aap_test_{name}")));
         }
     }
+    if let Some(providers) = config
+        .get_mut("identity_providers")
+        .and_then(toml::Value::as_array_mut)
+    {
+        let issuer = issuer.expect("identity providers need a local issuer to fetch keys from");
+        let ca = dir.join("issuer-ca.pem");
+        std::fs::write(&ca, issuer.issuer.ca_pem()).unwrap();
+        for p in providers {
+            p["jwks_url"] = toml::Value::String(issuer.issuer.jwks_url());
+            p["ca_file"] = toml::Value::String(ca.display().to_string());
+        }
+    }
     toml::to_string(&config).unwrap()
+}
+
+/// The stand-in's OIDC issuer on its own runtime, for the synchronous tests here.
+struct LocalIssuer {
+    issuer: OidcIssuer,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl LocalIssuer {
+    fn start() -> LocalIssuer {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let issuer = runtime.block_on(OidcIssuer::start()).unwrap();
+        LocalIssuer {
+            issuer,
+            _runtime: runtime,
+        }
+    }
 }
 
 fn run_check(config: &Path, env: &[(&str, &Path)]) -> Output {
@@ -269,7 +315,12 @@ fn every_manifest_parses_and_the_kustomization_lists_exactly_the_files_present()
     let dir = k8s_dir();
     let mut present = BTreeSet::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
-        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        let entry = entry.unwrap();
+        // The example caller has its own kustomization (the_example_caller_…).
+        if entry.file_type().unwrap().is_dir() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
         if name.ends_with(".yaml") || name.ends_with(".yml") {
             for doc in yaml_docs(&dir.join(&name)) {
                 if doc.is_null() || name == "kustomization.yaml" {
@@ -406,14 +457,23 @@ fn the_configmap_config_passes_the_real_check_with_test_keys() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let copy = dir.join("proxy.toml");
+    let issuer = LocalIssuer::start();
     std::fs::write(
         &copy,
-        with_test_keys(&config, dir, |p| {
+        with_test_keys(&config, dir, Some(&issuer), |p| {
             dir.join(file_name(p)).display().to_string()
         }),
     )
     .unwrap();
-    assert_check_passes(&run_check(&copy, &[]), "the ConfigMap's proxy.toml");
+    let out = run_check(&copy, &[]);
+    assert_check_passes(&out, "the ConfigMap's proxy.toml");
+    // The cluster's keys were fetched (here from the stand-in, as the proxy would from
+    // the API server's JWKS).
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("IDENTITY PROVIDERS") && stdout.contains("keys: key-1"),
+        "{stdout}"
+    );
 
     // As committed, the placeholders refuse to start, naming the field and the fix.
     let as_is = dir.join("as-is.toml");
@@ -434,7 +494,8 @@ fn the_configmap_config_answers_the_probes_on_the_real_binary() {
     let config = toml_table(&configmap_toml());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut table = toml_table(&with_test_keys(&config, dir, |p| {
+    let issuer = LocalIssuer::start();
+    let mut table = toml_table(&with_test_keys(&config, dir, Some(&issuer), |p| {
         dir.join(file_name(p)).display().to_string()
     }));
     let (proxy_port, admin_port) = (free_port(), free_port());
@@ -823,6 +884,9 @@ fn kustomize_renders_and_a_config_change_renames_the_configmap() {
     let tmp = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(k8s_dir()).unwrap() {
         let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            continue;
+        }
         std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
     }
     let copy = tmp.path().join(cm_file.file_name().unwrap());
@@ -831,6 +895,16 @@ fn kustomize_renders_and_a_config_change_renames_the_configmap() {
     std::fs::write(&copy, text).unwrap();
     let after = configmap_name(&render(tmp.path()).unwrap());
     assert_ne!(before, after, "a config change must rename the ConfigMap");
+
+    // The example caller renders into its own namespace (the binding is cluster-wide).
+    let caller = render(&caller_dir()).unwrap();
+    assert_eq!(caller.len(), 4);
+    for doc in &caller {
+        match s(doc, "kind") {
+            "Namespace" | "ClusterRoleBinding" => assert!(at(doc, "metadata.namespace").is_null()),
+            _ => assert_eq!(s(doc, "metadata.namespace"), "inventory", "{doc:?}"),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -958,7 +1032,7 @@ fn the_systemd_config_passes_the_real_check_with_credentials_directory() {
     let creds = tmp.path().join("credentials");
     std::fs::create_dir(&creds).unwrap();
     // Key paths stay "${CREDENTIALS_DIRECTORY}/…": the proxy expands them.
-    let text = with_test_keys(&config, &creds, str::to_string);
+    let text = with_test_keys(&config, &creds, None, str::to_string);
     assert!(text.contains("${CREDENTIALS_DIRECTORY}/"));
     let copy = tmp.path().join("proxy.toml");
     std::fs::write(&copy, &text).unwrap();
@@ -1309,4 +1383,351 @@ fn the_build_context_holds_the_sources_and_no_keys() {
             "{n} is not in the build context"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The example caller (deploy/kubernetes/example-caller): workload identity, DESIGN §17.
+
+fn caller_dir() -> PathBuf {
+    k8s_dir().join("example-caller")
+}
+
+/// The example caller's kustomization and its objects by kind (each kind once).
+fn caller_manifests() -> (Yaml, BTreeMap<String, Yaml>) {
+    let docs = yaml_docs(&caller_dir().join("kustomization.yaml"));
+    assert_eq!(docs.len(), 1);
+    let k = docs.into_iter().next().unwrap();
+    let mut out = BTreeMap::new();
+    for file in strings(seq(&k, "resources")) {
+        for doc in yaml_docs(&caller_dir().join(&file)) {
+            if doc.is_null() {
+                continue;
+            }
+            let kind = s(&doc, "kind").to_string();
+            assert!(out.insert(kind.clone(), doc).is_none(), "{kind} twice");
+        }
+    }
+    (k, out)
+}
+
+/// What the example caller's pod presents and asks for, read from its manifests.
+struct Caller {
+    /// `system:serviceaccount:<namespace>:<service account>`: the token's `sub`.
+    sub: String,
+    audience: String,
+    expiration_seconds: u64,
+    /// The request the job makes: its path and query.
+    path: String,
+}
+
+fn the_caller() -> Caller {
+    let (k, m) = caller_manifests();
+    let namespace = s(&k, "namespace").to_string();
+    let pod = at(&m["CronJob"], "spec.jobTemplate.spec.template.spec");
+    let sa = s(pod, "serviceAccountName");
+    assert_eq!(sa, s(&m["ServiceAccount"], "metadata.name"));
+    let source = seq(pod, "volumes")
+        .iter()
+        .flat_map(|v| seq(v, "projected.sources"))
+        .map(|src| at(src, "serviceAccountToken"))
+        .find(|t| !t.is_null())
+        .expect("a projected service-account token");
+    let containers = seq(pod, "containers");
+    assert_eq!(containers.len(), 1);
+    let command = strings(seq(&containers[0], "command")).join(" ");
+    let (_, url) = command
+        .split_once("\"$PROXY_URL")
+        .expect("the job calls $PROXY_URL");
+    Caller {
+        sub: format!("system:serviceaccount:{namespace}:{sa}"),
+        audience: s(source, "audience").to_string(),
+        expiration_seconds: u(source, "expirationSeconds"),
+        path: url.split('"').next().unwrap().to_string(),
+    }
+}
+
+/// The ConfigMap's identity provider and client for the example caller's token.
+fn caller_entries(config: &toml::Table, caller: &Caller) -> (toml::Table, toml::Table) {
+    let client = config["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(toml::Value::as_table)
+        .find(|c| {
+            c.get("identity")
+                .and_then(|i| i.get("claims"))
+                .and_then(|c| c.get("sub"))
+                .and_then(toml::Value::as_str)
+                == Some(caller.sub.as_str())
+        })
+        .unwrap_or_else(|| panic!("no client in proxy.toml claims sub = {}", caller.sub))
+        .clone();
+    let provider_name = client["identity"]["provider"].as_str().unwrap();
+    let provider = config["identity_providers"]
+        .as_array()
+        .expect("[[identity_providers]]")
+        .iter()
+        .filter_map(toml::Value::as_table)
+        .find(|p| p["name"].as_str() == Some(provider_name))
+        .expect("the client's provider")
+        .clone();
+    (provider, client)
+}
+
+#[test]
+fn the_example_caller_is_admitted_by_the_proxy_s_policy_and_holds_no_secret() {
+    let (k, m) = caller_manifests();
+    // Its kustomization lists exactly its files.
+    let listed: BTreeSet<String> = strings(seq(&k, "resources"))
+        .into_iter()
+        .chain(["kustomization.yaml".to_string()])
+        .collect();
+    let present: BTreeSet<String> = std::fs::read_dir(caller_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(listed, present);
+    let kinds: BTreeSet<&str> = m.keys().map(String::as_str).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            "Namespace",
+            "ServiceAccount",
+            "CronJob",
+            "ClusterRoleBinding"
+        ])
+    );
+
+    // Its namespace carries the label the proxy's NetworkPolicy admits on the proxy port,
+    // and enforces the restricted Pod Security profile.
+    let ns = &m["Namespace"];
+    assert_eq!(s(&k, "namespace"), s(ns, "metadata.name"));
+    let labels = at(ns, "metadata.labels");
+    let proxy = manifests();
+    let (listen, _) = listeners(&toml_table(&configmap_toml()));
+    let admitted = seq(&proxy["NetworkPolicy"], "spec.ingress")
+        .iter()
+        .filter(|r| u(&seq(r, "ports")[0], "port") == u64::from(listen.port()))
+        .flat_map(|r| seq(r, "from"))
+        .any(|f| {
+            at(f, "namespaceSelector.matchLabels")
+                .as_mapping()
+                .is_some_and(|want| want.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        });
+    assert!(
+        admitted,
+        "the proxy's NetworkPolicy does not admit the caller's namespace"
+    );
+    assert_eq!(
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .and_then(Yaml::as_str),
+        Some("restricted")
+    );
+
+    // The job calls the proxy's Service by its cluster name and port.
+    let pod = at(&m["CronJob"], "spec.jobTemplate.spec.template.spec");
+    let c = &seq(pod, "containers")[0];
+    let env: BTreeMap<&str, &str> = seq(c, "env")
+        .iter()
+        .map(|e| (s(e, "name"), s(e, "value")))
+        .collect();
+    let service = &proxy["Service"];
+    let http_port = seq(service, "spec.ports")
+        .iter()
+        .find(|p| s(p, "name") == "http")
+        .map(|p| u(p, "port"))
+        .expect("the Service's http port");
+    assert_eq!(
+        env["PROXY_URL"],
+        format!(
+            "http://{}.{}.svc:{http_port}",
+            s(service, "metadata.name"),
+            s(&kustomization(), "namespace")
+        )
+    );
+
+    // No secret and no Kubernetes API token: only the projected token, read from where it is
+    // mounted, for the proxy's audience, no older than the provider accepts.
+    let caller = the_caller();
+    let config = toml_table(&configmap_toml());
+    let (provider, client) = caller_entries(&config, &caller);
+    assert!(client.get("secret_sha256").is_none() && client.get("client_key").is_none());
+    assert_eq!(
+        at(pod, "automountServiceAccountToken").as_bool(),
+        Some(false)
+    );
+    assert_eq!(
+        at(&m["ServiceAccount"], "automountServiceAccountToken").as_bool(),
+        Some(false)
+    );
+    assert!(seq(c, "envFrom").is_empty());
+    assert!(seq(pod, "volumes")
+        .iter()
+        .all(|v| at(v, "secret").is_null()));
+    let token_dir = seq(c, "volumeMounts")
+        .iter()
+        .find(|v| {
+            seq(pod, "volumes")
+                .iter()
+                .any(|vol| s(vol, "name") == s(v, "name") && !at(vol, "projected").is_null())
+        })
+        .map(|v| s(v, "mountPath"))
+        .expect("the projected token is mounted");
+    let command = strings(seq(c, "command")).join(" ");
+    assert!(
+        command.contains(&format!("$(cat {token_dir}/token)")),
+        "{command}"
+    );
+    assert_eq!(caller.audience, provider["audience"].as_str().unwrap());
+    let max_age = humantime::parse_duration(provider["max_token_age"].as_str().unwrap())
+        .unwrap()
+        .as_secs();
+    // The kubelet renews a projected token once 80 % of its lifetime has passed.
+    assert!(
+        caller.expiration_seconds * 8 / 10 <= max_age,
+        "a token the kubelet still serves would be older than max_token_age"
+    );
+    assert!(caller.expiration_seconds >= 600, "Kubernetes' minimum");
+
+    // The pod passes the restricted profile.
+    assert_eq!(
+        at(pod, "securityContext.runAsNonRoot").as_bool(),
+        Some(true)
+    );
+    let sc = at(c, "securityContext");
+    assert_eq!(at(sc, "allowPrivilegeEscalation").as_bool(), Some(false));
+    assert_eq!(at(sc, "readOnlyRootFilesystem").as_bool(), Some(true));
+    assert_eq!(strings(seq(sc, "capabilities.drop")), ["ALL"]);
+    assert_eq!(s(sc, "seccompProfile.type"), "RuntimeDefault");
+
+    // The proxy can fetch the cluster's keys: the JWKS of the API server (readable through
+    // the issuer-discovery binding) over TLS with the cluster's CA, mounted from the
+    // kube-root-ca.crt ConfigMap where ca_file says.
+    assert_eq!(
+        provider["jwks_url"].as_str(),
+        Some("https://kubernetes.default.svc/openid/v1/jwks")
+    );
+    let binding = &m["ClusterRoleBinding"];
+    assert_eq!(
+        s(binding, "roleRef.name"),
+        "system:service-account-issuer-discovery"
+    );
+    let ca_file = provider["ca_file"].as_str().unwrap();
+    let (ca_dir, ca_name) = ca_file.rsplit_once('/').unwrap();
+    assert_eq!(ca_name, "ca.crt");
+    let mount = seq(container(&proxy), "volumeMounts")
+        .iter()
+        .find(|v| s(v, "mountPath") == ca_dir)
+        .expect("the cluster CA is mounted where ca_file points");
+    let volume = seq(pod_spec(&proxy), "volumes")
+        .iter()
+        .find(|v| s(v, "name") == s(mount, "name"))
+        .unwrap();
+    assert_eq!(s(volume, "configMap.name"), "kube-root-ca.crt");
+}
+
+/// The token the kubelet would project into the caller's pod, as the cluster would sign it
+/// (RS256, iss the ConfigMap's issuer), through the real binary with the ConfigMap's
+/// provider and client: the job's request reaches Apple as client `inventory`; another
+/// service account's token, a token for another audience and a write are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_caller_s_projected_token_alone_gets_its_request_through_the_proxy() {
+    use crate::second_round::{binary_audit, Binary};
+    use crate::support::{send, Setup};
+    use http::StatusCode;
+
+    let caller = the_caller();
+    let config = toml_table(&configmap_toml());
+    let (mut provider, mut client) = caller_entries(&config, &caller);
+    let cluster = OidcIssuer::start().await.unwrap();
+    cluster.add_rsa_key("cluster-key", true).unwrap();
+    let issuer = provider["issuer"].as_str().unwrap().to_string();
+    provider.insert("jwks_url".into(), cluster.jwks_url().into());
+    provider.insert("ca_file".into(), "cluster-ca.pem".into());
+    // The test world's key for App Store Connect stands in for the ConfigMap's `connect`.
+    client.remove("key");
+    let mut extra = toml::Table::new();
+    extra.insert(
+        "identity_providers".into(),
+        vec![toml::Value::Table(provider)].into(),
+    );
+    extra.insert("clients".into(), vec![toml::Value::Table(client)].into());
+    let extra = toml::to_string(&extra).unwrap();
+    let ca = cluster.ca_pem().to_string();
+    let b = Binary::start_with(
+        Setup::default(),
+        move |t| format!("{t}\n{extra}"),
+        move |dir| std::fs::write(dir.join("cluster-ca.pem"), ca).unwrap(),
+    )
+    .await;
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let token = |sub: &str, aud: &str| {
+        cluster.sign(
+            "cluster-key",
+            serde_json::json!({}),
+            serde_json::json!({
+                "iss": issuer, "aud": [aud], "sub": sub,
+                "iat": now - 30, "nbf": now - 30, "exp": now + caller.expiration_seconds as i64 - 30,
+                "kubernetes.io": {"namespace": "inventory",
+                                  "serviceaccount": {"name": "inventory-job", "uid": "0d4f5c3e-1b7a-4a43-9c55-2f0e1d7b9a11"}}
+            }),
+        )
+    };
+    let call = |method: http::Method, token: String| {
+        let uri = format!("http://{}{}", b.addr, caller.path);
+        async move {
+            send(
+                http::Request::builder()
+                    .method(method)
+                    .uri(uri)
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+
+    let r = call(http::Method::GET, token(&caller.sub, &caller.audience)).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let apple = b.world.standin.received();
+    let last = apple.last().expect("Apple got the job's request");
+    assert!(last.verdict.is_ok(), "Apple accepted the proxy's token");
+    let audit = binary_audit(&b, 1).await;
+    assert_eq!(audit[0]["client"], "inventory");
+    assert_eq!(audit[0]["client_auth"], "oidc");
+    assert_eq!(audit[0]["identity"]["subject"], caller.sub.as_str());
+
+    let other = call(
+        http::Method::GET,
+        token(
+            "system:serviceaccount:inventory:someone-else",
+            &caller.audience,
+        ),
+    )
+    .await;
+    assert_eq!(other.status, StatusCode::FORBIDDEN);
+    let wrong_aud = call(
+        http::Method::GET,
+        token(&caller.sub, "https://kubernetes.default.svc"),
+    )
+    .await;
+    assert_eq!(wrong_aud.status, StatusCode::UNAUTHORIZED);
+    let write = call(http::Method::DELETE, token(&caller.sub, &caller.audience)).await;
+    assert_eq!(write.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        b.world.standin.received().len(),
+        apple.len(),
+        "no refusal reached Apple"
+    );
 }
