@@ -12,8 +12,9 @@
 //!   the upstream header copy, and the audit path redaction.
 //! - `diagnose/*`: the 401 doctor on representative evidence (only on Apple's 401/403).
 //! - `identity/*`: an identity token (DESIGN §17): the full RS256 and ES256 verification a
-//!   token pays once (then it is remembered), and the SHA-256 of a CI-sized token that every
-//!   later request pays to find it remembered.
+//!   token pays once (then it is remembered), and `Clients::authenticate` finding a CI-sized
+//!   token remembered, which every later request with it pays (compare `request/authenticate`,
+//!   the same for a secret).
 //! - `signing/*`: an in-app signature request's own work (DESIGN §15): the body parsed and
 //!   checked, the policy, and the whole of it with the nonce and the ES256 signature.
 
@@ -483,11 +484,53 @@ fn bench_identity(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| black_box(verify::verify(black_box(&token), &keys, &rules, now).is_ok()))
         });
-        if kid == "rsa-1" {
-            g.bench_function("remembered_lookup_sha256", |b| {
-                b.iter(|| black_box(apple_api_proxy::sha256(black_box(token.as_bytes()))))
-            });
-        }
+    }
+    // The path every later request with the same token takes: `Clients::authenticate` finds
+    // it remembered (a provider whose keys were fetched from the stand-in over TLS).
+    let dir = tempfile::tempdir().expect("a scratch dir");
+    let ca = dir.path().join("issuer-ca.pem");
+    std::fs::write(&ca, issuer.ca_pem()).expect("the CA file");
+    let text = format!(
+        "[[identity_providers]]\nname = \"gha\"\nissuer = \"{iss}\"\naudience = \"apple-api-proxy\"\n\
+         jwks_url = \"{}\"\nca_file = \"{}\"\n\
+         [[clients]]\nname = \"release\"\nallow = [\"GET /v1/*\"]\n\
+         identity = {{ provider = \"gha\", claims = {{ repository = \"example/app\" }} }}\n",
+        issuer.jwks_url(),
+        ca.display()
+    );
+    let config = Config::parse(&text, "bench.toml", dir.path()).expect("the identity config");
+    let clients = Clients::new(&config).expect("the clients");
+    let provider = clients
+        .identity_providers()
+        .next()
+        .expect("a provider")
+        .clone();
+    runtime
+        .block_on(provider.fetch())
+        .expect("the keys are fetched");
+    for kid in ["rsa-1", "key-1"] {
+        let token = issuer.sign(kid, serde_json::json!({}), claims.clone());
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {token}")).expect("ascii"),
+        );
+        let who = clients.authenticate(&headers, None, now).expect("verifies");
+        assert_eq!(&*who.name, "release");
+        let name = if kid == "rsa-1" {
+            "authenticate_remembered_rs256"
+        } else {
+            "authenticate_remembered_es256"
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                black_box(
+                    clients
+                        .authenticate(black_box(&headers), None, now)
+                        .expect("ok"),
+                )
+            })
+        });
     }
     g.finish();
 }

@@ -7,6 +7,8 @@
 #   scripts/callgrind.sh [BIN] [TAG]     # BIN defaults to target/release/apple-api-proxy
 #   DURATION=15 WARMUP=5 WORK_DIR=/tmp/cgbench scripts/callgrind.sh OLD_BIN old
 #   MODE=sign scripts/callgrind.sh       # in-app signatures (benches/load/sign.lua) instead
+#   MODE=oidc-rs256 scripts/callgrind.sh # `fixed` with an RS256 identity token instead of the
+#                                        # secret (oidc-es256: ES256), from examples/oidc_issuer
 #
 # Build both sides the same way first, e.g.
 #   RUSTFLAGS="-C force-frame-pointers=yes" cargo build --release --bin apple-api-proxy
@@ -87,6 +89,30 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 port_open "$LISTEN_PORT" && { echo "callgrind: port $LISTEN_PORT is busy" >&2; exit 1; }
 pids=()
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' EXIT
+auth=$secret
+if [[ ${MODE:-fixed} == oidc-* ]]; then
+  # An identity token (DESIGN §17) from the stand-in's issuer, for a client of its own.
+  issuer_bin=$ROOT/target/release/examples/oidc_issuer
+  [[ -x $issuer_bin ]] || { echo "callgrind: build it first: cargo build --release --example oidc_issuer" >&2; exit 2; }
+  coproc ISSUER { taskset -c 1 "$issuer_bin" "$W/oidc-ca.pem"; }
+  pids+=("$ISSUER_PID")
+  declare -A said
+  for _ in 1 2 3 4; do read -r what value <&"${ISSUER[0]}"; said[$what]=$value; done
+  alg=${MODE#oidc-}
+  auth=${said[${alg^^}]:?the issuer printed no ${alg^^} token}
+  cat >>proxy.toml <<TOML
+[[identity_providers]]
+name = "ci"
+issuer = "${said[ISSUER]}"
+audience = "apple-api-proxy"
+jwks_url = "${said[JWKS]}"
+ca_file = "$W/oidc-ca.pem"
+[[clients]]
+name = "release-ci"
+identity = { provider = "ci", claims = { repository = "example/app", ref = "refs/heads/main" } }
+allow = ["GET /v1/*"]
+TOML
+fi
 if ! port_open "$UPSTREAM_PORT"; then
   taskset -c 1 nginx -c "$W/upstream.conf" >"$W/nginx.out" 2>&1 &
   pids+=($!)
@@ -97,7 +123,7 @@ taskset -c 0 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="
 vg=$!
 pids+=("$vg")
 for _ in $(seq 600); do port_open "$LISTEN_PORT" && break; kill -0 "$vg" || { cat "proxy.$TAG.log"; exit 1; }; sleep 0.2; done
-export BENCH_MODE=fixed BENCH_AUTH=$secret
+export BENCH_MODE=fixed BENCH_AUTH=$auth
 url=http://127.0.0.1:$LISTEN_PORT/
 script=$BENCH_DIR/load.lua
 [[ ${MODE:-fixed} == sign ]] && script=$ROOT/benches/load/sign.lua

@@ -7,12 +7,14 @@
 # client connections, latency at half of peak load, a 1 GiB streamed response), then the
 # `sign` mode (benches/load/sign.sh: in-app signatures against nginx's floor and ring's raw
 # sign, signatures/s per core, p99 at half of peak), then the `hsm` mode (benches/load/hsm.sh:
-# the same key in memory and in SoftHSM2, `unique` and `fixed`), and the `apns` mode
-# (benches/load/apns.sh: pushes against nginx's floor).
+# the same key in memory and in SoftHSM2, `unique` and `fixed`), the `apns` mode
+# (benches/load/apns.sh: pushes against nginx's floor), and the `oidc` mode
+# (benches/load/oidc.sh: `fixed` with an aap_ secret vs RS256 and ES256 identity tokens).
 #
 #   scripts/loadtest.sh                   # 3 rounds (~5 min) + extras (~1.5 min)
 #   ROUNDS=1 EXTRAS=0 scripts/loadtest.sh # a quick look (~1.5 min), noisier
 #   SIGN=0 HSM=0 scripts/loadtest.sh      # without the sign and hsm modes (~2 min with 3 rounds)
+#   (APNS=0, OIDC=0 likewise skip the apns and oidc modes)
 #
 # Passed through to the harness: ROUNDS, DURATION, WARMUP, START_WARMUP, CONNECTIONS,
 # THREADS, MODES, PROXIES, UPSTREAM_PORT, LISTEN_PORT, WORK_DIR (see its README).
@@ -59,5 +61,9 @@ fi
 if [[ ${HSM:-1} != 0 ]]; then
   echo
   "$ROOT/benches/load/hsm.sh" || status=$?
+fi
+if [[ ${OIDC:-1} != 0 ]]; then
+  echo
+  "$ROOT/benches/load/oidc.sh" || status=$?
 fi
 exit "$status"

@@ -14,6 +14,7 @@
 //! Imports `config` and `identity`. Holds no secret: only hashes and public keys.
 
 pub mod key;
+mod remembered;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,7 @@ use http::HeaderMap;
 
 use crate::config::{ClientConfig, ClientIdentity, Config, RateLimit};
 use crate::identity;
+use remembered::Remembered;
 
 /// Every client secret starts with this, so the proxy can tell one from an SDK's JWT.
 pub(crate) const SECRET_PREFIX: &str = "aap_";
@@ -244,17 +246,15 @@ pub struct Clients {
     anonymous: Arc<str>,
     /// Client key id → index into `clients`.
     by_key_id: HashMap<String, usize>,
-    /// Client-key JWTs already verified (SDKs reuse theirs for minutes): SHA-256 of the
-    /// token → (client index, last second it stays valid). Bounded; a reload starts afresh,
-    /// so a removed client key stops working at once.
-    verified: Mutex<HashMap<[u8; 32], (usize, i64)>>,
+    /// Client-key JWTs already verified (SDKs reuse theirs for minutes) → client index. A
+    /// reload starts afresh, so a removed client key stops working at once.
+    verified: Remembered<usize>,
     /// The identity providers in config order, with the rules their tokens must meet.
     providers: Vec<ProviderRules>,
     /// Issuer → index into `providers`.
     by_issuer: HashMap<String, usize>,
-    /// Identity tokens already verified and mapped to a client, by SHA-256 of the token;
-    /// bounded like `verified`, and a reload starts afresh.
-    identities: Mutex<HashMap<[u8; 32], IdentityHit>>,
+    /// Identity tokens already verified and mapped to a client; a reload starts afresh.
+    identities: Remembered<IdentityHit>,
 }
 
 /// A provider as this runtime uses it: its keys (shared across reloads) and its rules.
@@ -264,19 +264,16 @@ struct ProviderRules {
     max_token_age_secs: i64,
 }
 
-/// A verified identity token: whose it is and how long it stays valid.
+/// A verified identity token: whose it is.
+#[derive(Clone)]
 struct IdentityHit {
     client: usize,
     provider: usize,
     /// The key-set version it was verified against: a key set that changed since (a key
     /// removed at the issuer) means verifying it again.
     version: u64,
-    until: i64,
     subject: Arc<OidcSubject>,
 }
-
-/// Verified client-key JWTs remembered at most.
-const MAX_VERIFIED: usize = 4096;
 
 impl std::fmt::Debug for Clients {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -328,7 +325,7 @@ impl Clients {
                 .enumerate()
                 .filter_map(|(i, c)| c.client_key.as_ref().map(|k| (k.key_id.clone(), i)))
                 .collect(),
-            verified: Mutex::new(HashMap::new()),
+            verified: Remembered::default(),
             by_issuer: providers
                 .iter()
                 .enumerate()
@@ -344,7 +341,7 @@ impl Clients {
                         .unwrap_or(i64::MAX),
                 })
                 .collect(),
-            identities: Mutex::new(HashMap::new()),
+            identities: Remembered::default(),
         }
     }
 
@@ -433,8 +430,7 @@ impl Clients {
             if token.starts_with(SECRET_PREFIX) {
                 continue;
             }
-            let digest = crate::sha256(token.as_bytes());
-            if let Some(identity) = self.remembered_identity(&digest, now) {
+            if let Some(identity) = self.remembered_identity(token, now) {
                 return Ok(Some(identity));
             }
             let Some(p) = identity::verify::issuer_of(token)
@@ -442,21 +438,17 @@ impl Clients {
             else {
                 continue;
             };
-            return self.verify_identity(token, digest, p, now).map(Some);
+            return self.verify_identity(token, p, now).map(Some);
         }
         Ok(None)
     }
 
     /// A token verified earlier that is still valid against an unchanged key set.
-    fn remembered_identity(&self, digest: &[u8; 32], now: i64) -> Option<Identity> {
-        let mut remembered = self.identities.lock().unwrap_or_else(|p| p.into_inner());
-        let hit = remembered.get(digest)?;
-        let rules = &self.providers[hit.provider];
-        if now > hit.until || rules.provider.version() != hit.version {
-            remembered.remove(digest);
-            return None;
-        }
-        rules.provider.count("ok");
+    fn remembered_identity(&self, token: &str, now: i64) -> Option<Identity> {
+        let hit = self.identities.get(token, now, |hit| {
+            self.providers[hit.provider].provider.version() == hit.version
+        })?;
+        self.providers[hit.provider].provider.count("ok");
         let c = &self.clients[hit.client];
         Some(Identity {
             name: c.name.clone(),
@@ -466,13 +458,7 @@ impl Clients {
         })
     }
 
-    fn verify_identity(
-        &self,
-        token: &str,
-        digest: [u8; 32],
-        p: usize,
-        now: i64,
-    ) -> Result<Identity, AuthError> {
+    fn verify_identity(&self, token: &str, p: usize, now: i64) -> Result<Identity, AuthError> {
         let rules = &self.providers[p];
         let provider = &rules.provider;
         let (keys, version) = provider.keys();
@@ -521,22 +507,16 @@ impl Clients {
             return Err(AuthError::NoClientForIdentity(subject));
         };
         provider.count("ok");
-        let mut remembered = self.identities.lock().unwrap_or_else(|p| p.into_inner());
-        if remembered.len() >= MAX_VERIFIED {
-            remembered.retain(|_, hit| hit.until >= now);
-            if remembered.len() >= MAX_VERIFIED {
-                remembered.clear();
-            }
-        }
-        remembered.insert(
-            digest,
+        self.identities.insert(
+            token,
             IdentityHit {
                 client: i,
                 provider: p,
                 version,
-                until: verified.valid_until,
                 subject: subject.clone(),
             },
+            verified.valid_until,
+            now,
         );
         Ok(Identity {
             name: self.clients[i].name.clone(),
@@ -582,28 +562,15 @@ impl Clients {
             index: Some(i),
             oidc: None,
         };
-        let digest = crate::sha256(token.as_bytes());
-        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(&(index, until)) = verified.get(&digest) {
-            if index == i && now <= until {
-                return Ok(Some(identity));
-            }
-            verified.remove(&digest);
+        if self.verified.get(token, now, |&index| index == i).is_some() {
+            return Ok(Some(identity));
         }
-        drop(verified);
         let public = client.client_key.as_deref().unwrap_or_default();
         let until = key::verify(token, public, now).map_err(|check| AuthError::ClientKey {
             client: client.name.to_string(),
             check,
         })?;
-        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        if verified.len() >= MAX_VERIFIED {
-            verified.retain(|_, (_, until)| *until >= now);
-            if verified.len() >= MAX_VERIFIED {
-                verified.clear();
-            }
-        }
-        verified.insert(digest, (i, until));
+        self.verified.insert(token, i, until, now);
         Ok(Some(identity))
     }
 
@@ -693,12 +660,20 @@ fn bearer_values(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .into_iter()
         .flat_map(move |name| headers.get_all(name).iter())
         .filter_map(|v| {
-            let v = v.to_str().ok()?.trim();
+            let v = header_text(v)?;
             let (scheme, token) = v.split_once(' ')?;
             scheme
                 .eq_ignore_ascii_case("bearer")
                 .then_some(token.trim())
         })
+}
+
+/// A credential header's value as text, trimmed. `from_utf8` rather than `to_str`: the
+/// latter checks a kilobyte-long identity token byte by byte on every request, and nothing
+/// here needs its narrower alphabet (a secret or a JWT with other bytes fails its own
+/// check).
+fn header_text(v: &http::HeaderValue) -> Option<&str> {
+    std::str::from_utf8(v.as_bytes()).ok().map(str::trim)
 }
 
 /// The `aap_…` secret from `Proxy-Authorization` (preferred) or `Authorization`.
@@ -707,7 +682,7 @@ fn presented_secret(headers: &HeaderMap) -> Option<&str> {
         .iter()
         .find_map(|name| {
             headers.get_all(name).iter().find_map(|v| {
-                let v = v.to_str().ok()?.trim();
+                let v = header_text(v)?;
                 let (scheme, token) = v.split_once(' ')?;
                 let token = token.trim();
                 (scheme.eq_ignore_ascii_case("bearer") && token.starts_with(SECRET_PREFIX))
