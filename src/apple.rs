@@ -54,6 +54,35 @@ pub(crate) const MUSIC_MAX_LIFETIME: Duration = Duration::from_secs(15_777_000);
 /// so the proxy never goes beyond it.
 pub(crate) const WEATHERKIT_MAX_LIFETIME: Duration = Duration::from_secs(60 * 60);
 
+/// The exchange APIs' assertions (Maps' auth token, Apple Business/School Manager's client
+/// assertion) are minted for one exchange each, so they live no longer than this whatever
+/// the portal allows (INFERENCE, APPLE.md §9.6: "mint the assertion rarely with a short
+/// `exp`"). [MAPS-TOK], [ABM-OAUTH]
+pub(crate) const ASSERTION_MAX_LIFETIME: Duration = Duration::from_secs(10 * 60);
+
+/// Apple Business / School Manager's token endpoint (no `/v2/`) and the assertion's `aud`
+/// (with `/v2/`). [ABM-OAUTH], [ABM-SAMPLE]
+pub(crate) const ACCOUNT_TOKEN_URL: &str = "https://account.apple.com/auth/oauth2/token";
+pub(crate) const ACCOUNT_TOKEN_AUDIENCE: &str = "https://account.apple.com/auth/oauth2/v2/token";
+/// The OAuth client-assertion type of the client-credentials exchange. [ABM-OAUTH]
+pub(crate) const CLIENT_ASSERTION_TYPE: &str =
+    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Maps Server API: the one path that takes the auth token; every other takes the access
+/// token it returns. [MAPS-TOK]
+pub(crate) const MAPS_TOKEN_PATH: &str = "/v1/token";
+
+/// Sign in with Apple: the `client_secret`'s `aud`, the endpoints whose form carries it, its
+/// cap (six months, by Apple's clock) and the proxy's default lifetime (DESIGN §18). [SIWA],
+/// [AODS]
+pub(crate) const SIGN_IN_AUDIENCE: &str = "https://appleid.apple.com";
+pub(crate) const SIGN_IN_FORM_PATHS: [&str; 3] =
+    ["/auth/token", "/auth/revoke", "/auth/oauth2/v2/token"];
+pub(crate) const SIGN_IN_MAX_LIFETIME: Duration = Duration::from_secs(15_777_000);
+pub(crate) const SIGN_IN_DEFAULT_LIFETIME: Duration = Duration::from_secs(10 * 60);
+/// The largest Sign in with Apple form the proxy buffers to rewrite.
+pub(crate) const SIGN_IN_MAX_FORM: usize = 64 * 1024;
+
 /// One of Apple's server APIs. The proxy routes by path prefix to one of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Api {
@@ -81,6 +110,16 @@ pub enum Api {
     WeatherKit,
     /// Apple Music API: mount `/music/`. [MUSIC-TOK]
     AppleMusic,
+    /// Apple Maps Server API: mount `/maps/`; the access token from `/v1/token`. [MAPS-TOK]
+    Maps,
+    /// Apple Business Manager API: mount `/business/`; an OAuth client-credentials access
+    /// token (scope `business.api`). [ABM-OAUTH]
+    AppleBusiness,
+    /// Apple School Manager API: mount `/school/`; scope `school.api`. [ABM-OAUTH]
+    AppleSchool,
+    /// Sign in with Apple's token endpoints: mount `/appleid/`; the `client_secret` goes in
+    /// the form body. [SIWA]
+    SignInWithApple,
 }
 
 /// How a family's token is shaped. [ASC-JWT], [ASSA-JWT]
@@ -91,8 +130,12 @@ pub enum TokenFamily {
     /// `iss`, `aud`, `iat`, `exp`, `bid`; never `scope`; ≤ 60 min; in-app-purchase keys only.
     StoreKit,
     /// Apple Developer account keys (APNs, DeviceCheck, App Attest, WeatherKit, Music):
-    /// `iss` = team id, `iat`, and per API `exp` and `sub`; no `aud` (APPLE.md §9).
+    /// `iss` = team id, `iat`, and per API `exp` and `sub`; no `aud` (APPLE.md §9) — Sign in
+    /// with Apple's `client_secret` adds `aud` and `sub` (the client id).
     Developer,
+    /// Apple Business / School Manager keys: `iss` = `sub` = the client id, `aud` the account
+    /// token endpoint, `iat`, `exp`, `jti`; the `kid` is a UUID. [ABM-SAMPLE]
+    AccountManager,
 }
 
 /// How an API's client-facing path prefixes reach it (DESIGN §3, §18).
@@ -123,6 +166,13 @@ pub enum TokenStrategy {
     /// sooner (APNs' provider token and its kin, WeatherKit's and Music's developer tokens;
     /// DESIGN §18): the same token for every request, across reloads.
     Cached,
+    /// A short assertion exchanged with Apple for an access token, cached until shortly
+    /// before it expires; the access token is what the request carries (Maps, Apple
+    /// Business/School Manager; DESIGN §18).
+    Exchanged,
+    /// A `client_secret` JWT put into the request's form body, never a header (Sign in with
+    /// Apple): cached per key and client id like [`TokenStrategy::Cached`].
+    FormSecret,
 }
 
 /// Production or sandbox.
@@ -149,7 +199,7 @@ impl fmt::Display for Environment {
 
 impl Api {
     /// Every API, in the order `check` prints them: the forwarded ones, then the proxy's own.
-    pub const ALL: [Api; 11] = [
+    pub const ALL: [Api; 15] = [
         Api::AppStoreConnect,
         Api::AppStoreServer,
         Api::AdvancedCommerce,
@@ -160,11 +210,15 @@ impl Api {
         Api::AppAttest,
         Api::WeatherKit,
         Api::AppleMusic,
+        Api::Maps,
+        Api::AppleBusiness,
+        Api::AppleSchool,
+        Api::SignInWithApple,
         Api::InAppSigning,
     ];
 
     /// The APIs the proxy forwards to, in the order the route table prints them.
-    pub const FORWARDED: [Api; 10] = [
+    pub const FORWARDED: [Api; 14] = [
         Api::AppStoreConnect,
         Api::AppStoreServer,
         Api::AdvancedCommerce,
@@ -175,6 +229,10 @@ impl Api {
         Api::AppAttest,
         Api::WeatherKit,
         Api::AppleMusic,
+        Api::Maps,
+        Api::AppleBusiness,
+        Api::AppleSchool,
+        Api::SignInWithApple,
     ];
 
     /// The stable id used in config (`[apis.<id>]`, `apis = [...]`), errors, audit and metrics.
@@ -191,6 +249,10 @@ impl Api {
             Api::AppAttest => "app-attest",
             Api::WeatherKit => "weatherkit",
             Api::AppleMusic => "apple-music",
+            Api::Maps => "maps",
+            Api::AppleBusiness => "apple-business",
+            Api::AppleSchool => "apple-school",
+            Api::SignInWithApple => "sign-in-with-apple",
         }
     }
 
@@ -213,6 +275,10 @@ impl Api {
             Api::AppAttest => &["/appattest/"],
             Api::WeatherKit => &["/weatherkit/"],
             Api::AppleMusic => &["/music/"],
+            Api::Maps => &["/maps/"],
+            Api::AppleBusiness => &["/business/"],
+            Api::AppleSchool => &["/school/"],
+            Api::SignInWithApple => &["/appleid/"],
         }
     }
 
@@ -231,6 +297,10 @@ impl Api {
             Api::AppAttest => Some("https://data.appattest.apple.com"),
             Api::WeatherKit => Some("https://weatherkit.apple.com"),
             Api::AppleMusic => Some("https://api.music.apple.com"),
+            Api::Maps => Some("https://maps-api.apple.com"),
+            Api::AppleBusiness => Some("https://api-business.apple.com"),
+            Api::AppleSchool => Some("https://api-school.apple.com"),
+            Api::SignInWithApple => Some("https://appleid.apple.com"),
         }
     }
 
@@ -248,7 +318,11 @@ impl Api {
             | Api::Notary
             | Api::InAppSigning
             | Api::WeatherKit
-            | Api::AppleMusic => None,
+            | Api::AppleMusic
+            | Api::Maps
+            | Api::AppleBusiness
+            | Api::AppleSchool
+            | Api::SignInWithApple => None,
         }
     }
 
@@ -265,9 +339,14 @@ impl Api {
             | Api::AdvancedCommerce
             | Api::ExternalPurchase
             | Api::InAppSigning => TokenFamily::StoreKit,
-            Api::Apns | Api::DeviceCheck | Api::AppAttest | Api::WeatherKit | Api::AppleMusic => {
-                TokenFamily::Developer
-            }
+            Api::Apns
+            | Api::DeviceCheck
+            | Api::AppAttest
+            | Api::WeatherKit
+            | Api::AppleMusic
+            | Api::Maps
+            | Api::SignInWithApple => TokenFamily::Developer,
+            Api::AppleBusiness | Api::AppleSchool => TokenFamily::AccountManager,
         }
     }
 
@@ -284,10 +363,14 @@ impl Api {
             Api::AppAttest => Mount::Prefix("/appattest"),
             Api::WeatherKit => Mount::Prefix("/weatherkit"),
             Api::AppleMusic => Mount::Prefix("/music"),
+            Api::Maps => Mount::Prefix("/maps"),
+            Api::AppleBusiness => Mount::Prefix("/business"),
+            Api::AppleSchool => Mount::Prefix("/school"),
+            Api::SignInWithApple => Mount::Prefix("/appleid"),
         }
     }
 
-    pub(crate) fn token_strategy(self) -> TokenStrategy {
+    pub fn token_strategy(self) -> TokenStrategy {
         match self {
             Api::AppStoreConnect
             | Api::AppStoreServer
@@ -298,6 +381,28 @@ impl Api {
             Api::Apns | Api::DeviceCheck | Api::AppAttest | Api::WeatherKit | Api::AppleMusic => {
                 TokenStrategy::Cached
             }
+            Api::Maps | Api::AppleBusiness | Api::AppleSchool => TokenStrategy::Exchanged,
+            Api::SignInWithApple => TokenStrategy::FormSecret,
+        }
+    }
+
+    /// An exchange API's token endpoint when it is not on the API's own host (Apple
+    /// Business/School Manager: `account.apple.com`); Maps' is `/v1/token` on its host.
+    pub(crate) fn token_url(self) -> Option<&'static str> {
+        match self {
+            Api::AppleBusiness | Api::AppleSchool => Some(ACCOUNT_TOKEN_URL),
+            _ => None,
+        }
+    }
+
+    /// The OAuth `scope` an account-manager exchange asks for, and the prefix of the client
+    /// ids it takes (mixing school and business values is the common cause of errors,
+    /// APPLE.md §9.6). [ABM-OAUTH]
+    pub(crate) fn account_scope(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Api::AppleBusiness => Some(("business.api", "BUSINESSAPI.")),
+            Api::AppleSchool => Some(("school.api", "SCHOOLAPI.")),
+            _ => None,
         }
     }
 
@@ -358,6 +463,7 @@ impl TokenFamily {
             TokenFamily::Connect => CONNECT_MAX_LIFETIME,
             TokenFamily::StoreKit => STOREKIT_MAX_LIFETIME,
             TokenFamily::Developer => MUSIC_MAX_LIFETIME,
+            TokenFamily::AccountManager => ASSERTION_MAX_LIFETIME,
         }
     }
 }
@@ -370,6 +476,8 @@ impl Api {
             Api::Apns | Api::DeviceCheck | Api::AppAttest => None,
             Api::WeatherKit => Some(WEATHERKIT_MAX_LIFETIME),
             Api::AppleMusic => Some(MUSIC_MAX_LIFETIME),
+            Api::Maps | Api::AppleBusiness | Api::AppleSchool => Some(ASSERTION_MAX_LIFETIME),
+            Api::SignInWithApple => Some(SIGN_IN_MAX_LIFETIME),
             api => Some(api.token_family().max_lifetime()),
         }
     }
@@ -450,8 +558,12 @@ pub enum KeyKind {
     /// In-App Purchase key ("SubscriptionKey_…"): the storekit APIs only.
     InAppPurchase,
     /// Apple Developer account key (Certificates, Identifiers & Profiles → Keys): APNs,
-    /// DeviceCheck, App Attest, WeatherKit, MusicKit; `iss` = team id. [APNS-TOKEN]
+    /// DeviceCheck, App Attest, WeatherKit, MusicKit, Maps, Sign in with Apple; `iss` = team
+    /// id. [APNS-TOKEN]
     Developer,
+    /// Apple Business / School Manager API key: `client_id` (`BUSINESSAPI.…`/`SCHOOLAPI.…`),
+    /// a UUID key id. [ABM-OAUTH]
+    BusinessManager,
 }
 
 impl KeyKind {
@@ -461,6 +573,7 @@ impl KeyKind {
             KeyKind::Individual => "individual",
             KeyKind::InAppPurchase => "in-app-purchase",
             KeyKind::Developer => "developer",
+            KeyKind::BusinessManager => "business-manager",
         }
     }
 
@@ -472,6 +585,7 @@ impl KeyKind {
             (KeyKind::Team, TokenFamily::Connect) => true,
             (KeyKind::Individual, TokenFamily::Connect) => api != Api::Notary,
             (KeyKind::Developer, TokenFamily::Developer) => true,
+            (KeyKind::BusinessManager, TokenFamily::AccountManager) => true,
             _ => false,
         }
     }

@@ -412,6 +412,7 @@ pub fn diagnose(e: &Evidence<'_>) -> Vec<Cause> {
                         TokenFamily::StoreKit => "In-App Purchase",
                         TokenFamily::Connect => "App Store Connect team or individual",
                         TokenFamily::Developer => "Apple Developer account",
+                        TokenFamily::AccountManager => "Apple Business/School Manager",
                     },
                     e.api
                 ),
@@ -419,6 +420,7 @@ pub fn diagnose(e: &Evidence<'_>) -> Vec<Cause> {
                     TokenFamily::StoreKit => "use an In-App Purchase key (Users and Access → Integrations → In-App Purchase) for the storekit APIs, with kind = \"in-app-purchase\"",
                     TokenFamily::Connect => "use an App Store Connect team key (Users and Access → Integrations → Team Keys) for App Store Connect and notary",
                     TokenFamily::Developer => "use a key from Certificates, Identifiers & Profiles → Keys with the service enabled, with kind = \"developer\"",
+                    TokenFamily::AccountManager => "use the API account's key from Apple Business/School Manager → Preferences → API, with kind = \"business-manager\"",
                 },
             ));
         }

@@ -276,7 +276,7 @@ fn check_claims(claims: &Value, family: Option<TokenFamily>, now: i64, r: &mut R
     let scope = claims.get("scope");
     match family {
         // Not inferred from claims: explain tells only the App Store families apart.
-        Some(TokenFamily::Developer) => {}
+        Some(TokenFamily::Developer | TokenFamily::AccountManager) => {}
         Some(TokenFamily::StoreKit) => {
             if iss.is_none() {
                 p.push("no iss; storekit tokens need your Issuer ID".into());

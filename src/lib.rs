@@ -70,6 +70,7 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod diagnose;
+pub mod exchange;
 pub mod explain;
 pub mod forward;
 pub(crate) mod framing;

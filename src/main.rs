@@ -615,6 +615,15 @@ fn print_token(path: &std::path::Path, key: Option<&str>, request: &str) -> anyh
                 .join(", ")
         );
     }
+    if matches!(
+        route.api.token_strategy(),
+        apple::TokenStrategy::Exchanged | apple::TokenStrategy::FormSecret
+    ) {
+        bail!(
+            "{} takes a credential the proxy makes per exchange or form (DESIGN §18); `token` prints none — send the request through the proxy",
+            route.api
+        );
+    }
     let (minter, warnings) = token::Minter::new(&config, Arc::new(token::AppleClock::default()))?;
     for w in warnings {
         eprintln!("warning: {w}");
@@ -627,6 +636,7 @@ fn print_token(path: &std::path::Path, key: Option<&str>, request: &str) -> anyh
             path: route.path,
             query,
             bundle_id: None,
+            subject: None,
         },
         SystemTime::now(),
     )?;

@@ -100,6 +100,18 @@ struct ProviderLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiOutcomeLabels {
+    api: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiKeyLabels {
+    api: &'static str,
+    key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProviderOutcomeLabels {
     provider: String,
     outcome: &'static str,
@@ -172,6 +184,8 @@ pub struct Metrics {
     identity_key_fetches: Family<ProviderOutcomeLabels, Counter>,
     identity_provider_up: Family<ProviderLabels, Gauge>,
     identity_keys: Family<ProviderLabels, Gauge>,
+    token_exchanges: Family<ApiOutcomeLabels, Counter>,
+    access_token_age: Family<ApiKeyLabels, Gauge>,
     tokens_minted: Counter,
     token_cache_hits: Counter,
     clock_offset: Gauge,
@@ -288,6 +302,18 @@ impl Metrics {
             "Keys of the identity provider cached now (0: its tokens get 503 PROXY_IDENTITY_UNAVAILABLE)",
             identity_keys.clone(),
         );
+        let token_exchanges = Family::<ApiOutcomeLabels, Counter>::default();
+        registry.register(
+            "token_exchanges",
+            "Exchanges of an assertion for an access token (DESIGN §18: Maps, Apple Business/School Manager), by API and outcome (ok, refused, unavailable, timeout, malformed, signer)",
+            token_exchanges.clone(),
+        );
+        let access_token_age = Family::<ApiKeyLabels, Gauge>::default();
+        registry.register(
+            "access_token_age_seconds",
+            "Age of each exchanged access token held, by API and key",
+            access_token_age.clone(),
+        );
         let tokens_minted = Counter::default();
         registry.register(
             "tokens_minted",
@@ -361,6 +387,8 @@ impl Metrics {
             signer_up,
             signer_failures,
             identity_verifications,
+            token_exchanges,
+            access_token_age,
             identity_key_fetches,
             identity_provider_up,
             identity_keys,
@@ -464,6 +492,32 @@ impl Metrics {
                 key: key.to_string(),
             })
             .inc();
+    }
+
+    /// The exchange APIs' totals and access-token ages (owned by `exchange`), copied in
+    /// before [`Metrics::encode`].
+    pub fn exchanges(
+        &self,
+        counts: &[((&'static str, &'static str), u64)],
+        ages: &[crate::exchange::Age],
+    ) {
+        for ((api, outcome), n) in counts {
+            sync(
+                &self
+                    .token_exchanges
+                    .get_or_create(&ApiOutcomeLabels { api, outcome }),
+                *n,
+            );
+        }
+        self.access_token_age.clear();
+        for age in ages {
+            self.access_token_age
+                .get_or_create(&ApiKeyLabels {
+                    api: age.api.id(),
+                    key: age.key.to_string(),
+                })
+                .set(i64::try_from(age.seconds).unwrap_or(i64::MAX));
+        }
     }
 
     /// The exposition text, with `snapshot` copied in first, and `signers` (each key's

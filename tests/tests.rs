@@ -6,6 +6,7 @@ mod audit;
 mod client_keys;
 mod deploy;
 mod doctor;
+mod exchange;
 mod hardening;
 mod hsm;
 mod identity;

@@ -5,7 +5,7 @@
 # metrics on: an `aap_` client secret, an RS256 identity token (GitHub, GitLab and Kubernetes
 # sign with RSA) and an ES256 one, both from the stand-in's OIDC issuer (examples/oidc_issuer.rs,
 # over its own TLS). The proxy remembers a verified token until it expires, so after the first
-# request an identity token costs a SHA-256 and a lookup more than a secret.
+# request an identity token costs a lookup of its own text more than a secret.
 # Target: CPU per request with an identity token within 10 % of the secret's.
 # Run by scripts/loadtest.sh after the harness (OIDC=0 skips it), or by hand:
 #   WORK_DIR=/tmp/proxybench.XXXXXX benches/load/oidc.sh     # a harness run's work dir

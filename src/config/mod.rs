@@ -256,6 +256,11 @@ pub struct ApiSettings {
     pub enforce_apple_limits: bool,
     /// This replica's part of each limit (e.g. 0.5 with two replicas).
     pub apple_limit_fraction: f64,
+    /// The exchange APIs' token endpoint, overriding Apple's (DESIGN §18).
+    pub token_url: Option<Uri>,
+    /// Apple Business/School Manager: send the exchange's parameters in the query string
+    /// (Apple's sample) instead of the form body (the OAuth standard, the default).
+    pub token_params_in_query: bool,
 }
 
 impl Default for ApiSettings {
@@ -266,6 +271,8 @@ impl Default for ApiSettings {
             sandbox_fallback: false,
             enforce_apple_limits: false,
             apple_limit_fraction: 1.0,
+            token_url: None,
+            token_params_in_query: false,
         }
     }
 }
@@ -288,6 +295,13 @@ pub struct KeyConfig {
     /// Developer keys: how old APNs' (DeviceCheck's, App Attest's) provider token gets
     /// before it is renewed (20–55 min, default 40).
     pub apns_token_refresh: Duration,
+    /// Apple Business/School Manager keys: the client id (`BUSINESSAPI.…`/`SCHOOLAPI.…`).
+    pub client_id: Option<String>,
+    /// Developer keys serving Sign in with Apple: the services/app ids whose
+    /// `client_secret` this key makes (a form's `client_id` picks the key).
+    pub client_ids: Vec<String>,
+    /// Sign in with Apple: the `client_secret`'s `exp - iat` (default 10 min; ≤ 6 months).
+    pub client_secret_lifetime: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -441,6 +455,7 @@ pub(crate) fn kind_max_lifetime(kind: KeyKind) -> Duration {
         KeyKind::InAppPurchase => apple::STOREKIT_MAX_LIFETIME,
         KeyKind::Team | KeyKind::Individual => apple::CONNECT_MAX_LIFETIME,
         KeyKind::Developer => apple::MUSIC_MAX_LIFETIME,
+        KeyKind::BusinessManager => apple::ASSERTION_MAX_LIFETIME,
     }
 }
 

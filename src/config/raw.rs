@@ -121,6 +121,13 @@ pub(super) struct RawApis {
     pub weatherkit: Option<RawApi>,
     #[serde(rename = "apple-music")]
     pub apple_music: Option<RawApi>,
+    pub maps: Option<RawApi>,
+    #[serde(rename = "apple-business")]
+    pub apple_business: Option<RawApi>,
+    #[serde(rename = "apple-school")]
+    pub apple_school: Option<RawApi>,
+    #[serde(rename = "sign-in-with-apple")]
+    pub sign_in_with_apple: Option<RawApi>,
 }
 
 #[derive(Deserialize, Default)]
@@ -131,6 +138,8 @@ pub(super) struct RawApi {
     pub sandbox_fallback: Option<bool>,
     pub enforce_apple_limits: Option<bool>,
     pub apple_limit_fraction: Option<f64>,
+    pub token_url: Option<String>,
+    pub token_request: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -149,6 +158,8 @@ pub(super) struct RawKey {
     pub team_id: Option<String>,
     pub service_id: Option<String>,
     pub apns_token_refresh: Option<String>,
+    pub client_id: Option<String>,
+    pub client_ids: Option<Vec<String>>,
 }
 
 /// `pkcs11 = { … }` on a key (DESIGN §16).

@@ -80,6 +80,25 @@ impl Validator<'_> {
         }
     }
 
+    /// An exchange API's token endpoint: an https:// URL with a path and no query.
+    fn token_url(&self, field: &str, value: &str) -> Result<Uri, ConfigError> {
+        let uri: Uri = value.parse().map_err(|_| {
+            self.invalid(
+                field,
+                format!("`{value}` is not a URL"),
+                "write it as \"https://host[:port]/path\"",
+            )
+        })?;
+        if uri.scheme_str() != Some("https") || uri.authority().is_none() || uri.query().is_some() {
+            return Err(self.invalid(
+                field,
+                format!("`{value}` is not an https:// URL without a query"),
+                "write it as \"https://host[:port]/path\", e.g. \"https://account.apple.com/auth/oauth2/token\"",
+            ));
+        }
+        Ok(uri)
+    }
+
     fn base_url(&self, field: &str, value: &str) -> Result<Uri, ConfigError> {
         let uri: Uri = value.parse().map_err(|_| {
             self.invalid(
@@ -120,6 +139,18 @@ impl Validator<'_> {
                     format!("keys[{i}].name"),
                     format!("a key named `{}` is already defined", key.name),
                     "give every key a unique name",
+                ));
+            }
+            // A Sign in with Apple form's client_id picks exactly one key.
+            if let Some((id, other)) = key.client_ids.iter().find_map(|id| {
+                keys.iter()
+                    .find(|k: &&KeyConfig| k.client_ids.contains(id))
+                    .map(|k| (id, k.name.clone()))
+            }) {
+                return Err(self.invalid(
+                    format!("keys[{i}].client_ids"),
+                    format!("client id `{id}` is already key `{other}`'s"),
+                    "list each Sign in with Apple client id under one key only",
                 ));
             }
             keys.push(key);
@@ -373,6 +404,10 @@ impl Validator<'_> {
             (Api::AppAttest, a.app_attest),
             (Api::WeatherKit, a.weatherkit),
             (Api::AppleMusic, a.apple_music),
+            (Api::Maps, a.maps),
+            (Api::AppleBusiness, a.apple_business),
+            (Api::AppleSchool, a.apple_school),
+            (Api::SignInWithApple, a.sign_in_with_apple),
         ] {
             let Some(settings) = settings else { continue };
             let prefix = format!("apis.{}", api.id());
@@ -399,9 +434,38 @@ impl Validator<'_> {
                     ));
                 }
             }
+            let exchanged = api.token_strategy() == apple::TokenStrategy::Exchanged;
+            if !exchanged && settings.token_url.is_some() {
+                return Err(self.invalid(
+                    format!("{prefix}.token_url"),
+                    format!("{} exchanges no token", api.id()),
+                    "remove the field: token_url is for maps, apple-business and apple-school",
+                ));
+            }
+            let token_params_in_query = match (settings.token_request.as_deref(), api.account_scope()) {
+                (None, _) => false,
+                (Some("form"), Some(_)) => false,
+                (Some("query"), Some(_)) => true,
+                (Some(other), Some(_)) => return Err(self.invalid(
+                    format!("{prefix}.token_request"),
+                    format!("`{other}` is not a way to send the exchange's parameters"),
+                    "use \"form\" (the OAuth standard, the default) or \"query\" (as Apple's sample does)",
+                )),
+                (Some(_), None) => return Err(self.invalid(
+                    format!("{prefix}.token_request"),
+                    format!("{} has no client-credentials exchange", api.id()),
+                    "remove the field: token_request is for apple-business and apple-school",
+                )),
+            };
             apis.insert(
                 api,
                 ApiSettings {
+                    token_url: settings
+                        .token_url
+                        .as_deref()
+                        .map(|u| self.token_url(&format!("{prefix}.token_url"), u))
+                        .transpose()?,
+                    token_params_in_query,
                     base_url: settings
                         .base_url
                         .as_deref()
@@ -520,15 +584,27 @@ impl Validator<'_> {
             "individual" => KeyKind::Individual,
             "in-app-purchase" => KeyKind::InAppPurchase,
             "developer" => KeyKind::Developer,
+            "business-manager" => KeyKind::BusinessManager,
             other => {
                 return Err(self.invalid(
                     field("kind"),
                     format!("unknown key kind `{other}`"),
-                    "use \"team\" or \"individual\" (App Store Connect keys, AuthKey_….p8), \"in-app-purchase\" (SubscriptionKey_….p8) or \"developer\" (Apple Developer account keys: APNs, DeviceCheck, WeatherKit, MusicKit)",
+                    "use \"team\" or \"individual\" (App Store Connect keys, AuthKey_….p8), \"in-app-purchase\" (SubscriptionKey_….p8), \"developer\" (Apple Developer account keys: APNs, DeviceCheck, WeatherKit, MusicKit, Maps, Sign in with Apple) or \"business-manager\" (Apple Business/School Manager API keys)",
                 ))
             }
         };
-        if k.key_id.is_empty() || !k.key_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        if kind == KeyKind::BusinessManager && !apple::is_uuid(&k.key_id) {
+            return Err(self.invalid(
+                field("key_id"),
+                format!("`{}` is not an Apple Business/School Manager key id", k.key_id),
+                "copy the Key ID shown with the API account in Apple Business/School Manager → Preferences → API (a UUID)",
+            ));
+        }
+        if k.key_id.is_empty()
+            || !k.key_id.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || (b == b'-' && kind == KeyKind::BusinessManager)
+            })
+        {
             return Err(self.invalid(
                 field("key_id"),
                 format!("`{}` is not a key id", k.key_id),
@@ -536,6 +612,13 @@ impl Validator<'_> {
             ));
         }
         match (kind, &k.issuer_id) {
+            (KeyKind::BusinessManager, Some(_)) => {
+                return Err(self.invalid(
+                    field("issuer_id"),
+                    "business-manager keys take no issuer id (their assertion's iss is the client id)",
+                    "remove issuer_id and set client_id = \"BUSINESSAPI.…\" (or \"SCHOOLAPI.…\")",
+                ))
+            }
             (KeyKind::Individual, Some(_)) => {
                 return Err(self.invalid(
                     field("issuer_id"),
@@ -615,7 +698,9 @@ impl Validator<'_> {
                     match kind {
                         KeyKind::InAppPurchase => "in-app-purchase keys serve app-store-server, advanced-commerce, external-purchase and in-app-signing; use a team key for App Store Connect and notary".to_string(),
                         KeyKind::Individual if api == Api::Notary => "notary needs a team key with the Developer role".to_string(),
-                        KeyKind::Developer => "developer keys serve apns, devicecheck, app-attest, weatherkit and apple-music".to_string(),
+                        KeyKind::Developer => "developer keys serve apns, devicecheck, app-attest, weatherkit, apple-music, maps and sign-in-with-apple".to_string(),
+                        KeyKind::BusinessManager => "business-manager keys serve apple-business and apple-school".to_string(),
+                        _ if api.token_family() == apple::TokenFamily::AccountManager => format!("{} needs an API account key from Apple Business/School Manager with kind = \"business-manager\"", api.id()),
                         _ if api.token_family() == apple::TokenFamily::Developer => format!("{} needs an Apple Developer account key (Certificates, Identifiers & Profiles → Keys) with kind = \"developer\"", api.id()),
                         _ => "the storekit APIs need an In-App Purchase key (App Store Connect → Users and Access → Integrations → In-App Purchase)".to_string(),
                     },
@@ -627,6 +712,7 @@ impl Validator<'_> {
         }
         let (team_id, service_id, apns_token_refresh) =
             self.developer_fields(i, &k, kind, &apis)?;
+        let (client_id, client_ids) = self.client_id_fields(i, &k, kind, &apis)?;
         if kind == KeyKind::InAppPurchase && k.bundle_id.as_deref().unwrap_or("").is_empty() {
             return Err(self.invalid(
                 field("bundle_id"),
@@ -658,6 +744,12 @@ impl Validator<'_> {
                 "use at least 3m; the default is 5m",
             ));
         }
+        // Sign in with Apple's client_secret: the key's token_lifetime when set, else 10
+        // minutes (DESIGN §18), never above Apple's six months.
+        let client_secret_lifetime = match k.token_lifetime {
+            Some(_) => requested.min(apple::SIGN_IN_MAX_LIFETIME),
+            None => apple::SIGN_IN_DEFAULT_LIFETIME,
+        };
         if requested > cap {
             tracing::warn!(
                 file = self.file,
@@ -676,10 +768,95 @@ impl Validator<'_> {
             source,
             apis,
             token_lifetime: requested.min(cap),
+            client_id,
+            client_ids,
+            client_secret_lifetime,
             team_id,
             service_id,
             apns_token_refresh,
         })
+    }
+
+    /// A business-manager key's `client_id` (its prefix fitting every API it serves) and a
+    /// Sign in with Apple developer key's `client_ids`; either on another key is an error.
+    fn client_id_fields(
+        &self,
+        i: usize,
+        k: &RawKey,
+        kind: KeyKind,
+        apis: &[Api],
+    ) -> Result<(Option<String>, Vec<String>), ConfigError> {
+        let field = |name: &str| format!("keys[{i}].{name}");
+        let client_id = match (kind, k.client_id.as_deref()) {
+            (KeyKind::BusinessManager, None) => {
+                return Err(self.invalid(
+                    field("client_id"),
+                    "business-manager keys need the client id (the assertion's iss and sub)",
+                    "copy the Client ID shown with the API account, e.g. client_id = \"BUSINESSAPI.9703f56c-…\"",
+                ))
+            }
+            (KeyKind::BusinessManager, Some(id)) => {
+                for api in apis {
+                    if let Some((_, prefix)) = api.account_scope() {
+                        if !id.starts_with(prefix) || id.len() == prefix.len() || id.contains(char::is_whitespace) {
+                            return Err(self.invalid(
+                                field("client_id"),
+                                format!("`{id}` is not a client id for {}: those start with {prefix}", api.id()),
+                                "mixing Apple Business Manager (BUSINESSAPI.…, apple-business) and Apple School Manager (SCHOOLAPI.…, apple-school) values is the common cause of invalid_client: use this account's own client id and API",
+                            ));
+                        }
+                    }
+                }
+                Some(id.to_string())
+            }
+            (_, Some(_)) => {
+                return Err(self.invalid(
+                    field("client_id"),
+                    format!("only business-manager keys take client_id; this is a {} key", kind.id()),
+                    "remove it (Sign in with Apple keys list theirs in client_ids)",
+                ))
+            }
+            (_, None) => None,
+        };
+        let siwa = apis.contains(&Api::SignInWithApple);
+        let client_ids = match (&k.client_ids, siwa) {
+            (None, false) => Vec::new(),
+            (None, true) => {
+                return Err(self.invalid(
+                    field("client_ids"),
+                    "sign-in-with-apple needs the client ids this key signs client_secrets for",
+                    "list your Services IDs / App IDs, e.g. client_ids = [\"com.example.web\"]",
+                ))
+            }
+            (Some(_), false) => {
+                return Err(self.invalid(
+                    field("client_ids"),
+                    "client_ids are for keys serving sign-in-with-apple",
+                    "remove them, or add \"sign-in-with-apple\" to apis",
+                ))
+            }
+            (Some(ids), true) => {
+                if ids.is_empty() {
+                    return Err(self.invalid(
+                        field("client_ids"),
+                        "is empty",
+                        "list your Services IDs / App IDs, e.g. client_ids = [\"com.example.web\"]",
+                    ));
+                }
+                for id in ids {
+                    if id.is_empty() || id.len() > 255 || !id.bytes().all(|b| b.is_ascii_graphic())
+                    {
+                        return Err(self.invalid(
+                            field("client_ids"),
+                            format!("`{id}` is not a client id"),
+                            "use the Services ID or App ID exactly as in Certificates, Identifiers & Profiles (case-sensitive)",
+                        ));
+                    }
+                }
+                ids.clone()
+            }
+        };
+        Ok((client_id, client_ids))
     }
 
     /// A developer key's `team_id`, `service_id` (WeatherKit) and `apns_token_refresh`;

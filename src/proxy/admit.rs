@@ -134,6 +134,27 @@ impl Proxy {
                 ex.environment = Some(route.environment);
             }
         }
+        // The credential endpoints the proxy speaks to itself (DESIGN §18): a client never
+        // trades a token of its own at Maps' /v1/token, and Sign in with Apple is proxied
+        // only where the form carries the client_secret.
+        if route.api == Api::Maps
+            && route.path.trim_end_matches('/') == crate::apple::MAPS_TOKEN_PATH
+        {
+            return Err(Refusal::Forbidden {
+                detail: "the proxy exchanges Maps tokens itself and never hands out an access token: call the Maps Server API's paths (e.g. /maps/v1/geocode) directly".into(),
+            });
+        }
+        if route.api == Api::SignInWithApple
+            && (parts.method != Method::POST
+                || !crate::apple::SIGN_IN_FORM_PATHS.contains(&route.path))
+        {
+            return Err(Refusal::Forbidden {
+                detail: format!(
+                    "the proxy forwards only POST /appleid{} to Sign in with Apple (the endpoints whose form carries the client_secret)",
+                    crate::apple::SIGN_IN_FORM_PATHS.join(", /appleid")
+                ),
+            });
+        }
         let key = self.key_for(&who, route.api)?;
         self.check_apple_limits(&who, &route, key, parts.method.as_str())?;
 

@@ -85,7 +85,12 @@ impl Proxy {
         // per-request token is re-minted for it (a cached developer token is not renewed
         // early, DESIGN §18).
         let replayable = is_idempotent(up.method) && body.is_end_stream();
-        let remintable = replayable && up.route.api.token_strategy() == TokenStrategy::PerRequest;
+        let strategy = up.route.api.token_strategy();
+        let remintable = replayable
+            && matches!(
+                strategy,
+                TokenStrategy::PerRequest | TokenStrategy::Exchanged
+            );
         let body = (!replayable).then(|| {
             forward::boxed(
                 forward::Metered::new(body, ex.received.clone(), Some(max_body))
@@ -104,12 +109,18 @@ impl Proxy {
         ex.sent = true;
         let response = self.send(up, body, &token, tally).await?;
         self.note_upstream(ex, &response, &token, sent);
+        // An access token Apple refused is never offered again (DESIGN §18).
+        if response.status() == StatusCode::UNAUTHORIZED && strategy == TokenStrategy::Exchanged {
+            self.shared.access_tokens.forget(&token);
+        }
         if response.status() != StatusCode::UNAUTHORIZED || !remintable {
             return Ok((response, token));
         }
 
         drop(response);
-        let token = self.mint(request, Freshness::Fresh, ex)?;
+        let token = self
+            .credential(request, up.route, Freshness::Fresh, ex)
+            .await?;
         ex.retried = true;
         let tally = Tally::bodyless(&mut ex.connect_retries);
         let sent = Instant::now();
@@ -148,7 +159,15 @@ impl Proxy {
             connect_retries,
         } = tally;
         // Built again only for a retry after a failed connection (rare), never cloned.
-        let build_headers = || forward::upstream_headers(up.client_headers, token.authorization());
+        // Sign in with Apple's credential is in the form: no `Authorization` at all.
+        let in_form = up.route.api.token_strategy() == TokenStrategy::FormSecret;
+        let build_headers = || {
+            let mut h = forward::upstream_headers(up.client_headers, token.authorization());
+            if in_form {
+                h.remove(http::header::AUTHORIZATION);
+            }
+            h
+        };
         let mut headers = Some(build_headers());
         let replayable = body.is_none();
         let mut body = Some(body.unwrap_or_else(forward::empty));

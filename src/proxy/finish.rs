@@ -76,7 +76,14 @@ impl Proxy {
                 // it): on APNs routes the proxy's errors carry it too (DESIGN §18).
                 let apns = ex.api == Some(crate::apple::Api::Apns)
                     || crate::apple::is_apns_path(&ex.head.path);
-                (refusal.into_response(id, apns), decision, Some(kind))
+                let mut response = refusal.into_response(id, apns);
+                // A refusal with a diagnosis (a failed token exchange) names it too.
+                if let Some(code) = ex.diagnosis {
+                    response
+                        .headers_mut()
+                        .insert(super::X_PROXY_DIAGNOSIS, HeaderValue::from_static(code));
+                }
+                (response, decision, Some(kind))
             }
         };
         if let Ok(v) = HeaderValue::from_str(id) {

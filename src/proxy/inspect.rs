@@ -31,6 +31,15 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Response<ProxyBody> {
         let status = response.status();
+        // An exchange API's refusal of its access token: forgotten (and, where the request
+        // could be replayed, exchanged again and retried) in `forward`; Apple's answer goes
+        // back as it is, marked.
+        if up.route.api.token_strategy() == crate::apple::TokenStrategy::Exchanged {
+            if is_auth_failure(status) && ex.diagnosis.is_none() {
+                ex.diagnosis = Some("ACCESS_TOKEN_REFUSED");
+            }
+            return body::stream_back(response, ex.diagnosis);
+        }
         let developer = up.route.api.token_family() == TokenFamily::Developer;
         // APNs' 429 `TooManyProviderTokenUpdates` is about the token too (its other 429 is
         // the app's); the 400s and 410 are the app's business and stream back untouched.

@@ -7,6 +7,8 @@ use std::time::SystemTime;
 use http::request::Parts;
 
 use crate::apple::TokenStrategy;
+use crate::exchange;
+use crate::route;
 use crate::token::{self, Token};
 
 use super::admit::Admitted;
@@ -22,6 +24,68 @@ pub(super) enum Freshness {
 }
 
 impl Proxy {
+    /// The credential a forwarded request carries, by its API's strategy: minted (or
+    /// cached) by [`Proxy::mint`], or for an exchange API the access token, which may wait
+    /// for Apple's token endpoint (DESIGN §18). `Fresh` for an exchange API means the held
+    /// access token was just refused: the caller has already forgotten it.
+    pub(super) async fn credential(
+        &self,
+        request: &token::Request<'_>,
+        route: &route::Route<'_>,
+        freshness: Freshness,
+        ex: &mut Exchange,
+    ) -> Result<Arc<Token>, Refusal> {
+        if request.api.token_strategy() != TokenStrategy::Exchanged {
+            return self.mint(request, freshness, ex);
+        }
+        let settings = self.config.apis.get(&request.api);
+        let url = match (
+            settings.and_then(|s| s.token_url.as_ref()),
+            request.api.token_url(),
+        ) {
+            (Some(configured), _) => configured.to_string(),
+            (None, Some(apple)) => apple.to_string(),
+            (None, None) => format!("{}{}", route.upstream.base, crate::apple::MAPS_TOKEN_PATH),
+        };
+        let endpoint = exchange::Endpoint {
+            url: &url,
+            in_query: settings.is_some_and(|s| s.token_params_in_query),
+            timeout: self.config.server.request_timeout,
+        };
+        ex.key = Some(Arc::from(request.key));
+        match self
+            .shared
+            .access_tokens
+            .get(&self.minter, &self.upstream, request, endpoint)
+            .await
+        {
+            Ok(token) => {
+                ex.key_id = Some(token.key_id.clone());
+                ex.token_sha256 = Some(token.fingerprint().clone());
+                Ok(token)
+            }
+            Err(error) if error.signer_unavailable() => {
+                self.shared.metrics.signer_failure(request.key);
+                Err(Refusal::SignerUnavailable {
+                    key: request.key.to_string(),
+                    source: error.to_string().into(),
+                })
+            }
+            Err(error) => {
+                ex.diagnosis = Some(error.diagnosis());
+                Err(Refusal::ExchangeFailed {
+                    api: request.api,
+                    key: request.key.to_string(),
+                    retry_after: self
+                        .shared
+                        .access_tokens
+                        .retry_after(request.key, request.api),
+                    error,
+                })
+            }
+        }
+    }
+
     /// What the token is for.
     pub(super) fn token_request<'a>(
         &'a self,
@@ -35,6 +99,7 @@ impl Proxy {
             path: admitted.route.path,
             query: parts.uri.query(),
             bundle_id: self.clients.pinned_bundle_id(&admitted.who),
+            subject: None,
         }
     }
 
@@ -51,6 +116,15 @@ impl Proxy {
             (TokenStrategy::PerRequest, Freshness::Fresh) => self.minter.remint(request, now),
             // Reused until due for renewal, whatever happened to the last request (DESIGN §18).
             (TokenStrategy::Cached, _) => self.minter.cached(request, now),
+            // Sign in with Apple's client_secret, for the form (`form`): cached like these.
+            (TokenStrategy::FormSecret, _) => self.minter.cached(request, now),
+            // Exchanged asynchronously (`Proxy::token`), never minted here.
+            (TokenStrategy::Exchanged, _) => {
+                return Err(Refusal::internal(
+                    "mint",
+                    format!("{} takes an exchanged access token", request.api),
+                ))
+            }
             // Answered by the proxy itself (`own`); never routed to Apple, so never minted for.
             (TokenStrategy::Answered, _) => {
                 return Err(Refusal::internal(

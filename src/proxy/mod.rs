@@ -20,6 +20,7 @@ mod attempt;
 mod body;
 mod fallback;
 mod finish;
+mod form;
 mod inspect;
 mod mint;
 mod own;
@@ -170,8 +171,14 @@ impl Proxy {
             }
         };
 
+        // Sign in with Apple: the credential goes into the form, which is read whole.
+        if admitted.route.api == Api::SignInWithApple {
+            return self.sign_in(&admitted, &parts, body, request_id, ex).await;
+        }
         let request = self.token_request(&admitted, &parts);
-        let token = self.mint(&request, Freshness::Cached, ex)?;
+        let token = self
+            .credential(&request, &admitted.route, Freshness::Cached, ex)
+            .await?;
 
         let url = admitted.route.url(parts.uri.query());
         let up = Upstream {

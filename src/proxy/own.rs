@@ -60,7 +60,9 @@ impl Proxy {
         if parts.method != Method::POST {
             return Err(Refusal::MethodNotAllowed { allow: "POST" });
         }
-        let body = self.read_small_body(parts, body, ex).await?;
+        let body = self
+            .read_small_body(parts, body, signing::MAX_BODY as u64, ex)
+            .await?;
         let ask = signing::input::parse(kind, &body).map_err(Refusal::BadInput)?;
         if let Some(record) = ex.signing.as_deref_mut() {
             note_ask(record, &ask);
@@ -134,15 +136,16 @@ impl Proxy {
         Ok(response)
     }
 
-    /// A signature endpoint's body: refused before reading when it declares more than
-    /// [`signing::MAX_BODY`], cut off when it sends more, bounded in idle and total time.
-    async fn read_small_body(
+    /// A body the proxy reads whole (a signature request, a Sign in with Apple form):
+    /// refused before reading when it declares more than `limit`, cut off when it sends
+    /// more, bounded in idle and total time.
+    pub(super) async fn read_small_body(
         &self,
         parts: &Parts,
         body: Incoming,
+        limit: u64,
         ex: &mut Exchange,
     ) -> Result<Bytes, Refusal> {
-        let limit = signing::MAX_BODY as u64;
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)

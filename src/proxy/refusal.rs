@@ -36,6 +36,7 @@ pub mod codes {
     pub const AUDIT_UNAVAILABLE: &str = "PROXY_AUDIT_UNAVAILABLE";
     pub(crate) const SIGNER_UNAVAILABLE: &str = "PROXY_SIGNER_UNAVAILABLE";
     pub(crate) const IDENTITY_UNAVAILABLE: &str = "PROXY_IDENTITY_UNAVAILABLE";
+    pub const TOKEN_EXCHANGE_FAILED: &str = "PROXY_TOKEN_EXCHANGE_FAILED";
     pub(crate) const INTERNAL: &str = "PROXY_INTERNAL";
 }
 
@@ -129,6 +130,18 @@ pub enum Refusal {
     SignerUnavailable { key: String, source: BoxError },
     /// An identity provider's keys cannot be had and none are cached (DESIGN §17).
     IdentityUnavailable { provider: String, source: BoxError },
+    /// An exchange API's access token could not be had (DESIGN §18): Apple's token
+    /// endpoint refused the assertion, failed or did not answer.
+    ExchangeFailed {
+        api: Api,
+        key: String,
+        error: std::sync::Arc<crate::exchange::ExchangeError>,
+        /// Seconds until the proxy asks Apple again.
+        retry_after: u64,
+    },
+    /// A form the proxy must rewrite (Sign in with Apple) is not one it can: `what` says
+    /// why.
+    BadForm { what: String },
     /// A failure inside the proxy at `step`.
     Internal {
         step: &'static str,
@@ -156,6 +169,7 @@ impl Refusal {
             | Refusal::MalformedHead { .. }
             | Refusal::BadInput(_)
             | Refusal::AmbiguousKey { .. }
+            | Refusal::BadForm { .. }
             | Refusal::ClientDisconnected => StatusCode::BAD_REQUEST,
             Refusal::SigningDenied { .. } => StatusCode::FORBIDDEN,
             Refusal::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -170,7 +184,9 @@ impl Refusal {
             | Refusal::SignerUnavailable { .. }
             | Refusal::IdentityUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Refusal::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
+            Refusal::UpstreamUnavailable { .. } | Refusal::ExchangeFailed { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             Refusal::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -183,6 +199,7 @@ impl Refusal {
             Refusal::NoRoute(_) | Refusal::NoKey { .. } => codes::NO_ROUTE,
             Refusal::MethodNotAllowed { .. }
             | Refusal::BadInput(_)
+            | Refusal::BadForm { .. }
             | Refusal::AmbiguousKey { .. } => codes::BAD_REQUEST,
             Refusal::BadPath(_)
             | Refusal::MethodNotProxied { .. }
@@ -199,6 +216,7 @@ impl Refusal {
             Refusal::UpstreamUnavailable { .. } => codes::UPSTREAM_UNAVAILABLE,
             Refusal::SignerUnavailable { .. } => codes::SIGNER_UNAVAILABLE,
             Refusal::IdentityUnavailable { .. } => codes::IDENTITY_UNAVAILABLE,
+            Refusal::ExchangeFailed { .. } => codes::TOKEN_EXCHANGE_FAILED,
             Refusal::Internal { .. } => codes::INTERNAL,
         }
     }
@@ -209,7 +227,9 @@ impl Refusal {
             Refusal::Forbidden { .. } => "Forbidden by proxy policy",
             Refusal::SigningDenied { .. } => "Forbidden by the client's signing policy",
             Refusal::MethodNotAllowed { .. } => "Method not allowed",
-            Refusal::BadInput(_) | Refusal::AmbiguousKey { .. } => "Bad request",
+            Refusal::BadInput(_) | Refusal::AmbiguousKey { .. } | Refusal::BadForm { .. } => {
+                "Bad request"
+            }
             Refusal::NoRoute(_) => "No route",
             Refusal::NoKey { .. } => "No key for this API",
             Refusal::BadPath(_)
@@ -228,6 +248,7 @@ impl Refusal {
             Refusal::UpstreamUnavailable { .. } => "Apple could not be reached",
             Refusal::SignerUnavailable { .. } => "Signer unavailable",
             Refusal::IdentityUnavailable { .. } => "Identity provider unavailable",
+            Refusal::ExchangeFailed { .. } => "Apple's token exchange failed",
             Refusal::Internal { .. } => "Internal proxy error",
         }
     }
@@ -239,7 +260,7 @@ impl Refusal {
             Refusal::Forbidden { .. } => "forbidden",
             Refusal::SigningDenied { .. } => "signing_denied",
             Refusal::MethodNotAllowed { .. } => "method_not_allowed",
-            Refusal::BadInput(_) => "invalid_body",
+            Refusal::BadInput(_) | Refusal::BadForm { .. } => "invalid_body",
             Refusal::AmbiguousKey { .. } => "ambiguous_key",
             Refusal::NoRoute(_) => "no_route",
             Refusal::NoKey { .. } => "no_key",
@@ -258,6 +279,7 @@ impl Refusal {
             Refusal::UpstreamUnavailable { .. } => "upstream_unavailable",
             Refusal::SignerUnavailable { .. } => "signer_unavailable",
             Refusal::IdentityUnavailable { .. } => "identity_unavailable",
+            Refusal::ExchangeFailed { .. } => "token_exchange_failed",
             Refusal::Internal { .. } => "internal",
         }
     }
@@ -269,6 +291,7 @@ impl Refusal {
             | Refusal::SigningDenied { .. }
             | Refusal::MethodNotAllowed { .. }
             | Refusal::BadInput(_)
+            | Refusal::BadForm { .. }
             | Refusal::AmbiguousKey { .. }
             | Refusal::NoRoute(_)
             | Refusal::BadPath(_)
@@ -281,9 +304,9 @@ impl Refusal {
             | Refusal::RateLimited { .. }
             | Refusal::AppleLimit { .. }
             | Refusal::ClientDisconnected => Fault::Client,
-            Refusal::UpstreamTimeout { .. } | Refusal::UpstreamUnavailable { .. } => {
-                Fault::Upstream
-            }
+            Refusal::UpstreamTimeout { .. }
+            | Refusal::UpstreamUnavailable { .. }
+            | Refusal::ExchangeFailed { .. } => Fault::Upstream,
             Refusal::NoKey { .. }
             | Refusal::Overloaded { .. }
             | Refusal::AuditUnavailable
@@ -302,6 +325,7 @@ impl Refusal {
             | Refusal::SigningDenied { .. }
             | Refusal::MethodNotAllowed { .. }
             | Refusal::BadInput(_)
+            | Refusal::BadForm { .. }
             | Refusal::AmbiguousKey { .. }
             | Refusal::BadPath(_)
             | Refusal::MethodNotProxied { .. }
@@ -319,6 +343,7 @@ impl Refusal {
             | Refusal::UpstreamUnavailable { .. }
             | Refusal::SignerUnavailable { .. }
             | Refusal::IdentityUnavailable { .. }
+            | Refusal::ExchangeFailed { .. }
             | Refusal::Internal { .. } => Decision::Error,
         }
     }
@@ -345,6 +370,7 @@ impl Refusal {
             Refusal::RateLimited { retry_after, .. } | Refusal::AppleLimit { retry_after, .. } => {
                 Some(retry_after_secs(*retry_after))
             }
+            Refusal::ExchangeFailed { retry_after, .. } => Some((*retry_after).max(1)),
             Refusal::Overloaded { .. }
             | Refusal::AuditUnavailable
             | Refusal::SignerUnavailable { .. }
@@ -367,6 +393,11 @@ impl Refusal {
                 format!("this endpoint takes {allow} only")
             }
             Refusal::BadInput(e) => format!("{e}"),
+            Refusal::BadForm { what } => what.clone(),
+            Refusal::ExchangeFailed { api, key, error, .. } => format!(
+                "the proxy could not get a {api} access token for key `{key}`: {error}; likely cause: {}; nothing was sent to {api}",
+                error.likely_cause(*api)
+            ),
             Refusal::AmbiguousKey { choices } => format!(
                 "several keys sign in-app signatures; say which app with `bundle_id`: {choices}"
             ),

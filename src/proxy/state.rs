@@ -63,6 +63,8 @@ pub(super) struct Shared {
     pub mint_counts: Arc<MintCounts>,
     /// The developer-key APIs' tokens: a reload never re-mints one (DESIGN §18).
     pub developer_tokens: Arc<crate::token::DeveloperTokens>,
+    /// The exchange APIs' access tokens: a reload that keeps a key keeps its token.
+    pub access_tokens: crate::exchange::AccessTokens,
     /// The identity providers' keys: a reload that keeps a provider keeps its keys.
     pub identity: crate::identity::Registry,
     /// When Apple last accepted each key, by (key id, SHA-256 of its public key): a new key
@@ -99,6 +101,7 @@ impl Proxy {
             clock: Arc::new(AppleClock::default()),
             mint_counts: Arc::default(),
             developer_tokens: Arc::default(),
+            access_tokens: crate::exchange::AccessTokens::default(),
             identity: crate::identity::Registry::default(),
             key_history: Mutex::default(),
             ids: RequestIds::new(),
@@ -276,6 +279,10 @@ impl Proxy {
                 Some((k.name.as_str(), backend.as_str(), up))
             })
             .collect();
+        self.shared.metrics.exchanges(
+            &self.shared.access_tokens.counts(),
+            &self.shared.access_tokens.ages(),
+        );
         let identity: Vec<_> = self
             .clients
             .identity_providers()

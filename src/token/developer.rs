@@ -87,6 +87,14 @@ impl Minter {
                     .as_deref()
                     .ok_or_else(|| missing("service_id"))?,
             )),
+            // Sign in with Apple: one client_secret per client id the key serves.
+            Api::SignInWithApple => {
+                let id = req.subject.ok_or_else(|| missing("client_id"))?;
+                if !key.config.client_ids.iter().any(|c| c == id) {
+                    return Err(missing("client_ids entry for this client id"));
+                }
+                Some(Arc::from(id))
+            }
             _ => None,
         };
         let cell = self.developer.slot(Slot {
@@ -112,9 +120,14 @@ impl Minter {
             }
         }
         let iat = apple_now - self.iat_leeway;
-        let exp = req.api.max_lifetime().map(|cap| {
-            iat + i64::try_from(key.config.token_lifetime.min(cap).as_secs()).unwrap_or(0)
-        });
+        let lifetime = match req.api {
+            Api::SignInWithApple => key.config.client_secret_lifetime,
+            _ => key.config.token_lifetime,
+        };
+        let exp = req
+            .api
+            .max_lifetime()
+            .map(|cap| iat + i64::try_from(lifetime.min(cap).as_secs()).unwrap_or(0));
         let mut header = serde_json::json!({"alg": "ES256", "kid": key.config.key_id});
         if let Some(service) = &sub {
             header["id"] = serde_json::Value::String(format!("{iss}.{service}"));
@@ -125,11 +138,17 @@ impl Minter {
             sub,
             iat,
             exp,
-            aud: None,
+            aud: (req.api == Api::SignInWithApple).then_some(apple::SIGN_IN_AUDIENCE),
             scope: None,
             bid: None,
+            jti: None,
         };
-        let scheme = if req.api.bearer() { BEARER } else { "" };
+        // App Attest takes the bare JWT; Sign in with Apple's goes into a form, not a header.
+        let scheme = if req.api.bearer() && req.api != Api::SignInWithApple {
+            BEARER
+        } else {
+            ""
+        };
         let token =
             Arc::new(self.sign(key, &header_b64, claims, self.clock.offset_secs(), scheme)?);
         self.counts

@@ -76,6 +76,9 @@ pub struct Claims {
     pub scope: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bid: Option<String>,
+    /// Apple Business/School Manager's client assertion: a fresh UUID per assertion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 /// A signed token. `Debug` shows the claims and a fingerprint, never the JWT.
@@ -116,6 +119,24 @@ impl Token {
         self.authorization.clone()
     }
 
+    /// An access token an exchange returned (DESIGN §18), as the request carries it:
+    /// `Bearer <access token>`, sensitive; its fingerprint is the SHA-256 of the access
+    /// token (what Apple sees), its claims the assertion's it was exchanged for.
+    pub(crate) fn access(access: &str, assertion: &Token) -> Result<Token, MintError> {
+        let mut authorization = http::HeaderValue::try_from(format!("{BEARER}{access}"))
+            .map_err(|_| MintError::Encode)?;
+        authorization.set_sensitive(true);
+        Ok(Token {
+            authorization,
+            scheme_len: BEARER.len(),
+            fingerprint: Arc::from(crate::hex(&crate::sha256(access.as_bytes()))),
+            key_name: assertion.key_name.clone(),
+            key_id: assertion.key_id.clone(),
+            claims: assertion.claims.clone(),
+            clock_offset: assertion.clock_offset,
+        })
+    }
+
     /// Hex SHA-256 of the compact JWT: the audit fingerprint (DESIGN §13), computed once.
     pub fn fingerprint(&self) -> &Arc<str> {
         &self.fingerprint
@@ -143,6 +164,8 @@ pub struct Request<'a> {
     pub query: Option<&'a str>,
     /// Overrides the key's bundle id (a client pinned to another app).
     pub bundle_id: Option<&'a str>,
+    /// Sign in with Apple: the form's `client_id`, the `client_secret`'s `sub`.
+    pub subject: Option<&'a str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,6 +307,7 @@ impl Minter {
                     config.issuer_id.as_deref().map(Arc::from)
                 }
                 KeyKind::Developer => config.team_id.as_deref().map(Arc::from),
+                KeyKind::BusinessManager => config.client_id.as_deref().map(Arc::from),
             },
             config,
             signer,
@@ -412,6 +436,13 @@ impl Minter {
             TokenFamily::Connect => None,
             // Never cached here: `cached` keeps these (DESIGN §18).
             TokenFamily::Developer => return self.cached(req, now),
+            // Exchanged with Apple, never sent as they are: `assertion`.
+            TokenFamily::AccountManager => {
+                return Err(MintError::WrongApi {
+                    key: req.key.to_string(),
+                    api: req.api,
+                })
+            }
         };
         // The cache key embeds the scope entry, so a cache hit costs this one string.
         let scoped = self.scoped(req.api, req.method);
@@ -435,6 +466,7 @@ impl Minter {
             aud: Some(apple::AUDIENCE),
             scope: scope.map(|s| vec![s.to_string()]),
             bid: bid.map(str::to_string),
+            jti: None,
         };
         let cacheable = scope.is_none_or(|s| s.len() <= MAX_CACHED_SCOPE);
         let token = Arc::new(self.sign(key, &key.header_b64, claims, offset, BEARER)?);
@@ -442,6 +474,52 @@ impl Minter {
         if cacheable {
             self.cache.insert(cache_key.text, token.clone(), apple_now);
         }
+        Ok(token)
+    }
+
+    /// The short assertion an exchange API trades for an access token (DESIGN §18): Maps'
+    /// auth token `{iss: team id, iat, exp}`, Apple Business/School Manager's client
+    /// assertion `{iss = sub = client id, aud, iat, exp, jti}`. One per exchange, never
+    /// cached, at most [`apple::ASSERTION_MAX_LIFETIME`] long.
+    pub(crate) fn assertion(&self, req: &Request<'_>, now: SystemTime) -> Result<Token, MintError> {
+        let key = self.loaded(req)?;
+        let account = req.api.token_family() == TokenFamily::AccountManager;
+        let iss = key.issuer.clone().ok_or_else(|| MintError::Missing {
+            key: req.key.to_string(),
+            field: if account { "client_id" } else { "team_id" },
+            api: req.api,
+        })?;
+        let offset = self.clock.offset_secs();
+        let iat = self.clock.apple_now(now) - self.iat_leeway;
+        let lifetime = key.config.token_lifetime.min(apple::ASSERTION_MAX_LIFETIME);
+        let exp = iat + i64::try_from(lifetime.as_secs()).unwrap_or(0);
+        let claims = if account {
+            let jti = crate::signing::nonce(&ring::rand::SystemRandom::new())
+                .map_err(|_| MintError::Encode)?;
+            Claims {
+                iss: Some(iss.clone()),
+                sub: Some(iss),
+                iat,
+                exp: Some(exp),
+                aud: Some(apple::ACCOUNT_TOKEN_AUDIENCE),
+                scope: None,
+                bid: None,
+                jti: Some(jti),
+            }
+        } else {
+            Claims {
+                iss: Some(iss),
+                sub: None,
+                iat,
+                exp: Some(exp),
+                aud: None,
+                scope: None,
+                bid: None,
+                jti: None,
+            }
+        };
+        let token = self.sign(key, &key.header_b64, claims, offset, BEARER)?;
+        self.counts.minted.fetch_add(1, Ordering::Relaxed);
         Ok(token)
     }
 

@@ -95,7 +95,14 @@ fn api_of(role: Role) -> Option<Api> {
         Role::AppAttest | Role::AppAttestDevelopment => Api::AppAttest,
         Role::WeatherKit => Api::WeatherKit,
         Role::AppleMusic => Api::Music,
-        Role::AppStoreConnect | Role::StoreKitProduction | Role::StoreKitSandbox => return None,
+        Role::AppStoreConnect
+        | Role::StoreKitProduction
+        | Role::StoreKitSandbox
+        | Role::Maps
+        | Role::AccountToken
+        | Role::AppleBusiness
+        | Role::AppleSchool
+        | Role::SignInWithApple => return None,
     })
 }
 

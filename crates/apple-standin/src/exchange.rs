@@ -58,6 +58,9 @@ pub(crate) struct Shared {
     uuid_counter: AtomicU64,
     /// Tokens the developer-key roles saw, per key.
     pub developer_seen: super::developer::Seen,
+    /// The exchange APIs' and Sign in with Apple's state (issued access tokens, knobs,
+    /// forms).
+    pub oauth: super::oauth::State,
 }
 
 /// Summarised by hand: the record holds bearer tokens, which `Debug` must not print.
@@ -77,7 +80,12 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(keyring: Keyring, clock_offset_secs: i64, faults: Faults) -> Self {
+    pub(crate) fn new(
+        keyring: Keyring,
+        clock_offset_secs: i64,
+        faults: Faults,
+        sign_in_client_ids: Vec<String>,
+    ) -> Self {
         Shared {
             keyring,
             clock_offset_secs,
@@ -89,6 +97,7 @@ impl Shared {
             uuid_seed: RandomState::new(),
             uuid_counter: AtomicU64::new(0),
             developer_seen: Default::default(),
+            oauth: super::oauth::State::new(sign_in_client_ids),
         }
     }
 

@@ -65,6 +65,16 @@ pub struct Identity {
     pub team_id: &'static str,
     /// The WeatherKit service id (its token's `sub`).
     pub service_id: &'static str,
+    /// Apple Business Manager API key (`kind = "business-manager"`, a UUID key id).
+    pub business: KeyName,
+    /// Its client id (`BUSINESSAPI.…`).
+    pub business_client_id: &'static str,
+    /// Apple School Manager API key.
+    pub school: KeyName,
+    /// Its client id (`SCHOOLAPI.…`).
+    pub school_client_id: &'static str,
+    /// The Sign in with Apple client id (a Services ID) the developer key signs for.
+    pub sign_in_client_id: &'static str,
 }
 
 impl Identity {
@@ -90,6 +100,17 @@ impl Identity {
         },
         team_id: "DEF123GHIJ",
         service_id: "com.example.weatherkit-client",
+        business: KeyName {
+            name: "inventory",
+            key_id: "d136aa66-0c3b-4bd4-9892-c20e8db024ab",
+        },
+        business_client_id: "BUSINESSAPI.9703f56c-10ce-4876-8f59-e78e5e23a152",
+        school: KeyName {
+            name: "school",
+            key_id: "5f0c7a41-2b7e-4d8e-9a6b-1f3e2d4c5b6a",
+        },
+        school_client_id: "SCHOOLAPI.2c8e4f1a-7b3d-4e9f-a1c2-d3e4f5a6b7c8",
+        sign_in_client_id: "com.example.web",
     };
 
     /// The `demo` command's identity: what its users see in responses and audit records.
@@ -114,6 +135,17 @@ impl Identity {
         },
         team_id: "DEMOTEAM99",
         service_id: "com.example.demo.weatherkit",
+        business: KeyName {
+            name: "devices",
+            key_id: "0b8c6f4e-3a2d-4c1b-9e8f-7a6b5c4d3e2f",
+        },
+        business_client_id: "BUSINESSAPI.4e5f6a7b-8c9d-4e0f-a1b2-c3d4e5f6a7b8",
+        school: KeyName {
+            name: "classroom",
+            key_id: "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d",
+        },
+        school_client_id: "SCHOOLAPI.1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d",
+        sign_in_client_id: "com.example.demo.web",
     };
 
     /// The name and key id of the key in `slot`.
@@ -123,6 +155,8 @@ impl Identity {
             Slot::Individual => self.individual,
             Slot::Iap => self.iap,
             Slot::Developer => self.developer,
+            Slot::Business => self.business,
+            Slot::School => self.school,
         }
     }
 }
@@ -134,10 +168,21 @@ pub enum Slot {
     Individual,
     Iap,
     Developer,
+    /// Apple Business Manager (`kind = "business-manager"`).
+    Business,
+    /// Apple School Manager (`kind = "business-manager"`).
+    School,
 }
 
 impl Slot {
-    pub const ALL: [Slot; 4] = [Slot::Team, Slot::Individual, Slot::Iap, Slot::Developer];
+    pub const ALL: [Slot; 6] = [
+        Slot::Team,
+        Slot::Individual,
+        Slot::Iap,
+        Slot::Developer,
+        Slot::Business,
+        Slot::School,
+    ];
 }
 
 /// Why the fixture could not be set up.
@@ -213,6 +258,8 @@ pub struct Keys {
     pub individual: Key,
     pub iap: Key,
     pub developer: Key,
+    pub business: Key,
+    pub school: Key,
 }
 
 impl Keys {
@@ -222,6 +269,8 @@ impl Keys {
             individual: Key::generate()?,
             iap: Key::generate()?,
             developer: Key::generate()?,
+            business: Key::generate()?,
+            school: Key::generate()?,
         })
     }
 
@@ -231,6 +280,8 @@ impl Keys {
             Slot::Individual => &self.individual,
             Slot::Iap => &self.iap,
             Slot::Developer => &self.developer,
+            Slot::Business => &self.business,
+            Slot::School => &self.school,
         }
     }
 }
@@ -369,6 +420,7 @@ impl World {
         let standin = Standin::start(super::Options {
             keys: known_keys(&identity, &keys),
             clock_offset_secs: options.clock_offset_secs,
+            sign_in_client_ids: vec![identity.sign_in_client_id.to_string()],
             ..super::Options::default()
         })
         .await
@@ -466,16 +518,35 @@ fn known_keys(identity: &Identity, keys: &Keys) -> Vec<KnownKey> {
                 service_id: Some(identity.service_id.to_string()),
             },
         },
+        KnownKey {
+            key_id: identity.business.key_id.to_string(),
+            public_key: keys.business.public.clone(),
+            kind: KnownKeyKind::BusinessManager {
+                client_id: identity.business_client_id.to_string(),
+            },
+        },
+        KnownKey {
+            key_id: identity.school.key_id.to_string(),
+            public_key: keys.school.public.clone(),
+            kind: KnownKeyKind::BusinessManager {
+                client_id: identity.school_client_id.to_string(),
+            },
+        },
     ]
 }
 
 /// The key file's path relative to the scratch directory, named as Apple names downloads.
 pub fn key_file(identity: &Identity, slot: Slot) -> String {
-    let prefix = match slot {
-        Slot::Team | Slot::Individual | Slot::Developer => "AuthKey",
-        Slot::Iap => "SubscriptionKey",
+    let (prefix, extension) = match slot {
+        Slot::Team | Slot::Individual | Slot::Developer => ("AuthKey", "p8"),
+        Slot::Iap => ("SubscriptionKey", "p8"),
+        // Apple Business/School Manager download a .pem once.
+        Slot::Business | Slot::School => ("BusinessManager", "pem"),
     };
-    format!("{KEYS_DIR}/{prefix}_{}.p8", identity.key(slot).key_id)
+    format!(
+        "{KEYS_DIR}/{prefix}_{}.{extension}",
+        identity.key(slot).key_id
+    )
 }
 
 /// The base URLs the config points each API at.
@@ -503,6 +574,10 @@ fn developer_tables(standin: &Standin) -> String {
         ),
         ("weatherkit", Role::WeatherKit, None),
         ("apple-music", Role::AppleMusic, None),
+        ("maps", Role::Maps, None),
+        ("apple-business", Role::AppleBusiness, None),
+        ("apple-school", Role::AppleSchool, None),
+        ("sign-in-with-apple", Role::SignInWithApple, None),
     ] {
         let _ = writeln!(
             t,
@@ -514,6 +589,16 @@ fn developer_tables(standin: &Standin) -> String {
                 t,
                 "sandbox_base_url = {}",
                 quoted(&standin.url(development))
+            );
+        }
+        if matches!(production, Role::AppleBusiness | Role::AppleSchool) {
+            let _ = writeln!(
+                t,
+                "token_url = {}",
+                quoted(&format!(
+                    "{}/auth/oauth2/token",
+                    standin.url(Role::AccountToken)
+                ))
             );
         }
     }
@@ -578,7 +663,21 @@ fn config_text(options: &Options, urls: &Urls, clients: &[Issued]) -> String {
             "developer",
             false,
             false,
-            r#"["apns", "devicecheck", "app-attest", "weatherkit", "apple-music"]"#,
+            r#"["apns", "devicecheck", "app-attest", "weatherkit", "apple-music", "maps", "sign-in-with-apple"]"#,
+        ),
+        (
+            Slot::Business,
+            "business-manager",
+            false,
+            false,
+            r#"["apple-business"]"#,
+        ),
+        (
+            Slot::School,
+            "business-manager",
+            false,
+            false,
+            r#"["apple-school"]"#,
         ),
     ] {
         let key = identity.key(slot);
@@ -597,10 +696,19 @@ fn config_text(options: &Options, urls: &Urls, clients: &[Issued]) -> String {
         if slot == Slot::Developer {
             let _ = writeln!(
                 t,
-                "team_id = {}\nservice_id = {}",
+                "team_id = {}\nservice_id = {}\nclient_ids = [{}]",
                 quoted(identity.team_id),
-                quoted(identity.service_id)
+                quoted(identity.service_id),
+                quoted(identity.sign_in_client_id)
             );
+        }
+        let client_id = match slot {
+            Slot::Business => Some(identity.business_client_id),
+            Slot::School => Some(identity.school_client_id),
+            _ => None,
+        };
+        if let Some(id) = client_id {
+            let _ = writeln!(t, "client_id = {}", quoted(id));
         }
         let _ = write!(
             t,

@@ -22,6 +22,7 @@ mod exchange;
 mod fault;
 pub mod fixture;
 pub mod in_app;
+mod oauth;
 pub mod oidc;
 mod tls;
 mod verify;
@@ -40,6 +41,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 pub use body::pattern_byte;
+pub use oauth::TokenEndpoint;
 
 use exchange::{lock, Shared};
 use verify::Keyring;
@@ -83,7 +85,7 @@ const H2_STREAM_WINDOW: u32 = 4 << 20;
 const H2_CONNECTION_WINDOW: u32 = 8 << 20;
 
 /// Which Apple service a listener plays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// `api.appstoreconnect.apple.com` (`/v<N>/…`) and Notary (`/notary/…`).
     AppStoreConnect,
@@ -107,11 +109,21 @@ pub enum Role {
     WeatherKit,
     /// `api.music.apple.com`.
     AppleMusic,
+    /// `maps-api.apple.com`: `/v1/token` and the API.
+    Maps,
+    /// `account.apple.com`: Apple Business/School Manager's token endpoint.
+    AccountToken,
+    /// `api-business.apple.com`.
+    AppleBusiness,
+    /// `api-school.apple.com`.
+    AppleSchool,
+    /// `appleid.apple.com`: Sign in with Apple's token endpoints.
+    SignInWithApple,
 }
 
 impl Role {
     /// Every role, in listener order.
-    pub const ALL: [Role; 11] = [
+    pub const ALL: [Role; 16] = [
         Role::AppStoreConnect,
         Role::StoreKitProduction,
         Role::StoreKitSandbox,
@@ -123,6 +135,11 @@ impl Role {
         Role::AppAttestDevelopment,
         Role::WeatherKit,
         Role::AppleMusic,
+        Role::Maps,
+        Role::AccountToken,
+        Role::AppleBusiness,
+        Role::AppleSchool,
+        Role::SignInWithApple,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -138,6 +155,11 @@ impl Role {
             Role::AppAttestDevelopment => "app-attest-development",
             Role::WeatherKit => "weatherkit",
             Role::AppleMusic => "apple-music",
+            Role::Maps => "maps",
+            Role::AccountToken => "account-token",
+            Role::AppleBusiness => "apple-business",
+            Role::AppleSchool => "apple-school",
+            Role::SignInWithApple => "sign-in-with-apple",
         }
     }
 
@@ -171,6 +193,9 @@ pub enum KnownKeyKind {
         team_id: String,
         service_id: Option<String>,
     },
+    /// Apple Business / School Manager API key: assertions' `iss` and `sub` must be
+    /// `client_id`; its key id is a UUID.
+    BusinessManager { client_id: String },
 }
 
 /// A key the stand-in trusts: the public half only.
@@ -191,6 +216,8 @@ pub struct Options {
     /// Ways Apple refuses tokens its JWT rules accept; all off by default. Change them on a
     /// running stand-in with [`Standin::set_faults`].
     pub faults: Faults,
+    /// The client ids Sign in with Apple knows (a `client_secret`'s `sub` must be one).
+    pub sign_in_client_ids: Vec<String>,
 }
 
 /// Fault modes reproducing the causes of Apple 401s and 403s that a token's claims alone
@@ -294,7 +321,12 @@ impl Standin {
             TlsAcceptor::from(Arc::new(config))
         };
         let acceptor = TlsAcceptor::from(authority.server_config);
-        let shared = Arc::new(Shared::new(keyring, opts.clock_offset_secs, opts.faults));
+        let shared = Arc::new(Shared::new(
+            keyring,
+            opts.clock_offset_secs,
+            opts.faults,
+            opts.sign_in_client_ids,
+        ));
         let (stop, stopped) = watch::channel(false);
 
         let mut addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0)); Role::ALL.len()];
@@ -337,6 +369,37 @@ impl Standin {
     /// How many different tokens signed by `key_id` the developer-key roles have seen.
     pub fn distinct_tokens(&self, key_id: &str) -> usize {
         self.shared.developer_seen.count(key_id)
+    }
+
+    /// Changes how the token endpoints (Maps' `/v1/token`, the account token endpoint)
+    /// answer from the next exchange on.
+    pub fn set_token_endpoint(&self, endpoint: TokenEndpoint) {
+        *lock(&self.shared.oauth.endpoint) = endpoint;
+    }
+
+    /// Exchanges answered with an access token for the API `role` plays (Maps, Apple
+    /// Business, Apple School).
+    pub fn exchanges(&self, role: Role) -> u32 {
+        lock(&self.shared.oauth.exchanges)
+            .get(&role)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Requests to the token endpoints, whatever their answer.
+    pub fn exchange_attempts(&self) -> u32 {
+        *lock(&self.shared.oauth.attempts)
+    }
+
+    /// Every access token issued so far stops working, as if Apple revoked them.
+    pub fn revoke_access_tokens(&self) {
+        self.shared.oauth.revoke_all();
+    }
+
+    /// The Sign in with Apple forms received, raw, each with whether an `Authorization`
+    /// header came with it.
+    pub fn sign_in_forms(&self) -> Vec<(String, bool)> {
+        lock(&self.shared.oauth.forms).clone()
     }
 
     /// Everything received so far, in order.
@@ -450,6 +513,8 @@ async fn serve_connection(
         async move {
             Ok::<_, Infallible>(if developer::serves(role) {
                 developer::handle(&shared, role, &connection, request).await
+            } else if oauth::serves(role) {
+                oauth::handle(&shared, role, request).await
             } else {
                 exchange::handle(&shared, role, id, request).await
             })

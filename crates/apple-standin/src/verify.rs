@@ -422,7 +422,7 @@ fn check_app_store_connect(
                 key.key_id.clone(),
             ));
         }
-        KnownKeyKind::Developer { .. } => {
+        KnownKeyKind::Developer { .. } | KnownKeyKind::BusinessManager { .. } => {
             return Err(Rejection::DeveloperKeyOnAppStore(key.key_id.clone()));
         }
     }
