@@ -107,6 +107,7 @@ fn connect_get<'a>(path: &'a str, query: Option<&'a str>) -> token::Request<'a> 
         path,
         query,
         bundle_id: None,
+        subject: None,
     }
 }
 
@@ -140,6 +141,7 @@ fn bench_mint(c: &mut Criterion) {
         path: "/inApps/v1/transactions/2000000000000001",
         query: None,
         bundle_id: None,
+        subject: None,
     };
     g.bench_function("fresh_es256_storekit", |b| {
         b.iter(|| black_box(minter.remint(&iap, SystemTime::now()).expect("mints")))
@@ -370,6 +372,7 @@ fn bench_diagnose(c: &mut Criterion) {
         aud: Some("appstoreconnect-v1"),
         scope: Some(vec!["GET /v1/apps/123".to_string()]),
         bid: None,
+        jti: None,
     };
     let body = br#"{"errors":[{"status":"401","code":"NOT_AUTHORIZED","title":"Authentication credentials are missing or invalid.","detail":"Provide a properly configured and signed bearer token, and make sure that it has not expired. Learn more about Generating Tokens for API Requests https://developer.apple.com/go/?id=api-generating-tokens"}]}"#;
     let apple_errors: Vec<AppleError> = diagnose::apple_errors(body);

@@ -70,6 +70,9 @@ pub async fn start(listen: SocketAddr) -> Result<Demo, DemoError> {
                     "POST /proxy/v1/signatures/*",
                     "POST /apns/*",
                     "GET /weatherkit/*",
+                    "GET /maps/*",
+                    "GET /business/*",
+                    "POST /appleid/*",
                 ],
             )
             // What it may have the proxy sign with the In-App Purchase key (DESIGN §15).
@@ -156,6 +159,21 @@ impl Demo {
             (
                 "WeatherKit: current weather (the same developer key; its token carries WeatherKit's id header and service id)",
                 format!("curl -sS {auth} '{base}/weatherkit/api/v1/weather/en/51.50/-0.12?dataSets=currentWeather'"),
+            ),
+            (
+                "Maps Server API: a geocode (the proxy exchanges its auth token at /v1/token once and reuses the 30-minute access token; the client never sees either)",
+                format!("curl -sS {auth} '{base}/maps/v1/geocode?q=1%20Infinite%20Loop'"),
+            ),
+            (
+                "Apple Business Manager: the organisation's devices (a client-credentials exchange with a client assertion signed by the business-manager key, then the access token)",
+                format!("curl -sS {auth} '{base}/business/v1/orgDevices'"),
+            ),
+            (
+                "Sign in with Apple: a token request whose client_secret the proxy signs and puts into the form (every other field passes byte for byte)",
+                format!(
+                    "curl -sS {auth} -d 'grant_type=authorization_code&code=demo-code&client_id={}' '{base}/appleid/auth/token'",
+                    Identity::DEMO.sign_in_client_id
+                ),
             ),
             (
                 "No client secret: the proxy refuses (401 PROXY_UNAUTHENTICATED)",

@@ -600,6 +600,7 @@ mod tests {
             aud: Some("appstoreconnect-v1"),
             scope: (family == TokenFamily::Connect).then(|| vec!["GET /v1/apps".to_string()]),
             bid: (family == TokenFamily::StoreKit).then(|| "com.example.app".to_string()),
+            jti: None,
         }
     }
 

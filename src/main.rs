@@ -396,9 +396,24 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         let renewals: Vec<String> = k
             .apis
             .iter()
-            .map(|api| {
-                let every = token::developer_renewal(*api, k.apns_token_refresh, k.token_lifetime);
-                format!("{} every {}", api.id(), humantime::format_duration(every))
+            .map(|api| match api.token_strategy() {
+                apple::TokenStrategy::Exchanged => {
+                    format!("{} by exchange, renewed before Apple's expiry", api.id())
+                }
+                apple::TokenStrategy::FormSecret => format!(
+                    "{} every {} per client id ({})",
+                    api.id(),
+                    humantime::format_duration(
+                        k.client_secret_lifetime
+                            .saturating_sub(std::time::Duration::from_secs(60))
+                    ),
+                    k.client_ids.join(", ")
+                ),
+                _ => {
+                    let every =
+                        token::developer_renewal(*api, k.apns_token_refresh, k.token_lifetime);
+                    format!("{} every {}", api.id(), humantime::format_duration(every))
+                }
             })
             .collect();
         println!(

@@ -739,6 +739,128 @@ mod tests {
         }
     }
 
+    #[test]
+    fn exchange_and_sign_in_keys_are_validated_naming_the_field() {
+        const KID: &str = "d136aa66-0c3b-4bd4-9892-c20e8db024ab";
+        let manager = |kid: &str, client_id: &str, apis: &str| {
+            format!(
+                "[[keys]]\nname = \"abm\"\nkind = \"business-manager\"\nkey_id = \"{kid}\"\n{client_id}private_key_file = \"keys/abm.pem\"\napis = {apis}\n"
+            )
+        };
+        let business = "client_id = \"BUSINESSAPI.9703f56c\"\n";
+        let developer = |extra: &str, apis: &str| {
+            format!(
+                "[[keys]]\nname = \"dev\"\nkind = \"developer\"\nkey_id = \"ABC123DEFG\"\nteam_id = \"DEF123GHIJ\"\n{extra}private_key_file = \"keys/AuthKey_ABC123DEFG.p8\"\napis = {apis}\n"
+            )
+        };
+        let good = format!(
+            "{}{}[apis.apple-business]\ntoken_url = \"https://account.example/token\"\ntoken_request = \"query\"\n",
+            manager(KID, business, r#"["apple-business"]"#),
+            developer("client_ids = [\"com.example.web\"]\n", r#"["maps", "sign-in-with-apple"]"#),
+        );
+        let c = parse(&good).unwrap();
+        assert_eq!(c.keys[0].client_id.as_deref(), Some("BUSINESSAPI.9703f56c"));
+        assert_eq!(c.keys[1].client_ids, ["com.example.web"]);
+        assert_eq!(c.keys[1].client_secret_lifetime, Duration::from_secs(600));
+        let settings = &c.apis[&Api::AppleBusiness];
+        assert!(settings.token_params_in_query);
+        assert_eq!(
+            settings
+                .token_url
+                .as_ref()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("https://account.example/token")
+        );
+
+        let cases = [
+            (
+                manager("ABC123DEFG", business, r#"["apple-business"]"#),
+                "keys[0].key_id",
+                "UUID",
+            ),
+            (
+                manager(KID, "", r#"["apple-business"]"#),
+                "keys[0].client_id",
+                "need the client id",
+            ),
+            (
+                manager(KID, business, r#"["apple-school"]"#),
+                "keys[0].client_id",
+                "SCHOOLAPI.",
+            ),
+            (
+                manager(KID, business, r#"["maps"]"#),
+                "keys[0].apis",
+                "business-manager keys serve",
+            ),
+            (
+                manager(
+                    KID,
+                    &format!("{business}team_id = \"DEF123GHIJ\"\n"),
+                    r#"["apple-business"]"#,
+                ),
+                "keys[0].team_id",
+                "only developer keys",
+            ),
+            (
+                developer("", r#"["sign-in-with-apple"]"#),
+                "keys[0].client_ids",
+                "client ids",
+            ),
+            (
+                developer("client_ids = [\"a\"]\n", r#"["maps"]"#),
+                "keys[0].client_ids",
+                "sign-in-with-apple",
+            ),
+            (
+                developer("client_ids = [\"a b\"]\n", r#"["sign-in-with-apple"]"#),
+                "keys[0].client_ids",
+                "not a client id",
+            ),
+            (
+                developer("client_id = \"x\"\n", r#"["maps"]"#),
+                "keys[0].client_id",
+                "only business-manager",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    developer("client_ids = [\"a\"]\n", r#"["sign-in-with-apple"]"#),
+                    developer("client_ids = [\"a\"]\n", r#"["sign-in-with-apple"]"#)
+                        .replace("\"dev\"", "\"dev2\"")
+                ),
+                "keys[1].client_ids",
+                "already key `dev`'s",
+            ),
+            (
+                "[apis.weatherkit]\ntoken_url = \"https://x/t\"\n".to_string(),
+                "apis.weatherkit.token_url",
+                "exchanges no token",
+            ),
+            (
+                "[apis.maps]\ntoken_url = \"http://x/t\"\n".to_string(),
+                "apis.maps.token_url",
+                "https://",
+            ),
+            (
+                "[apis.maps]\ntoken_request = \"query\"\n".to_string(),
+                "apis.maps.token_request",
+                "client-credentials",
+            ),
+            (
+                "[apis.apple-school]\ntoken_request = \"json\"\n".to_string(),
+                "apis.apple-school.token_request",
+                "\"form\"",
+            ),
+        ];
+        for (text, field, needle) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(&format!("field `{field}`")), "{field}: {err}");
+            assert!(err.contains(needle), "{field}: {err}");
+        }
+    }
+
     /// An In-App Purchase key that signs in-app signatures, and a client with `signing`.
     fn signing_config(key_apis: &str, signing: &str) -> String {
         format!(

@@ -578,6 +578,8 @@ mod tests {
             (Refusal::UpstreamUnavailable { api: Api::Notary, environment: Environment::Production, source: boxed("reset") }, 502, codes::UPSTREAM_UNAVAILABLE, "upstream_unavailable", F::Upstream, D::Error, None),
             (Refusal::SignerUnavailable { key: "k".into(), source: boxed("hsm") }, 503, codes::SIGNER_UNAVAILABLE, "signer_unavailable", F::Proxy, D::Error, Some(1)),
             (Refusal::IdentityUnavailable { provider: "gh".into(), source: boxed("jwks") }, 503, codes::IDENTITY_UNAVAILABLE, "identity_unavailable", F::Proxy, D::Error, Some(1)),
+            (Refusal::ExchangeFailed { api: Api::Maps, key: "k".into(), error: std::sync::Arc::new(crate::exchange::ExchangeError::Timeout(s)), retry_after: 3 }, 502, codes::TOKEN_EXCHANGE_FAILED, "token_exchange_failed", F::Upstream, D::Error, Some(3)),
+            (Refusal::BadForm { what: "no client_id".into() }, 400, codes::BAD_REQUEST, "invalid_body", F::Client, D::Denied, None),
             (Refusal::internal("mint", boxed("boom")), 500, codes::INTERNAL, "internal", F::Proxy, D::Error, None),
         ];
         for (refusal, status, code, kind, fault, decision, retry) in rows {

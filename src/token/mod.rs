@@ -654,6 +654,7 @@ mod tests {
             path,
             query,
             bundle_id: None,
+            subject: None,
         }
     }
 

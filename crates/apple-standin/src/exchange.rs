@@ -626,7 +626,7 @@ mod tests {
     #[test]
     fn request_uuids_look_like_uuids_and_differ() {
         let keyring = Keyring::new(Vec::new()).expect("no keys is a valid keyring");
-        let shared = Shared::new(keyring, 0, Faults::default());
+        let shared = Shared::new(keyring, 0, Faults::default(), Vec::new());
         let a = shared.request_uuid();
         let b = shared.request_uuid();
         assert_ne!(a, b);

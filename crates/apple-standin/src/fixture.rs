@@ -873,8 +873,13 @@ mod tests {
         let text = std::fs::read_to_string(&world.config_path).expect("config");
         let config: toml::Table = text.parse().expect("valid TOML");
         let keys = config["keys"].as_array().expect("[[keys]]");
-        assert_eq!(keys.len(), 4);
+        assert_eq!(keys.len(), 6);
         assert_eq!(keys[3]["kind"].as_str(), Some("developer"));
+        assert_eq!(keys[4]["kind"].as_str(), Some("business-manager"));
+        assert_eq!(
+            keys[5]["client_id"].as_str(),
+            Some(Identity::TEST.school_client_id)
+        );
         assert_eq!(keys[0]["key_id"].as_str(), Some("TEAMKEY001"));
         assert_eq!(
             keys[2]["private_key_file"].as_str(),

@@ -927,6 +927,7 @@ mod tests {
             ],
             clock_offset_secs: OFFSET,
             faults,
+            sign_in_client_ids: Vec::new(),
         })
         .await
         .expect("stand-in starts")

@@ -129,12 +129,12 @@ fn segment(part: &str) -> Option<Map<String, Value>> {
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()
 }
 
+/// A verified JWT's header, claims, and the kind of key that signed it.
+type Checked<'s> = (Map<String, Value>, Map<String, Value>, &'s KnownKeyKind);
+
 /// A JWT's header and claims once its ES256 signature verifies with the key its `kid`
 /// names; `Err` says what is wrong (for the stand-in's own log, never sent).
-fn verified<'s>(
-    shared: &'s Shared,
-    jwt: &str,
-) -> Result<(Map<String, Value>, Map<String, Value>, &'s KnownKeyKind), String> {
+fn verified<'s>(shared: &'s Shared, jwt: &str) -> Result<Checked<'s>, String> {
     let parts: Vec<&str> = jwt.split('.').collect();
     let [h, p, s] = parts[..] else {
         return Err("not three segments".into());
