@@ -129,7 +129,7 @@ impl Minter {
             .max_lifetime()
             .map(|cap| iat + i64::try_from(lifetime.min(cap).as_secs()).unwrap_or(0));
         let mut header = serde_json::json!({"alg": "ES256", "kid": key.config.key_id});
-        if let Some(service) = &sub {
+        if let Some(service) = sub.as_ref().filter(|_| req.api == Api::WeatherKit) {
             header["id"] = serde_json::Value::String(format!("{iss}.{service}"));
         }
         let header_b64 = URL_SAFE_NO_PAD.encode(header.to_string());

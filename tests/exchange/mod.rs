@@ -286,6 +286,11 @@ async fn sign_in_with_apple_forms_get_the_proxys_client_secret_and_keep_every_ot
     let secret = fields[2].trim_start_matches("client_secret=");
     let parts: Vec<&str> = secret.split('.').collect();
     let claims = decoded(parts[1]);
+    assert_eq!(
+        names(&decoded(parts[0])),
+        ["alg", "kid"],
+        "no WeatherKit `id`"
+    );
     assert_eq!(names(&claims), ["aud", "exp", "iat", "iss", "sub"]);
     assert_eq!(claims["sub"], "com.example.web");
     assert_eq!(claims["aud"], "https://appleid.apple.com");

@@ -4,13 +4,13 @@
 //!
 //! - Maps (`Role::Maps`): `GET /v1/token` takes the auth token as Bearer — header
 //!   `{alg: ES256, kid, typ: JWT}`, claims `{iss: team id, iat, exp}` (optional `origin`) —
-//!   and answers `{"accessToken", "expiresInSeconds"}`; every other `/v1/` path takes only an
+//!   and answers `{"accessToken", "expiresInSeconds"}` (header and claims exactly these); every other `/v1/` path takes only an
 //!   access token it issued and that has not expired.
 //! - The account token endpoint (`Role::AccountToken`, `account.apple.com`):
 //!   `POST /auth/oauth2/token` with `grant_type=client_credentials`, `client_id`,
 //!   `client_assertion_type` (the JWT-bearer URN), `client_assertion` and `scope`, in the form
 //!   body or the query string. The assertion: header `{alg: ES256, kid: <UUID>, typ}`,
-//!   claims `iss` = `sub` = `client_id` = the key's client id, `aud`
+//!   claims exactly `iss` = `sub` = `client_id` = the key's client id, `aud`
 //!   `https://account.apple.com/auth/oauth2/v2/token`, `iat`, `exp` (after now, at most 180
 //!   days after `iat`), a `jti` never seen before. `scope` must fit the client id
 //!   (`business.api` for `BUSINESSAPI.…`, `school.api` for `SCHOOLAPI.…`: 400
@@ -179,6 +179,27 @@ fn times(claims: &Map<String, Value>, now: i64, max: i64) -> Result<(), String> 
     Ok(())
 }
 
+/// `m` has exactly the names `want` (sorted), or at most them when `optional` lists the
+/// ones that may be absent.
+fn exactly(
+    m: &Map<String, Value>,
+    want: &[&str],
+    optional: &[&str],
+    what: &str,
+) -> Result<(), String> {
+    let have: Vec<&str> = m.keys().map(String::as_str).collect();
+    let missing: Vec<&&str> = want
+        .iter()
+        .filter(|w| !have.contains(w) && !optional.contains(w))
+        .collect();
+    let extra: Vec<&&str> = have.iter().filter(|h| !want.contains(h)).collect();
+    if missing.is_empty() && extra.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{what}: missing {missing:?}, unexpected {extra:?}"))
+    }
+}
+
 fn text<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
     m.get(k).and_then(Value::as_str)
 }
@@ -286,7 +307,14 @@ async fn respond(
                     let KnownKeyKind::Developer { team_id, .. } = kind else {
                         return Err("not a developer key".into());
                     };
-                    if text(&header, "typ").is_some_and(|t| t != "JWT") {
+                    exactly(&header, &["alg", "kid", "typ"], &[], "header")?;
+                    exactly(
+                        &claims,
+                        &["exp", "iat", "iss", "origin"],
+                        &["origin"],
+                        "claims",
+                    )?;
+                    if text(&header, "typ") != Some("JWT") {
                         return Err("typ is not JWT".into());
                     }
                     if text(&claims, "iss") != Some(team_id.as_str()) {
@@ -353,6 +381,13 @@ async fn respond(
                 let KnownKeyKind::BusinessManager { client_id: own } = kind else {
                     return Err("not a business-manager key".into());
                 };
+                exactly(&header, &["alg", "kid", "typ"], &[], "header")?;
+                exactly(
+                    &claims,
+                    &["aud", "exp", "iat", "iss", "jti", "sub"],
+                    &[],
+                    "claims",
+                )?;
                 let kid = text(&header, "kid").unwrap_or_default();
                 if kid.len() != 36 || kid.matches('-').count() != 4 {
                     return Err("kid is not a UUID".into());
@@ -397,10 +432,12 @@ async fn respond(
                     return Err("unknown client_id".to_string());
                 }
                 let jwt = param("client_secret").ok_or("no client_secret")?;
-                let (_, claims, kind) = verified(shared, &jwt)?;
+                let (header, claims, kind) = verified(shared, &jwt)?;
                 let KnownKeyKind::Developer { team_id, .. } = kind else {
                     return Err("not a developer key".into());
                 };
+                exactly(&header, &["alg", "kid", "typ"], &["typ"], "header")?;
+                exactly(&claims, &["aud", "exp", "iat", "iss", "sub"], &[], "claims")?;
                 if text(&claims, "iss") != Some(team_id.as_str()) {
                     return Err("iss is not the team id".into());
                 }
