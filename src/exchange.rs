@@ -18,7 +18,7 @@
 //! Imports `apple`, `forward`, `metrics` and `token`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -60,17 +60,20 @@ pub enum ExchangeError {
         /// OAuth's `error` (`invalid_client`, …), or Maps' `error.message`.
         error: Option<String>,
         description: Option<String>,
+        /// Apple's `Retry-After`, when it sent one.
+        retry_after: Option<Duration>,
     },
     #[error("the token endpoint's answer is not a token response: {0}")]
     Malformed(&'static str),
 }
 
 impl ExchangeError {
-    /// Worth an immediate second try: Apple did not answer, or answered 5xx/429.
+    /// Worth an immediate second try: Apple did not answer, or answered 5xx (a 429 goes
+    /// straight to the backoff, which honours its `Retry-After`).
     fn transient(&self) -> bool {
         match self {
             ExchangeError::Unreachable(_) | ExchangeError::Timeout(_) => true,
-            ExchangeError::Refused { status, .. } => *status >= 500 || *status == 429,
+            ExchangeError::Refused { status, .. } => *status >= 500,
             ExchangeError::Mint(_) | ExchangeError::Malformed(_) => false,
         }
     }
@@ -130,6 +133,29 @@ impl ExchangeError {
     }
 }
 
+/// A failed exchange as requests see it: why, and when the proxy asks Apple again.
+#[derive(Clone, Debug)]
+pub struct Failed {
+    pub error: Arc<ExchangeError>,
+    pub retry_at: Instant,
+}
+
+impl Failed {
+    /// Whole seconds until the next exchange (for `Retry-After`), at least 1.
+    pub fn retry_after_secs(&self) -> u64 {
+        let wait = self.retry_at.saturating_duration_since(Instant::now());
+        (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+    }
+}
+
+/// The longest backoff a token endpoint's `Retry-After` may ask for.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
+
+/// An access token the API refuses (401) is dropped only once it is this old (or half its
+/// life, if shorter): a 401 to a token just obtained is about the request, and dropping it
+/// would let every such request cost an exchange.
+const MIN_AGE_TO_FORGET: Duration = Duration::from_secs(10);
+
 /// Where and how a slot exchanges.
 #[derive(Clone, Copy, Debug)]
 pub struct Endpoint<'a> {
@@ -153,10 +179,25 @@ struct Slot {
     in_query: bool,
 }
 
+/// One slot: the access token held, read without waiting by every request, and the
+/// exchange lock (with the last failure), taken only to exchange.
 #[derive(Default)]
-struct State {
-    held: Option<Held>,
-    failure: Option<Failure>,
+struct Cell {
+    held: RwLock<Option<Held>>,
+    flight: tokio::sync::Mutex<Option<Failure>>,
+}
+
+impl Cell {
+    /// The token held, if it is still before `deadline` (its refresh or its expiry).
+    fn token_until(&self, deadline: impl Fn(&Held) -> Instant) -> Option<Arc<Token>> {
+        let held = self
+            .held
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.as_ref()
+            .filter(|h| Instant::now() < deadline(h))
+            .map(|h| h.token.clone())
+    }
 }
 
 struct Held {
@@ -176,7 +217,7 @@ struct Failure {
 /// The access tokens, by slot. `Debug` shows how many, never a token.
 #[derive(Default)]
 pub struct AccessTokens {
-    slots: Mutex<HashMap<Slot, Arc<tokio::sync::Mutex<State>>>>,
+    slots: Mutex<HashMap<Slot, Arc<Cell>>>,
     /// Exchanges sent, by API id and outcome.
     counts: Mutex<HashMap<(&'static str, &'static str), u64>>,
 }
@@ -210,25 +251,32 @@ impl AccessTokens {
         client: &forward::Client,
         req: &token::Request<'_>,
         endpoint: Endpoint<'_>,
-    ) -> Result<Arc<Token>, Arc<ExchangeError>> {
-        let slot = self.slot_of(minter, req, endpoint)?;
+    ) -> Result<Arc<Token>, Failed> {
+        let slot = self
+            .slot_of(minter, req, endpoint)
+            .map_err(|error| Failed {
+                error,
+                retry_at: Instant::now(),
+            })?;
         let cell = lock(&self.slots).entry(slot).or_default().clone();
-        let mut state = cell.lock().await;
-        let now = Instant::now();
-        if let Some(held) = state.held.as_ref().filter(|h| now < h.refresh_at) {
-            return Ok(held.token.clone());
+        // The common case: a token held and fresh, no waiting.
+        if let Some(token) = cell.token_until(|h| h.refresh_at) {
+            return Ok(token);
         }
-        let serve_held = |state: &State, error: Arc<ExchangeError>| match state
-            .held
-            .as_ref()
-            .filter(|h| Instant::now() < h.expires_at)
-        {
-            Some(held) => Ok(held.token.clone()),
-            None => Err(error),
+        let mut failure = cell.flight.lock().await;
+        // Another request exchanged while this one waited: share its answer.
+        if let Some(token) = cell.token_until(|h| h.refresh_at) {
+            return Ok(token);
+        }
+        let serve_held = |failed: Failed| match cell.token_until(|h| h.expires_at) {
+            Some(token) => Ok(token),
+            None => Err(failed),
         };
-        if let Some(failure) = state.failure.as_ref().filter(|f| now < f.retry_at) {
-            let error = failure.error.clone();
-            return serve_held(&state, error);
+        if let Some(f) = failure.as_ref().filter(|f| Instant::now() < f.retry_at) {
+            return serve_held(Failed {
+                error: f.error.clone(),
+                retry_at: f.retry_at,
+            });
         }
         let mut result = self.exchange(minter, client, req, endpoint).await;
         if matches!(&result, Err(e) if e.transient()) {
@@ -238,53 +286,76 @@ impl AccessTokens {
         match result {
             Ok(held) => {
                 let token = held.token.clone();
-                state.held = Some(held);
-                state.failure = None;
+                *cell
+                    .held
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(held);
+                *failure = None;
                 tracing::info!(api = %req.api, key = req.key, "exchanged an assertion for an access token; it is reused until shortly before it expires");
                 Ok(token)
             }
             Err(error) => {
                 let error = Arc::new(error);
-                let streak = state.failure.as_ref().map_or(0, |f| f.streak) + 1;
+                let streak = failure.as_ref().map_or(0, |f| f.streak) + 1;
+                let asked = match &*error {
+                    ExchangeError::Refused { retry_after, .. } => {
+                        retry_after.map(|d| d.min(RETRY_AFTER_MAX))
+                    }
+                    _ => None,
+                };
                 let backoff = BACKOFF_FIRST
                     .saturating_mul(1 << (streak - 1).min(5))
-                    .min(BACKOFF_MAX);
+                    .min(BACKOFF_MAX)
+                    .max(asked.unwrap_or_default());
                 tracing::warn!(api = %req.api, key = req.key, error = %error, backoff_ms = backoff.as_millis() as u64, "the token exchange failed");
-                state.failure = Some(Failure {
+                let retry_at = Instant::now() + backoff;
+                *failure = Some(Failure {
                     error: error.clone(),
-                    retry_at: Instant::now() + backoff,
+                    retry_at,
                     streak,
                 });
-                serve_held(&state, error)
+                serve_held(Failed { error, retry_at })
             }
         }
     }
 
     /// Apple refused `token` on the API (a 401): it is dropped, so the next request
-    /// exchanges again.
-    pub fn forget(&self, token: &Arc<Token>) {
+    /// exchanges again — unless it was obtained under [`MIN_AGE_TO_FORGET`] ago (or half
+    /// its life). Whether it was dropped.
+    pub fn forget(&self, token: &Arc<Token>) -> bool {
+        let mut dropped = false;
         let cells: Vec<_> = lock(&self.slots).values().cloned().collect();
         for cell in cells {
-            if let Ok(mut state) = cell.try_lock() {
-                if state
-                    .held
-                    .as_ref()
-                    .is_some_and(|h| Arc::ptr_eq(&h.token, token))
-                {
-                    state.held = None;
-                }
+            let mut held = cell
+                .held
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let old_enough = |h: &Held| {
+                let life = h.expires_at.saturating_duration_since(h.obtained);
+                h.obtained.elapsed() >= MIN_AGE_TO_FORGET.min(life / 2)
+            };
+            if held
+                .as_ref()
+                .is_some_and(|h| Arc::ptr_eq(&h.token, token) && old_enough(h))
+            {
+                *held = None;
+                dropped = true;
             }
         }
+        dropped
     }
 
-    /// The age of each access token held (one being exchanged right now is skipped).
+    /// The age of each access token held.
     pub fn ages(&self) -> Vec<Age> {
         let slots = lock(&self.slots);
         slots
             .iter()
             .filter_map(|(slot, cell)| {
-                let state = cell.try_lock().ok()?;
-                let held = state.held.as_ref()?;
+                let held = cell
+                    .held
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let held = held.as_ref()?;
                 Some(Age {
                     api: slot.api,
                     key: slot.key_name.clone(),
@@ -292,27 +363,6 @@ impl AccessTokens {
                 })
             })
             .collect()
-    }
-
-    /// Whole seconds until key `key`'s slot for `api` asks Apple again after a failure
-    /// (for `Retry-After`); 1 when unknown.
-    pub fn retry_after(&self, key: &str, api: Api) -> u64 {
-        let cells: Vec<_> = lock(&self.slots)
-            .iter()
-            .filter(|(slot, _)| slot.api == api && &*slot.key_name == key)
-            .map(|(_, cell)| cell.clone())
-            .collect();
-        cells
-            .iter()
-            .filter_map(|cell| {
-                let state = cell.try_lock().ok()?;
-                let failure = state.failure.as_ref()?;
-                Some(failure.retry_at.saturating_duration_since(Instant::now()))
-            })
-            .max()
-            .map_or(1, |wait| {
-                wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
-            })
     }
 
     /// Exchanges sent so far, by API id and outcome.
@@ -427,14 +477,20 @@ async fn exchange_once(
             .await
             .map_err(|e| ExchangeError::Unreachable(crate::error_chain(&e)))?;
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let body = Limited::new(response.into_body(), MAX_ANSWER)
             .collect()
             .await
             .map_err(|_| ExchangeError::Malformed("the answer is cut short or too large"))?
             .to_bytes();
-        Ok::<_, ExchangeError>((status, body))
+        Ok::<_, ExchangeError>((status, body, retry_after))
     };
-    let (status, body) = tokio::time::timeout(endpoint.timeout, answer)
+    let (status, body, retry_after) = tokio::time::timeout(endpoint.timeout, answer)
         .await
         .map_err(|_| ExchangeError::Timeout(endpoint.timeout))??;
     let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
@@ -449,6 +505,7 @@ async fn exchange_once(
             status: status.as_u16(),
             error: field("error"),
             description: field("error_description"),
+            retry_after,
         });
     }
     let json = json.ok_or(ExchangeError::Malformed("the body is not JSON"))?;
@@ -521,6 +578,7 @@ mod tests {
             status: 400,
             error: Some("invalid_client".into()),
             description: Some("bad assertion".into()),
+            retry_after: None,
         };
         assert_eq!(
             e.to_string(),
@@ -533,8 +591,16 @@ mod tests {
             status: 503,
             error: None,
             description: None,
+            retry_after: None,
         };
         assert!(busy.transient());
+        let limited = ExchangeError::Refused {
+            status: 429,
+            error: None,
+            description: None,
+            retry_after: Some(Duration::from_secs(20)),
+        };
+        assert!(!limited.transient(), "a 429 waits out its Retry-After");
         assert_eq!(printable("a\u{7}b\nc é"), "abc ");
     }
 }

@@ -137,9 +137,7 @@ impl Proxy {
         // The credential endpoints the proxy speaks to itself (DESIGN §18): a client never
         // trades a token of its own at Maps' /v1/token, and Sign in with Apple is proxied
         // only where the form carries the client_secret.
-        if route.api == Api::Maps
-            && route.path.trim_end_matches('/') == crate::apple::MAPS_TOKEN_PATH
-        {
+        if route.api == Api::Maps && is_maps_token_path(route.path) {
             return Err(Refusal::Forbidden {
                 detail: "the proxy exchanges Maps tokens itself and never hands out an access token: call the Maps Server API's paths (e.g. /maps/v1/geocode) directly".into(),
             });
@@ -240,6 +238,33 @@ impl Proxy {
                 retry_after: held.retry_after,
             })
     }
+}
+
+/// Whether `path` (Maps' own, mount removed) names Maps' token endpoint however it is
+/// spelled: percent-encoded, in another case, with a suffix. Apple may decode what the
+/// proxy's path check lets through, so the comparison decodes too.
+fn is_maps_token_path(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|h| bytes[i] == b'%' && h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match hex {
+            Some(b) => {
+                decoded.push(b);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    decoded.make_ascii_lowercase();
+    decoded.starts_with(crate::apple::MAPS_TOKEN_PATH.as_bytes())
 }
 
 /// The refusal for a failed authentication: a 401 naming the check, except that an identity

@@ -109,10 +109,12 @@ impl Proxy {
         ex.sent = true;
         let response = self.send(up, body, &token, tally).await?;
         self.note_upstream(ex, &response, &token, sent);
-        // An access token Apple refused is never offered again (DESIGN §18).
-        if response.status() == StatusCode::UNAUTHORIZED && strategy == TokenStrategy::Exchanged {
-            self.shared.access_tokens.forget(&token);
-        }
+        // An access token Apple refused is not offered again (DESIGN §18), unless it is too
+        // new for the 401 to be about it: then it is kept and the request not retried.
+        let forgotten = response.status() == StatusCode::UNAUTHORIZED
+            && strategy == TokenStrategy::Exchanged
+            && self.shared.access_tokens.forget(&token);
+        let remintable = remintable && (strategy != TokenStrategy::Exchanged || forgotten);
         if response.status() != StatusCode::UNAUTHORIZED || !remintable {
             return Ok((response, token));
         }

@@ -97,7 +97,9 @@ fn decode(raw: &[u8]) -> Option<String> {
         match raw[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = raw.get(i + 1..i + 3)?;
+                let hex = raw
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
                 let hex = std::str::from_utf8(hex).ok()?;
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 2;
@@ -138,6 +140,11 @@ impl Proxy {
         if media.as_deref() != Some("application/x-www-form-urlencoded") {
             return Err(bad("Sign in with Apple's token endpoints take an application/x-www-form-urlencoded form; send Content-Type: application/x-www-form-urlencoded"));
         }
+        // Every field goes in the form, which the proxy controls; a query could carry a
+        // second client_secret past it.
+        if parts.uri.query().is_some() {
+            return Err(bad("Sign in with Apple's token endpoints take no query string: send every field in the form body"));
+        }
         if parts.headers.contains_key(header::CONTENT_ENCODING) {
             return Err(bad("the proxy rewrites the form to add the client_secret and cannot rewrite a compressed one: send it without Content-Encoding"));
         }
@@ -160,7 +167,7 @@ impl Proxy {
 
         let mut headers = parts.headers.clone();
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
-        let url = admitted.route.url(parts.uri.query());
+        let url = admitted.route.url(None);
         let up = Upstream {
             request_id,
             method: &parts.method,
@@ -330,6 +337,9 @@ mod tests {
             .unwrap_err()
             .contains("percent-encoded"));
         assert!(parse(b"client_id=%FF")
+            .unwrap_err()
+            .contains("percent-encoded"));
+        assert!(parse(b"client_id=%+F")
             .unwrap_err()
             .contains("percent-encoded"));
     }

@@ -64,23 +64,20 @@ impl Proxy {
                 ex.token_sha256 = Some(token.fingerprint().clone());
                 Ok(token)
             }
-            Err(error) if error.signer_unavailable() => {
+            Err(failed) if failed.error.signer_unavailable() => {
                 self.shared.metrics.signer_failure(request.key);
                 Err(Refusal::SignerUnavailable {
                     key: request.key.to_string(),
-                    source: error.to_string().into(),
+                    source: failed.error.to_string().into(),
                 })
             }
-            Err(error) => {
-                ex.diagnosis = Some(error.diagnosis());
+            Err(failed) => {
+                ex.diagnosis = Some(failed.error.diagnosis());
                 Err(Refusal::ExchangeFailed {
                     api: request.api,
                     key: request.key.to_string(),
-                    retry_after: self
-                        .shared
-                        .access_tokens
-                        .retry_after(request.key, request.api),
-                    error,
+                    retry_after: failed.retry_after_secs(),
+                    error: failed.error,
                 })
             }
         }

@@ -395,7 +395,7 @@ impl Refusal {
             Refusal::BadInput(e) => format!("{e}"),
             Refusal::BadForm { what } => what.clone(),
             Refusal::ExchangeFailed { api, key, error, .. } => format!(
-                "the proxy could not get a {api} access token for key `{key}`: {error}; likely cause: {}; nothing was sent to {api}",
+                "the proxy could not get a {api} access token for key `{key}`: {error}; likely cause: {}",
                 error.likely_cause(*api)
             ),
             Refusal::AmbiguousKey { choices } => format!(

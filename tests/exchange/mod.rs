@@ -142,15 +142,22 @@ async fn maps_and_the_managers_get_one_exchange_for_many_concurrent_requests_and
         assert!(metrics.contains(&format!("aap_access_token_age_seconds{{api=\"{api}\"")));
     }
 
-    // The one path a client may not call: Maps' own token endpoint.
+    // The one path a client may not call: Maps' own token endpoint, however spelled.
     s.clear_received();
-    let r = send(get(&b, "/maps/v1/token")).await;
-    assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
-    assert!(r.json()["errors"][0]["detail"]
-        .as_str()
-        .unwrap()
-        .contains("exchanges Maps tokens itself"));
-    assert!(s.received().is_empty(), "the refusal reached nothing");
+    for path in [
+        "/maps/v1/token",
+        "/maps/v1/%74oken",
+        "/maps/V1/Token",
+        "/maps/v1/token/",
+    ] {
+        let r = send(get(&b, path)).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}: {:?}", r.body);
+        assert!(r.json()["errors"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("exchanges Maps tokens itself"));
+    }
+    assert!(s.received().is_empty(), "the refusals reached nothing");
 }
 
 /// `n` concurrent GETs of `path`.
@@ -186,15 +193,23 @@ async fn an_access_token_is_renewed_before_it_expires_and_after_apple_revokes_it
     let tokens = access_tokens(&b, Role::AppleBusiness);
     assert_ne!(tokens[1], tokens[2]);
 
-    // Apple revokes it: the API's 401 drops it, and the replayable GET is retried once
-    // with a new one.
+    // Apple revokes it. A 401 to a token this new (under half its life, at most 10 s) is
+    // taken to be about the request: Apple's answer goes back, no new exchange — so a path
+    // Apple refuses cannot make every request cost one.
     s.set_token_endpoint(TokenEndpoint::default());
     s.revoke_access_tokens();
     let r = send(get(&b, path)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{:?}", r.body);
+    assert_eq!(r.headers["x-proxy-diagnosis"], "ACCESS_TOKEN_REFUSED");
+    assert_eq!(s.exchanges(Role::AppleBusiness), 2);
+    // Older than that: the API's 401 drops it, and the replayable GET is retried once with
+    // a new one.
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    let r = send(get(&b, path)).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(s.exchanges(Role::AppleBusiness), 3);
-    let records = binary_audit(&b, 4).await;
-    assert_eq!(records[3]["retried"], true, "{}", records[3]);
+    let records = binary_audit(&b, 5).await;
+    assert_eq!(records[4]["retried"], true, "{}", records[4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,6 +368,15 @@ async fn sign_in_with_apple_forms_get_the_proxys_client_secret_and_keep_every_ot
         ),
         (form(&b, "/appleid/auth/token", &long), 413, "65536"),
         (get(&b, "/appleid/auth/keys"), 403, "only POST"),
+        (
+            form(
+                &b,
+                "/appleid/auth/token?client_secret=mine",
+                "client_id=com.example.web",
+            ),
+            400,
+            "no query string",
+        ),
         (
             b.request("POST", "/appleid/auth/token")
                 .header("content-type", "application/json")

@@ -84,7 +84,7 @@ impl Shared {
         keyring: Keyring,
         clock_offset_secs: i64,
         faults: Faults,
-        sign_in_client_ids: Vec<String>,
+        sign_in_clients: Vec<(String, String)>,
     ) -> Self {
         Shared {
             keyring,
@@ -97,7 +97,7 @@ impl Shared {
             uuid_seed: RandomState::new(),
             uuid_counter: AtomicU64::new(0),
             developer_seen: Default::default(),
-            oauth: super::oauth::State::new(sign_in_client_ids),
+            oauth: super::oauth::State::new(sign_in_clients),
         }
     }
 

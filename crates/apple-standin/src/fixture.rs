@@ -420,7 +420,10 @@ impl World {
         let standin = Standin::start(super::Options {
             keys: known_keys(&identity, &keys),
             clock_offset_secs: options.clock_offset_secs,
-            sign_in_client_ids: vec![identity.sign_in_client_id.to_string()],
+            sign_in_clients: vec![(
+                identity.sign_in_client_id.to_string(),
+                identity.developer.key_id.to_string(),
+            )],
             ..super::Options::default()
         })
         .await

@@ -216,8 +216,9 @@ pub struct Options {
     /// Ways Apple refuses tokens its JWT rules accept; all off by default. Change them on a
     /// running stand-in with [`Standin::set_faults`].
     pub faults: Faults,
-    /// The client ids Sign in with Apple knows (a `client_secret`'s `sub` must be one).
-    pub sign_in_client_ids: Vec<String>,
+    /// The client ids Sign in with Apple knows, each with the key id configured to sign its
+    /// `client_secret` (its `sub` must be the client id, its `kid` that key).
+    pub sign_in_clients: Vec<(String, String)>,
 }
 
 /// Fault modes reproducing the causes of Apple 401s and 403s that a token's claims alone
@@ -325,7 +326,7 @@ impl Standin {
             keyring,
             opts.clock_offset_secs,
             opts.faults,
-            opts.sign_in_client_ids,
+            opts.sign_in_clients,
         ));
         let (stop, stopped) = watch::channel(false);
 
@@ -927,7 +928,7 @@ mod tests {
             ],
             clock_offset_secs: OFFSET,
             faults,
-            sign_in_client_ids: Vec::new(),
+            sign_in_clients: Vec::new(),
         })
         .await
         .expect("stand-in starts")

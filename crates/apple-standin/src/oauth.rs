@@ -20,7 +20,7 @@
 //! - Sign in with Apple (`Role::SignInWithApple`): `POST /auth/token`, `/auth/revoke`,
 //!   `/auth/oauth2/v2/token` with a form whose `client_secret` is a JWT — header
 //!   `{alg: ES256, kid}` of a developer key, claims `iss` team id, `sub` = the form's
-//!   `client_id` (case-sensitive, one of the stand-in's `sign_in_client_ids`), `aud`
+//!   `client_id` (case-sensitive, one of the stand-in's `sign_in_clients`, signed by the key configured for it), `aud`
 //!   `https://appleid.apple.com`, `iat`, `exp` after now and at most 15,777,000 s after `iat`.
 //!   Anything wrong: 400 `{"error":"invalid_client"}`. Every form is kept for the tests.
 //!
@@ -81,13 +81,14 @@ pub(crate) struct State {
     jtis: Mutex<HashSet<String>>,
     /// Sign in with Apple forms as received, with whether an `Authorization` header came too.
     pub forms: Mutex<Vec<(String, bool)>>,
-    pub sign_in_client_ids: Vec<String>,
+    /// Sign in with Apple: each client id with the key id configured to sign for it.
+    pub sign_in_clients: Vec<(String, String)>,
 }
 
 impl State {
-    pub(crate) fn new(sign_in_client_ids: Vec<String>) -> State {
+    pub(crate) fn new(sign_in_clients: Vec<(String, String)>) -> State {
         State {
-            sign_in_client_ids,
+            sign_in_clients,
             ..State::default()
         }
     }
@@ -198,6 +199,25 @@ fn exactly(
     } else {
         Err(format!("{what}: missing {missing:?}, unexpected {extra:?}"))
     }
+}
+
+/// The first parameter name sent more than once.
+fn repeated(params: &[(String, String)]) -> Option<&str> {
+    params
+        .iter()
+        .enumerate()
+        .find(|(i, (k, _))| params[..*i].iter().any(|(earlier, _)| earlier == k))
+        .map(|(_, (k, _))| k.as_str())
+}
+
+/// `8-4-4-4-12` hex digits.
+fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn text<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
@@ -356,6 +376,10 @@ async fn respond(
             }
             let mut params = form_pairs(&raw);
             params.extend(form_pairs(parts.uri.query().unwrap_or("")));
+            if let Some(twice) = repeated(&params) {
+                tracing::debug!(twice, "stand-in: a parameter sent twice");
+                return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", now);
+            }
             let param = |name: &str| {
                 params
                     .iter()
@@ -389,8 +413,11 @@ async fn respond(
                     "claims",
                 )?;
                 let kid = text(&header, "kid").unwrap_or_default();
-                if kid.len() != 36 || kid.matches('-').count() != 4 {
+                if !is_uuid(kid) {
                     return Err("kid is not a UUID".into());
+                }
+                if text(&header, "typ") != Some("JWT") {
+                    return Err("typ is not JWT".into());
                 }
                 if own != &client_id
                     || text(&claims, "iss") != Some(own.as_str())
@@ -420,6 +447,10 @@ async fn respond(
                 return oauth_error(StatusCode::NOT_FOUND, "invalid_request", now);
             }
             let params = form_pairs(&raw);
+            if let Some(twice) = repeated(&params) {
+                tracing::debug!(twice, "stand-in: a parameter sent twice");
+                return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", now);
+            }
             let param = |name: &str| {
                 params
                     .iter()
@@ -428,7 +459,7 @@ async fn respond(
             };
             let check = (|| {
                 let client_id = param("client_id").ok_or("no client_id")?;
-                if !state.sign_in_client_ids.contains(&client_id) {
+                if !state.sign_in_clients.iter().any(|(id, _)| *id == client_id) {
                     return Err("unknown client_id".to_string());
                 }
                 let jwt = param("client_secret").ok_or("no client_secret")?;
@@ -438,6 +469,17 @@ async fn respond(
                 };
                 exactly(&header, &["alg", "kid", "typ"], &["typ"], "header")?;
                 exactly(&claims, &["aud", "exp", "iat", "iss", "sub"], &[], "claims")?;
+                if text(&header, "typ").is_some_and(|t| t != "JWT") {
+                    return Err("typ is not JWT".into());
+                }
+                // The key configured for this client id in the developer portal, no other.
+                let kid = text(&header, "kid").unwrap_or_default().to_string();
+                if !state.sign_in_clients.contains(&(client_id.clone(), kid)) {
+                    return Err(
+                        "the client_secret is signed by a key not configured for this client id"
+                            .into(),
+                    );
+                }
                 if text(&claims, "iss") != Some(team_id.as_str()) {
                     return Err("iss is not the team id".into());
                 }
