@@ -184,7 +184,7 @@ struct Slot {
 #[derive(Default)]
 struct Cell {
     held: RwLock<Option<Held>>,
-    flight: tokio::sync::Mutex<Option<Failure>>,
+    flight: Arc<tokio::sync::Mutex<Option<Failure>>>,
 }
 
 impl Cell {
@@ -246,8 +246,8 @@ impl AccessTokens {
     /// The access token for `req` (an exchange API's request): the one held while it is
     /// good, else the answer of one exchange shared by every request that waits for it.
     pub async fn get(
-        &self,
-        minter: &Minter,
+        self: &Arc<Self>,
+        minter: &Arc<Minter>,
         client: &forward::Client,
         req: &token::Request<'_>,
         endpoint: Endpoint<'_>,
@@ -263,60 +263,39 @@ impl AccessTokens {
         if let Some(token) = cell.token_until(|h| h.refresh_at) {
             return Ok(token);
         }
-        let mut failure = cell.flight.lock().await;
+        let failure = cell.flight.clone().lock_owned().await;
         // Another request exchanged while this one waited: share its answer.
         if let Some(token) = cell.token_until(|h| h.refresh_at) {
             return Ok(token);
         }
-        let serve_held = |failed: Failed| match cell.token_until(|h| h.expires_at) {
-            Some(token) => Ok(token),
-            None => Err(failed),
-        };
         if let Some(f) = failure.as_ref().filter(|f| Instant::now() < f.retry_at) {
-            return serve_held(Failed {
+            let failed = Failed {
                 error: f.error.clone(),
                 retry_at: f.retry_at,
-            });
+            };
+            return cell.token_until(|h| h.expires_at).ok_or(failed);
         }
-        let mut result = self.exchange(minter, client, req, endpoint).await;
-        if matches!(&result, Err(e) if e.transient()) {
-            tokio::time::sleep(RETRY_PAUSE).await;
-            result = self.exchange(minter, client, req, endpoint).await;
-        }
-        match result {
-            Ok(held) => {
-                let token = held.token.clone();
-                *cell
-                    .held
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(held);
-                *failure = None;
-                tracing::info!(api = %req.api, key = req.key, "exchanged an assertion for an access token; it is reused until shortly before it expires");
-                Ok(token)
-            }
-            Err(error) => {
-                let error = Arc::new(error);
-                let streak = failure.as_ref().map_or(0, |f| f.streak) + 1;
-                let asked = match &*error {
-                    ExchangeError::Refused { retry_after, .. } => {
-                        retry_after.map(|d| d.min(RETRY_AFTER_MAX))
-                    }
-                    _ => None,
-                };
-                let backoff = BACKOFF_FIRST
-                    .saturating_mul(1 << (streak - 1).min(5))
-                    .min(BACKOFF_MAX)
-                    .max(asked.unwrap_or_default());
-                tracing::warn!(api = %req.api, key = req.key, error = %error, backoff_ms = backoff.as_millis() as u64, "the token exchange failed");
-                let retry_at = Instant::now() + backoff;
-                *failure = Some(Failure {
-                    error: error.clone(),
-                    retry_at,
-                    streak,
-                });
-                serve_held(Failed { error, retry_at })
-            }
-        }
+        // The exchange runs in a task of its own, holding the slot's lock: a client that
+        // hangs up mid-exchange neither aborts it nor lets the next request start another.
+        let job = Job {
+            tokens: self.clone(),
+            cell,
+            minter: minter.clone(),
+            client: client.clone(),
+            key: req.key.to_string(),
+            api: req.api,
+            url: endpoint.url.to_string(),
+            in_query: endpoint.in_query,
+            timeout: endpoint.timeout,
+        };
+        tokio::spawn(job.run(failure)).await.unwrap_or_else(|_| {
+            Err(Failed {
+                error: Arc::new(ExchangeError::Unreachable(
+                    "the exchange task ended abnormally".into(),
+                )),
+                retry_at: Instant::now(),
+            })
+        })
     }
 
     /// Apple refused `token` on the API (a 401): it is dropped, so the next request
@@ -417,6 +396,85 @@ impl AccessTokens {
             },
         );
         result
+    }
+}
+
+/// One exchange, owned, so it can outlive the request that started it.
+struct Job {
+    tokens: Arc<AccessTokens>,
+    cell: Arc<Cell>,
+    minter: Arc<Minter>,
+    client: forward::Client,
+    key: String,
+    api: Api,
+    url: String,
+    in_query: bool,
+    timeout: Duration,
+}
+
+impl Job {
+    /// Exchanges (retrying a transient failure once), stores the token or the failure in
+    /// the slot, and releases its lock.
+    async fn run(
+        self,
+        mut failure: tokio::sync::OwnedMutexGuard<Option<Failure>>,
+    ) -> Result<Arc<Token>, Failed> {
+        let req = token::Request {
+            key: &self.key,
+            api: self.api,
+            method: "POST",
+            path: "",
+            query: None,
+            bundle_id: None,
+            subject: None,
+        };
+        let endpoint = Endpoint {
+            url: &self.url,
+            in_query: self.in_query,
+            timeout: self.timeout,
+        };
+        let (minter, client) = (&*self.minter, &self.client);
+        let mut result = self.tokens.exchange(minter, client, &req, endpoint).await;
+        if matches!(&result, Err(e) if e.transient()) {
+            tokio::time::sleep(RETRY_PAUSE).await;
+            result = self.tokens.exchange(minter, client, &req, endpoint).await;
+        }
+        let cell = &self.cell;
+        match result {
+            Ok(held) => {
+                let token = held.token.clone();
+                *cell
+                    .held
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(held);
+                *failure = None;
+                tracing::info!(api = %self.api, key = %self.key, "exchanged an assertion for an access token; it is reused until shortly before it expires");
+                Ok(token)
+            }
+            Err(error) => {
+                let error = Arc::new(error);
+                let streak = failure.as_ref().map_or(0, |f| f.streak) + 1;
+                let asked = match &*error {
+                    ExchangeError::Refused { retry_after, .. } => {
+                        retry_after.map(|d| d.min(RETRY_AFTER_MAX))
+                    }
+                    _ => None,
+                };
+                let backoff = BACKOFF_FIRST
+                    .saturating_mul(1 << (streak - 1).min(5))
+                    .min(BACKOFF_MAX)
+                    .max(asked.unwrap_or_default());
+                tracing::warn!(api = %self.api, key = %self.key, error = %error, backoff_ms = backoff.as_millis() as u64, "the token exchange failed");
+                let retry_at = Instant::now() + backoff;
+                *failure = Some(Failure {
+                    error: error.clone(),
+                    retry_at,
+                    streak,
+                });
+                let failed = Failed { error, retry_at };
+                cell.token_until(|h| h.expires_at).ok_or(failed)
+            }
+        }
     }
 }
 

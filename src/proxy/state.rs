@@ -40,7 +40,8 @@ pub struct Proxy {
     pub(super) config: Arc<Config>,
     pub(super) routes: route::Table,
     pub(super) clients: Clients,
-    pub(super) minter: Minter,
+    /// Shared with the token exchanges it signs for, which outlive their requests.
+    pub(super) minter: Arc<Minter>,
     pub(super) upstream: forward::Client,
     /// APNs: an HTTP/2-only client per key, so each key has its own connection per
     /// environment, reused for every device (DESIGN §18). Replaced when APNs says
@@ -64,7 +65,7 @@ pub(super) struct Shared {
     /// The developer-key APIs' tokens: a reload never re-mints one (DESIGN §18).
     pub developer_tokens: Arc<crate::token::DeveloperTokens>,
     /// The exchange APIs' access tokens: a reload that keeps a key keeps its token.
-    pub access_tokens: crate::exchange::AccessTokens,
+    pub access_tokens: Arc<crate::exchange::AccessTokens>,
     /// The identity providers' keys: a reload that keeps a provider keeps its keys.
     pub identity: crate::identity::Registry,
     /// When Apple last accepted each key, by (key id, SHA-256 of its public key): a new key
@@ -101,7 +102,7 @@ impl Proxy {
             clock: Arc::new(AppleClock::default()),
             mint_counts: Arc::default(),
             developer_tokens: Arc::default(),
-            access_tokens: crate::exchange::AccessTokens::default(),
+            access_tokens: Arc::default(),
             identity: crate::identity::Registry::default(),
             key_history: Mutex::default(),
             ids: RequestIds::new(),
@@ -174,7 +175,7 @@ impl Proxy {
             Proxy {
                 routes: route::Table::new(&config),
                 clients: Clients::carrying(&config, previous.map(|p| &p.clients), providers),
-                minter,
+                minter: Arc::new(minter),
                 upstream,
                 apns,
                 tls,

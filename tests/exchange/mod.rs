@@ -408,3 +408,28 @@ async fn sign_in_with_apple_forms_get_the_proxys_client_secret_and_keep_every_ot
         assert!(!text.contains(parts[2]) && !text.contains("c0de") && !text.contains("leaked"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_exchange_neither_aborts_it_nor_causes_another() {
+    let b = Binary::start(Setup::default(), |t| t).await;
+    let s = &b.world.standin;
+    s.set_token_endpoint(TokenEndpoint {
+        delay_ms: 800,
+        ..TokenEndpoint::default()
+    });
+    // The first request starts the exchange, then its client goes away.
+    let leader = tokio::spawn(send(get(&b, "/maps/v1/search?q=first")));
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    leader.abort();
+    let replies = futures_join(&b, "/maps/v1/search?q=next", 5).await;
+    for r in &replies {
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    }
+    assert_eq!(s.exchange_attempts(), 1, "the one exchange served them all");
+    assert_eq!(s.exchanges(Role::Maps), 1);
+    let records = binary_audit(&b, 6).await;
+    assert!(
+        records.iter().any(|r| r["error"] == "client_disconnected"),
+        "the leader's request is audited as disconnected"
+    );
+}
