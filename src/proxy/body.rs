@@ -34,6 +34,22 @@ pub(super) fn stream_back(
     Response::from_parts(parts, forward::boxed(body))
 }
 
+/// Marks `head` for a body the proxy re-serialised as JSON (Apple's, with `diagnostics`
+/// added): its length, encoding and framing no longer hold, its type is JSON.
+pub(super) fn rewritten_as_json(head: &mut http::response::Parts) {
+    for name in [
+        header::CONTENT_LENGTH,
+        header::CONTENT_ENCODING,
+        header::TRANSFER_ENCODING,
+    ] {
+        head.headers.remove(name);
+    }
+    head.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+}
+
 /// One of Apple's bodies after a bounded read.
 pub(super) enum Peeked {
     /// Read to its end within the bound.

@@ -274,17 +274,7 @@ impl Proxy {
                 ],
             }),
         );
-        for name in [
-            header::CONTENT_LENGTH,
-            header::CONTENT_ENCODING,
-            header::TRANSFER_ENCODING,
-        ] {
-            head.headers.remove(name);
-        }
-        head.headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        body::rewritten_as_json(&mut head);
         forward::clean_response_headers(&mut head.headers);
         head.headers.insert(
             X_PROXY_DIAGNOSIS,

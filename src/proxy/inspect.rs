@@ -144,17 +144,7 @@ impl Proxy {
         let body = match json.as_mut() {
             Some(object) => {
                 object.insert("diagnostics".into(), diagnostics);
-                for name in [
-                    header::CONTENT_LENGTH,
-                    header::CONTENT_ENCODING,
-                    header::TRANSFER_ENCODING,
-                ] {
-                    head.headers.remove(name);
-                }
-                head.headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
+                body::rewritten_as_json(&mut head);
                 Bytes::from(serde_json::Value::Object(json.unwrap_or_default()).to_string())
             }
             // Not JSON (DeviceCheck answers in text): Apple's bytes unchanged.

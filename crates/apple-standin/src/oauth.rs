@@ -201,13 +201,27 @@ fn exactly(
     }
 }
 
-/// The first parameter name sent more than once.
-fn repeated(params: &[(String, String)]) -> Option<&str> {
-    params
-        .iter()
-        .enumerate()
-        .find(|(i, (k, _))| params[..*i].iter().any(|(earlier, _)| earlier == k))
-        .map(|(_, (k, _))| k.as_str())
+/// A form's (and query's) parameters, decoded; `None` when one is sent twice (a second
+/// `client_secret` or `scope` must not slip past the check of the first).
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn of(form: &str, query: Option<&str>) -> Option<Params> {
+        let mut pairs = form_pairs(form);
+        pairs.extend(form_pairs(query.unwrap_or("")));
+        let twice = pairs
+            .iter()
+            .enumerate()
+            .any(|(i, (k, _))| pairs[..i].iter().any(|(earlier, _)| earlier == k));
+        (!twice).then_some(Params(pairs))
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
 }
 
 /// `8-4-4-4-12` hex digits.
@@ -374,18 +388,10 @@ async fn respond(
             if parts.method != Method::POST || path != "/auth/oauth2/token" {
                 return oauth_error(StatusCode::NOT_FOUND, "invalid_request", now);
             }
-            let mut params = form_pairs(&raw);
-            params.extend(form_pairs(parts.uri.query().unwrap_or("")));
-            if let Some(twice) = repeated(&params) {
-                tracing::debug!(twice, "stand-in: a parameter sent twice");
+            let Some(params) = Params::of(&raw, parts.uri.query()) else {
                 return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", now);
-            }
-            let param = |name: &str| {
-                params
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
             };
+            let param = |name: &str| params.get(name);
             let scope = param("scope").unwrap_or_default();
             let client_id = param("client_id").unwrap_or_default();
             let for_role = match scope.as_str() {
@@ -446,17 +452,10 @@ async fn respond(
             if parts.method != Method::POST || !endpoints.contains(&path.as_str()) {
                 return oauth_error(StatusCode::NOT_FOUND, "invalid_request", now);
             }
-            let params = form_pairs(&raw);
-            if let Some(twice) = repeated(&params) {
-                tracing::debug!(twice, "stand-in: a parameter sent twice");
+            let Some(params) = Params::of(&raw, None) else {
                 return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", now);
-            }
-            let param = |name: &str| {
-                params
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
             };
+            let param = |name: &str| params.get(name);
             let check = (|| {
                 let client_id = param("client_id").ok_or("no client_id")?;
                 if !state.sign_in_clients.iter().any(|(id, _)| *id == client_id) {
