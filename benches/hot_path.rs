@@ -5,6 +5,8 @@
 //!   iteration pays a real ES256 signature (plus claims JSON, base64url, SHA-256 fingerprint,
 //!   cache insert).
 //! - `mint/cache_hit`: the same request again: the cached token is served.
+//! - `mint/apns_provider_token`, `mint/sign_in_client_secret`: a developer key's held token
+//!   (APNs' provider token; a Sign in with Apple `client_secret` for one client id).
 //! - `ring/p256_sign`: ring's raw `EcdsaKeyPair::sign` (ECDSA_P256_SHA256_FIXED_SIGNING) on a
 //!   JWT-sized message: the floor for `mint/fresh_es256` (target ≤ 1.2×).
 //! - `request/*`: the steps before minting (client secret check, a client-key JWT's full
@@ -173,6 +175,40 @@ fn bench_mint(c: &mut Criterion) {
             )
         })
     });
+    // The developer-key APIs' held tokens (DESIGN §18): APNs' provider token, what every
+    // push takes, and a Sign in with Apple client_secret, what every form gets.
+    let apns = token::Request {
+        key: Identity::TEST.developer.name,
+        api: Api::Apns,
+        method: "POST",
+        path: "/3/device/a1b2c3",
+        query: None,
+        bundle_id: None,
+        subject: None,
+    };
+    let sign_in = token::Request {
+        api: Api::SignInWithApple,
+        path: "/auth/token",
+        subject: Some(Identity::TEST.sign_in_client_id),
+        ..apns
+    };
+    for (name, req) in [
+        ("apns_provider_token", apns),
+        ("sign_in_client_secret", sign_in),
+    ] {
+        minter
+            .token(&req, SystemTime::now())
+            .expect("the first one signs");
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                black_box(
+                    minter
+                        .token(black_box(&req), SystemTime::now())
+                        .expect("held"),
+                )
+            })
+        });
+    }
     g.bench_function("scope_entry", |b| {
         b.iter(|| {
             black_box(token::scope_entry(

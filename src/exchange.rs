@@ -363,12 +363,12 @@ impl AccessTokens {
     ) -> Result<Slot, Arc<ExchangeError>> {
         let unknown = || Arc::new(ExchangeError::Mint(MintError::UnknownKey(req.key.into())));
         let key = minter.key_config(req.key).ok_or_else(unknown)?;
-        let public = minter.public_key(req.key).ok_or_else(unknown)?;
+        let public_key = minter.public_key_sha256(req.key).ok_or_else(unknown)?;
         Ok(Slot {
             api: req.api,
             key_name: Arc::from(req.key),
             key_id: key.key_id.clone(),
-            public_key: crate::sha256(public),
+            public_key,
             client: key
                 .client_id
                 .clone()

@@ -99,7 +99,7 @@ impl Minter {
         };
         let cell = self.developer.slot(Slot {
             key_id: key.key_id.clone(),
-            public_key: crate::sha256(key.signer.public_key()),
+            public_key: key.public_sha256,
             api: req.api,
             iss: iss.clone(),
             sub: sub.clone(),

@@ -202,6 +202,8 @@ struct LoadedKey {
     name: Arc<str>,
     key_id: Arc<str>,
     issuer: Option<Arc<str>>,
+    /// SHA-256 of the public key: what, with the key id, makes a held token this key's.
+    public_sha256: [u8; 32],
 }
 
 /// Mints and caches tokens for the configured keys.
@@ -299,6 +301,7 @@ impl Minter {
         let header = serde_json::json!({"alg": "ES256", "kid": config.key_id, "typ": "JWT"});
         let header_b64 = URL_SAFE_NO_PAD.encode(header.to_string());
         LoadedKey {
+            public_sha256: crate::sha256(signer.public_key()),
             name: Arc::from(config.name.as_str()),
             key_id: Arc::from(config.key_id.as_str()),
             issuer: match config.kind {
@@ -373,6 +376,11 @@ impl Minter {
         self.keys
             .get(name)
             .map(|k| (k.signer.backend(), k.signer.extractable()))
+    }
+
+    /// SHA-256 of `name`'s public key, computed once at load.
+    pub(crate) fn public_key_sha256(&self, name: &str) -> Option<[u8; 32]> {
+        self.keys.get(name).map(|k| k.public_sha256)
     }
 
     /// The public key of `name` (uncompressed SEC1), for `check` and tests.
