@@ -17,6 +17,8 @@
 //!   token pays once (then it is remembered), and `Clients::authenticate` finding a CI-sized
 //!   token remembered, which every later request with it pays (compare `request/authenticate`,
 //!   the same for a secret).
+//! - `audit/record_4096_and_flush`: 4096 records through the audit writer (serialised, chained
+//!   with SHA-256, written) and a flush: the audit path's cost per request is this / 4096.
 //! - `signing/*`: an in-app signature request's own work (DESIGN §15): the body parsed and
 //!   checked, the policy, and the whole of it with the nonce and the ES256 signature.
 
@@ -574,9 +576,77 @@ fn bench_identity(c: &mut Criterion) {
     g.finish();
 }
 
+/// The audit path a request's record takes (DESIGN §13): handed to the writer, serialised
+/// with the chain fields, hashed into the chain (SHA-256 of the line), written to a file;
+/// 4096 records and one flush (an fsync) per iteration, so the time per record is the figure
+/// / 4096, the fsync spread over them as group commit spreads it.
+fn bench_audit(c: &mut Criterion) {
+    use apple_api_proxy::audit::{Audit, Decision, Record};
+    let dir = tempfile::tempdir().expect("a scratch dir");
+    let config = Config::parse(
+        &format!(
+            "[audit]\npath = \"{}\"\n",
+            dir.path().join("audit.jsonl").display()
+        ),
+        "bench.toml",
+        dir.path(),
+    )
+    .expect("the audit config");
+    let (audit, writer) = Audit::start(&config.audit).expect("the audit log opens");
+    // A `fixed` request's record, as the harness's proxy writes it (about 830 bytes a line).
+    let record = Record {
+        time: String::new(),
+        request_id: Arc::from("67062855b849-00003e75"),
+        client: Some(Arc::from("release-ci")),
+        client_auth: "secret",
+        identity: None,
+        client_addr: Arc::from("127.0.0.1:59440"),
+        method: "GET".into(),
+        path: "/v1/apps/123".into(),
+        query: None,
+        api: Some("app-store-connect"),
+        environment: Some("production"),
+        key: Some(Arc::from("bench")),
+        key_id: Some(Arc::from("BENCHKEY01")),
+        token_sha256: Some(Arc::from(
+            "513db42383000c4c94a188691f84301910f79a963c397205f9f6ee5897d56733",
+        )),
+        decision: Decision::Forwarded,
+        status: 200,
+        upstream_status: Some(200),
+        diagnosis: None,
+        retried: false,
+        connect_retries: 0,
+        sandbox_fallback: false,
+        apple_request_id: Some("2f1c5d0e-8a3b-4c7d-9e6f-0a1b2c3d4e5f".into()),
+        rate_limit_remaining: Some(3599),
+        bytes_in: 0,
+        bytes_out: 1234,
+        duration_ms: 2,
+        completed: true,
+        error: None,
+        signing: None,
+    };
+    let sent = std::cell::Cell::new(0u64);
+    let mut g = c.benchmark_group("audit");
+    g.bench_function("record_4096_and_flush", |b| {
+        b.iter(|| {
+            for _ in 0..4096 {
+                audit.record(record.clone());
+            }
+            audit.flush();
+            sent.set(sent.get() + 4096);
+        })
+    });
+    g.finish();
+    assert_eq!(audit.head().seq, sent.get(), "every record is in the chain");
+    drop(audit);
+    writer.join();
+}
+
 criterion_group! {
     name = benches;
     config = short();
-    targets = bench_ring, bench_mint, bench_request, bench_diagnose, bench_signing, bench_identity
+    targets = bench_ring, bench_mint, bench_request, bench_diagnose, bench_signing, bench_identity, bench_audit
 }
 criterion_main!(benches);
