@@ -364,8 +364,16 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let minter = proxy.minter();
     println!("config {}: OK", config.source);
     println!("\nKEYS");
+    // Apple Business/School Manager key ids are UUIDs: the column fits the longest.
+    let id_width = config
+        .keys
+        .iter()
+        .map(|k| k.key_id.len() + 1)
+        .max()
+        .unwrap_or(0)
+        .max(11);
     println!(
-        "  {:<14} {:<16} {:<11} {:<9} {:<10} {:<27} APIS",
+        "  {:<14} {:<16} {:<id_width$} {:<9} {:<10} {:<27} APIS",
         "NAME", "KIND", "KEY ID", "LIFETIME", "TEST-SIGN", "BACKEND"
     );
     for k in &config.keys {
@@ -377,7 +385,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             None => "-".into(),
         };
         println!(
-            "  {:<14} {:<16} {:<11} {:<9} {:<10} {:<27} {}",
+            "  {:<14} {:<16} {:<id_width$} {:<9} {:<10} {:<27} {}",
             k.name,
             k.kind.id(),
             k.key_id,

@@ -924,6 +924,16 @@ async fn check_passes_on_a_good_config_and_prints_the_tables() {
         6,
         "six keys test-signed: {stdout}"
     );
+    // Apple Business/School Manager key ids are UUIDs: no hint that they should be 10
+    // characters, and the column fits them.
+    assert!(!stdout.contains("is not 10 upper-case"), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "{} ",
+            apple_standin::fixture::Identity::TEST.business.key_id
+        )),
+        "{stdout}"
+    );
     assert!(!stdout.contains(&world.keys.team.pem[30..60]));
 }
 

@@ -50,7 +50,9 @@ pub(crate) fn file_name_hints(kc: &KeyConfig) -> Vec<String> {
             ));
         }
     }
-    if !apple::is_plausible_key_id(&kc.key_id) {
+    // Apple Business/School Manager key ids are UUIDs, checked when the config is read
+    // (APPLE.md §9.6: the 10-character rule does not apply to them).
+    if kc.kind != KeyKind::BusinessManager && !apple::is_plausible_key_id(&kc.key_id) {
         hints.push(format!(
             "key `{}`: key_id \"{}\" is not 10 upper-case letters/digits like Apple's",
             kc.name, kc.key_id
