@@ -30,7 +30,9 @@ use super::{Exchange, Proxy, Refusal, X_PROXY_DIAGNOSIS};
 pub(crate) const SIGN_IN_INVALID_CLIENT: &str = "SIGN_IN_INVALID_CLIENT";
 
 /// A form split for rewriting: its raw fields, the one `client_id`, where the secret goes.
-#[derive(Debug, PartialEq, Eq)]
+/// `Debug` shows the client id and how many fields, never a field: they hold the user's
+/// authorization code or refresh token.
+#[derive(PartialEq, Eq)]
 pub(crate) struct Form<'a> {
     /// Every field but `client_secret`, raw (still encoded), in order.
     kept: Vec<&'a [u8]>,
@@ -77,6 +79,15 @@ pub(crate) fn parse(form: &[u8]) -> Result<Form<'_>, String> {
         kept,
         client_id,
     })
+}
+
+impl std::fmt::Debug for Form<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Form")
+            .field("client_id", &self.client_id)
+            .field("fields", &self.kept.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Form<'_> {
@@ -311,6 +322,20 @@ mod tests {
         assert_eq!(
             parsed.with_secret("j"),
             b"client%5Fid=x&client_secret=j".to_vec()
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_a_field() {
+        let parsed = parse(b"code=secret-code&client_id=com.example.web&refresh_token=rt").unwrap();
+        let shown = format!("{parsed:?}");
+        assert!(
+            !shown.contains("secret-code") && !shown.contains("rt\""),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("com.example.web") && shown.contains("fields: 3"),
+            "{shown}"
         );
     }
 
