@@ -329,7 +329,7 @@ fn bench_request(c: &mut Criterion) {
         b.iter(|| {
             black_box(apple_api_proxy::forward::upstream_headers(
                 black_box(&headers),
-                bearer.clone(),
+                Some(bearer.clone()),
             ))
         })
     });

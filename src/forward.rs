@@ -313,9 +313,10 @@ const HOP_BY_HOP: [HeaderName; 10] = [
 ];
 
 /// The headers to send upstream: the client's, minus everything in `NEVER_FORWARDED`
-/// and anything its `Connection` header names, plus our `Authorization`. `Host` is set by
-/// the client from the upstream URL, so it is always the proxy's choice.
-pub fn upstream_headers(client: &HeaderMap, authorization: HeaderValue) -> HeaderMap {
+/// and anything its `Connection` header names, plus our `Authorization` (none where the
+/// credential travels elsewhere: Sign in with Apple's form). `Host` is set by the client
+/// from the upstream URL, so it is always the proxy's choice.
+pub fn upstream_headers(client: &HeaderMap, authorization: Option<HeaderValue>) -> HeaderMap {
     let named = connection_named(client);
     let mut out = HeaderMap::with_capacity(client.len() + 1);
     for (name, value) in client {
@@ -327,7 +328,9 @@ pub fn upstream_headers(client: &HeaderMap, authorization: HeaderValue) -> Heade
         }
         out.append(name.clone(), value.clone());
     }
-    out.insert(header::AUTHORIZATION, authorization);
+    if let Some(authorization) = authorization {
+        out.insert(header::AUTHORIZATION, authorization);
+    }
     out
 }
 
@@ -607,7 +610,7 @@ mod tests {
         ] {
             h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
-        let out = upstream_headers(&h, HeaderValue::from_static("Bearer minted"));
+        let out = upstream_headers(&h, Some(HeaderValue::from_static("Bearer minted")));
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         assert_eq!(
             names,

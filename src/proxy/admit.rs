@@ -242,29 +242,14 @@ impl Proxy {
 
 /// Whether `path` (Maps' own, mount removed) names Maps' token endpoint however it is
 /// spelled: percent-encoded, in another case, with a suffix. Apple may decode what the
-/// proxy's path check lets through, so the comparison decodes too.
+/// proxy's path check lets through, so the comparison decodes too; a path that does not
+/// decode (the path check refuses those first) is taken to be it.
 fn is_maps_token_path(path: &str) -> bool {
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .filter(|h| bytes[i] == b'%' && h.iter().all(u8::is_ascii_hexdigit))
-            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
-        match hex {
-            Some(b) => {
-                decoded.push(b);
-                i += 3;
-            }
-            None => {
-                decoded.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    decoded.make_ascii_lowercase();
-    decoded.starts_with(crate::apple::MAPS_TOKEN_PATH.as_bytes())
+    route::percent_decode(path).is_none_or(|decoded| {
+        decoded
+            .to_ascii_lowercase()
+            .starts_with(crate::apple::MAPS_TOKEN_PATH.as_bytes())
+    })
 }
 
 /// The refusal for a failed authentication: a 401 naming the check, except that an identity

@@ -164,11 +164,7 @@ impl Proxy {
         // Sign in with Apple's credential is in the form: no `Authorization` at all.
         let in_form = up.route.api.token_strategy() == TokenStrategy::FormSecret;
         let build_headers = || {
-            let mut h = forward::upstream_headers(up.client_headers, token.authorization());
-            if in_form {
-                h.remove(http::header::AUTHORIZATION);
-            }
-            h
+            forward::upstream_headers(up.client_headers, (!in_form).then(|| token.authorization()))
         };
         let mut headers = Some(build_headers());
         let replayable = body.is_none();

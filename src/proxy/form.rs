@@ -101,25 +101,11 @@ impl Form<'_> {
 }
 
 /// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a byte.
+/// The `+` goes first, so an encoded `%2B` stays a plus; the strict percent-decoding is
+/// the path check's.
 fn decode(raw: &[u8]) -> Option<String> {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        match raw[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = raw
-                    .get(i + 1..i + 3)
-                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
+    let text = std::str::from_utf8(raw).ok()?.replace('+', " ");
+    String::from_utf8(crate::route::percent_decode(&text)?.into_owned()).ok()
 }
 
 /// A client id as the proxy repeats it: printable ASCII, at most 100 bytes.

@@ -115,7 +115,7 @@ impl Proxy {
             (TokenStrategy::Cached, _) => self.minter.cached(request, now),
             // Sign in with Apple's client_secret, for the form (`form`): cached like these.
             (TokenStrategy::FormSecret, _) => self.minter.cached(request, now),
-            // Exchanged asynchronously (`Proxy::token`), never minted here.
+            // Exchanged asynchronously (`Proxy::credential`), never minted here.
             (TokenStrategy::Exchanged, _) => {
                 return Err(Refusal::internal(
                     "mint",
