@@ -208,9 +208,9 @@ struct Held {
     expires_at: Instant,
 }
 
+/// The last failed exchange and how many failed in a row.
 struct Failure {
-    error: Arc<ExchangeError>,
-    retry_at: Instant,
+    failed: Failed,
     streak: u32,
 }
 
@@ -268,12 +268,11 @@ impl AccessTokens {
         if let Some(token) = cell.token_until(|h| h.refresh_at) {
             return Ok(token);
         }
-        if let Some(f) = failure.as_ref().filter(|f| Instant::now() < f.retry_at) {
-            let failed = Failed {
-                error: f.error.clone(),
-                retry_at: f.retry_at,
-            };
-            return cell.token_until(|h| h.expires_at).ok_or(failed);
+        if let Some(f) = failure
+            .as_ref()
+            .filter(|f| Instant::now() < f.failed.retry_at)
+        {
+            return cell.token_until(|h| h.expires_at).ok_or(f.failed.clone());
         }
         // The exchange runs in a task of its own, holding the slot's lock: a client that
         // hangs up mid-exchange neither aborts it nor lets the next request start another.
@@ -466,12 +465,11 @@ impl Job {
                     .max(asked.unwrap_or_default());
                 tracing::warn!(api = %self.api, key = %self.key, error = %error, backoff_ms = backoff.as_millis() as u64, "the token exchange failed");
                 let retry_at = Instant::now() + backoff;
+                let failed = Failed { error, retry_at };
                 *failure = Some(Failure {
-                    error: error.clone(),
-                    retry_at,
+                    failed: failed.clone(),
                     streak,
                 });
-                let failed = Failed { error, retry_at };
                 cell.token_until(|h| h.expires_at).ok_or(failed)
             }
         }
