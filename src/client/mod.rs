@@ -11,7 +11,9 @@
 //! `identity.claims` globs all match. Allow rules are `METHOD /path-glob`, default
 //! deny, and match the path exactly as the client sent it (`*` matches across `/`).
 //!
-//! Imports `config` and `identity`. Holds no secret: only hashes and public keys.
+//! Imports `config` and `identity`. Holds no client secret (only its hash) and no private
+//! key; the bearer JWTs it verified (client-key JWTs, identity tokens) are remembered, as
+//! they are, until they expire ([`remembered`]), so a reused token is not verified again.
 
 pub mod key;
 mod remembered;
