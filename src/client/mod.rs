@@ -13,7 +13,7 @@
 //!
 //! Imports `config` and `identity`. Holds no client secret (only its hash) and no private
 //! key; the bearer JWTs it verified (client-key JWTs, identity tokens) are remembered, as
-//! they are, until they expire ([`remembered`]), so a reused token is not verified again.
+//! they are, until they expire (`remembered.rs`), so a reused token is not verified again.
 
 pub mod key;
 mod remembered;
