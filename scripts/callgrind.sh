@@ -7,6 +7,7 @@
 #   scripts/callgrind.sh [BIN] [TAG]     # BIN defaults to target/release/apple-api-proxy
 #   DURATION=15 WARMUP=5 WORK_DIR=/tmp/cgbench scripts/callgrind.sh OLD_BIN old
 #   MODE=sign scripts/callgrind.sh       # in-app signatures (benches/load/sign.lua) instead
+#   MODE=unique scripts/callgrind.sh     # a new path, so a fresh ES256 signature, per request
 #   MODE=oidc-rs256 scripts/callgrind.sh # `fixed` with an RS256 identity token instead of the
 #                                        # secret (oidc-es256: ES256), from examples/oidc_issuer
 #
@@ -124,6 +125,7 @@ vg=$!
 pids+=("$vg")
 for _ in $(seq 600); do port_open "$LISTEN_PORT" && break; kill -0 "$vg" || { cat "proxy.$TAG.log"; exit 1; }; sleep 0.2; done
 export BENCH_MODE=fixed BENCH_AUTH=$auth
+[[ ${MODE:-fixed} == unique ]] && BENCH_MODE=unique   # a fresh signature per request
 url=http://127.0.0.1:$LISTEN_PORT/
 script=$BENCH_DIR/load.lua
 [[ ${MODE:-fixed} == sign ]] && script=$ROOT/benches/load/sign.lua
@@ -134,7 +136,7 @@ callgrind_control -i off "$vg" >/dev/null 2>&1
 callgrind_control -d measured "$vg" >/dev/null 2>&1
 sleep 1
 kill -TERM "$vg"; wait "$vg" || true
-grep -E 'Non-2xx|Socket errors' <<<"$out" && { echo "callgrind: wrk saw errors" >&2; exit 1; }
+grep -E "Non-2xx|Socket errors" <<<"$out" && { echo "callgrind: wrk saw errors:" >&2; grep -E "Non-2xx|Socket errors" <<<"$out" >&2; exit 1; }
 reqs=$(sed -n 's/^WRK {"requests":\([0-9]*\).*/\1/p' <<<"$out")
 dump=$(ls "$W/cg.$TAG.out".* | head -n1)
 ir=$(sed -n 's/^totals: //p' "$dump" | head -n1 | awk '{print $1}')

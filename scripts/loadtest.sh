@@ -9,7 +9,9 @@
 # sign, signatures/s per core, p99 at half of peak), then the `hsm` mode (benches/load/hsm.sh:
 # the same key in memory and in SoftHSM2, `unique` and `fixed`), the `apns` mode
 # (benches/load/apns.sh: pushes against nginx's floor), and the `oidc` mode
-# (benches/load/oidc.sh: `fixed` with an aap_ secret vs RS256 and ES256 identity tokens).
+# (benches/load/oidc.sh: `fixed` with an aap_ secret vs RS256 and ES256 identity tokens),
+# and last one table of every mode with its target (benches/load/table.py), the one the README
+# quotes.
 #
 #   scripts/loadtest.sh                   # 3 rounds (~5 min) + extras (~1.5 min)
 #   ROUNDS=1 EXTRAS=0 scripts/loadtest.sh # a quick look (~1.5 min), noisier
@@ -45,7 +47,9 @@ export BENCH_AUTH=${BENCH_AUTH:-aap_benchsecret}
 # project-cmd.sh writes the proxy's config (client secret, allow rule, audit log on) and
 # execs ./target/release/apple-api-proxy, so it runs from the repository root.
 status=0
-PROJECT_CMD="exec $(printf '%q' "$BENCH_DIR/project-cmd.sh")" "$BENCH_DIR/run.sh" || status=$?
+rm -f "$WORK_DIR/modes.jsonl"
+PROJECT_CMD="exec $(printf '%q' "$BENCH_DIR/project-cmd.sh")" "$BENCH_DIR/run.sh" | tee "$WORK_DIR/harness.out" ||
+  status=$?
 if [[ ${EXTRAS:-1} != 0 ]]; then
   echo
   "$ROOT/benches/load/extras.sh" || status=$?
@@ -66,4 +70,7 @@ if [[ ${OIDC:-1} != 0 ]]; then
   echo
   "$ROOT/benches/load/oidc.sh" || status=$?
 fi
+echo
+echo "== the one table: every mode of this run (benches/load/table.py $WORK_DIR), at $(git rev-parse --short HEAD)$(git diff --quiet || echo ' + uncommitted changes')"
+python3 "$ROOT/benches/load/table.py" "$WORK_DIR" || status=$?
 exit "$status"

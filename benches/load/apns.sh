@@ -51,23 +51,29 @@ TOML
 
 start 1 upstream nginx -p "$WORK_DIR" -e "$WORK_DIR/apns-upstream.err" -c "$WORK_DIR/upstream.conf"
 wait_port "$UPSTREAM_PORT"
-ng_cpu=() px_cpu=() px_rps=() px_p50=() px_p99=() ng_rps=()
+ng_cpu=() px_cpu=() px_rps=() px_p50=() px_p99=() ng_rps=() ng_p50=() ng_p99=() ng_err=() px_err=()
 for round in $(seq "$ROUNDS"); do
   start 0 nginx nginx -p "$WORK_DIR" -e "$WORK_DIR/apns-nginx.err" -c "$WORK_DIR/nginx-proxy.conf"
   NG=$PID; wait_port "$LISTEN_PORT"
   BENCH_AUTH="" PUSH_PATH=/3/device/a1b2c3d4 window "$NG" "$HERE/push.lua" 32 0 2 >/dev/null   # warm-up
-  read -r rps cpu _ _ err < <(BENCH_AUTH="" PUSH_PATH=/3/device/a1b2c3d4 window "$NG" "$HERE/push.lua" 32 0 "$DURATION")
+  read -r rps cpu p50 p99 err < <(BENCH_AUTH="" PUSH_PATH=/3/device/a1b2c3d4 window "$NG" "$HERE/push.lua" 32 0 "$DURATION")
   echo "round $round: nginx $rps pushes/s, $cpu µs CPU/push, errors $err"
-  ng_cpu+=("$cpu") ng_rps+=("$rps"); stop "$NG"
+  ng_cpu+=("$cpu") ng_rps+=("$rps") ng_p50+=("$p50") ng_p99+=("$p99") ng_err+=("$err"); stop "$NG"
   start 0 project ./target/release/apple-api-proxy serve --config "$WORK_DIR/apns-proxy.toml"
   PX=$PID; wait_port "$LISTEN_PORT"
   window "$PX" "$HERE/push.lua" 32 0 2 >/dev/null   # warm-up
   read -r rps cpu p50 p99 err < <(window "$PX" "$HERE/push.lua" 32 0 "$DURATION")
   echo "round $round: proxy $rps pushes/s, $cpu µs CPU/push, p50 $p50 ms, p99 $p99 ms, errors $err"
-  px_cpu+=("$cpu") px_rps+=("$rps") px_p50+=("$p50") px_p99+=("$p99")
+  px_cpu+=("$cpu") px_rps+=("$rps") px_p50+=("$p50") px_p99+=("$p99") px_err+=("$err")
   tokens=$(grep -c '"api":"apns"' "$WORK_DIR/apns-audit.jsonl" || true)
   stop "$PX"
 done
+sum() { python3 -c 'import sys; print(sum(int(x) for x in sys.argv[1:]))' "$@"; }
+ng=$(median "${ng_cpu[@]}")
+row apns "nginx (the same POST, static token)" "$(median "${ng_rps[@]}")" "$ng" "$(median "${ng_p50[@]}")" \
+  "$(median "${ng_p99[@]}")" "$(sum "${ng_err[@]}")"
+row apns "project" "$(median "${px_rps[@]}")" "$(median "${px_cpu[@]}")" "$(median "${px_p50[@]}")" \
+  "$(median "${px_p99[@]}")" "$(sum "${px_err[@]}")" "$(python3 -c "print(1.1 * $ng)")" "≤ 1.1 × nginx"
 distinct=$(python3 -c 'import json,sys
 seen=set()
 for line in open(sys.argv[1]):

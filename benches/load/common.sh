@@ -33,3 +33,17 @@ window() {
 print("%.0f %.1f %.2f %.2f %d" % (d["requests"]*1e6/d["duration_us"], t/n, d["p50_us"]/1000, d["p99_us"]/1000, d["errors"]+d["non2xx"]))' \
     "$out" "$((t1 - t0))" "$(getconf CLK_TCK)"
 }
+# A row of scripts/loadtest.sh's one table (benches/load/table.py reads $WORK_DIR/modes.jsonl):
+#   row MODE WHO RPS CPU_US P50_MS P99_MS ERRORS [TARGET_US TARGET_TEXT]
+# and a figure beside it (RSS, throughput, the raw sign): fact NAME VALUE [TEXT]
+row() {
+  python3 -c 'import json,sys
+a=sys.argv[1:]
+r={"mode":a[0],"who":a[1],"rps":float(a[2]),"cpu_us":float(a[3]),"p50_ms":float(a[4]),"p99_ms":float(a[5]),"errors":int(float(a[6]))}
+if len(a)>8: r.update(target_us=float(a[7]),target=a[8])
+print(json.dumps(r))' "$@" >>"$WORK_DIR/modes.jsonl"
+}
+fact() {
+  python3 -c 'import json,sys; a=sys.argv[1:]; print(json.dumps({"fact":a[0],"value":a[1],"text":a[2] if len(a)>2 else ""}))' \
+    "$@" >>"$WORK_DIR/modes.jsonl"
+}

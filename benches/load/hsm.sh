@@ -104,6 +104,18 @@ for mode in unique fixed; do
       "$(python3 -c 'import sys; print(sum(int(x) for x in sys.argv[1:]))' ${err[$k]})"
   done
 done
+for mode in unique fixed; do
+  for backend in file hsm; do
+    k=$backend-$mode
+    target=()
+    # shellcheck disable=SC2086
+    [[ $k == hsm-fixed ]] && target=("$(python3 -c "print(1.1 * $(median ${cpu[file-fixed]}))")" "≤ 1.1 × the file key's (the cache hides the HSM)")
+    # shellcheck disable=SC2086
+    row "hsm $mode" "project, $([[ $backend == hsm ]] && echo "SoftHSM2 key" || echo "file key")" \
+      "$(median ${rps[$k]})" "$(median ${cpu[$k]})" "$(median ${p50[$k]})" "$(median ${p99[$k]})" \
+      "$(python3 -c 'import sys; print(sum(int(x) for x in sys.argv[1:]))' ${err[$k]})" "${target[@]}"
+  done
+done
 # shellcheck disable=SC2086
 python3 - "$(median ${cpu[file-unique]})" "$(median ${cpu[hsm-unique]})" "$(median ${cpu[file-fixed]})" "$(median ${cpu[hsm-fixed]})" <<'PY'
 import sys

@@ -113,6 +113,14 @@ for c in secret rs256 es256; do
     "$(median ${p50[$c]})" "$(median ${p99[$c]})" \
     "$(python3 -c 'import sys; print(sum(int(x) for x in sys.argv[1:]))' ${err[$c]})"
 done
+for c in secret rs256 es256; do
+  target=()
+  [[ $c != secret ]] && target=("$(python3 -c "print(1.1 * $base)")" "≤ 1.1 × the secret's")
+  # shellcheck disable=SC2086
+  row oidc "project, $(case $c in secret) echo "aap_ secret";; rs256) echo "RS256 identity token";; es256) echo "ES256 identity token";; esac)" \
+    "$(median ${rps[$c]})" "$(median ${cpu[$c]})" "$(median ${p50[$c]})" "$(median ${p99[$c]})" \
+    "$(python3 -c 'import sys; print(sum(int(x) for x in sys.argv[1:]))' ${err[$c]})" "${target[@]}"
+done
 # shellcheck disable=SC2086
 python3 - "$base" "$(median ${cpu[rs256]})" "$(median ${cpu[es256]})" <<'PY'
 import sys

@@ -15,6 +15,15 @@ PORT = int(sys.argv[3]) if len(sys.argv) > 3 else 18080
 SECRET = os.environ.get("BENCH_AUTH", "aap_benchsecret")
 
 
+def kb(key):
+    with open(f"/proc/{PID}/status") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            if k == key:
+                return int(v.split()[0])
+    return 0
+
+
 def mem():
     out = {}
     with open(f"/proc/{PID}/status") as f:
@@ -61,6 +70,8 @@ async def main():
         f"{N} client connections open ({ok} answered 200 in {time.time() - started:.1f} s; "
         f"proxy holds {fds} fds): {mem()}"
     )
+    # For scripts/loadtest.sh's table: connections answered, VmRSS in kB while all are open.
+    print(f"OPEN {ok} {kb('VmRSS')}")
     for w in held:
         w.close()
 

@@ -73,23 +73,29 @@ offers = ["winback-*"]
 TOML
 start 1 upstream nginx -p "$WORK_DIR" -e "$WORK_DIR/sign-upstream.err" -c "$WORK_DIR/upstream.conf"
 wait_port "$UPSTREAM_PORT"
-ng_cpu=() px_cpu=() px_rps=() px_err=()
+ng_cpu=() ng_rps=() ng_p50=() ng_p99=() ng_err=() px_cpu=() px_rps=() px_p50=() px_p99=() px_err=()
 for round in $(seq "$ROUNDS"); do
   start 0 nginx nginx -p "$WORK_DIR" -e "$WORK_DIR/sign-nginx.err" -c "$WORK_DIR/nginx-proxy.conf"
   NG=$PID; wait_port "$LISTEN_PORT"
   window "$NG" "$BENCH_DIR/load.lua" 32 0 2 >/dev/null   # warm-up
-  read -r rps cpu _ _ err < <(window "$NG" "$BENCH_DIR/load.lua" 32 0 "$DURATION")
+  read -r rps cpu p50 p99 err < <(window "$NG" "$BENCH_DIR/load.lua" 32 0 "$DURATION")
   echo "round $round: nginx fixed $rps req/s, $cpu µs CPU/request, errors $err"
-  ng_cpu+=("$cpu"); stop "$NG"
+  ng_cpu+=("$cpu") ng_rps+=("$rps") ng_p50+=("$p50") ng_p99+=("$p99") ng_err+=("$err"); stop "$NG"
   start 0 project ./target/release/apple-api-proxy serve --config "$WORK_DIR/sign-proxy.toml"
   PX=$PID; wait_port "$LISTEN_PORT"
   window "$PX" "$HERE/sign.lua" 32 0 2 >/dev/null   # warm-up
-  read -r rps cpu _ _ err < <(window "$PX" "$HERE/sign.lua" 32 0 "$DURATION")
+  read -r rps cpu p50 p99 err < <(window "$PX" "$HERE/sign.lua" 32 0 "$DURATION")
   echo "round $round: proxy sign $rps signatures/s, $cpu µs CPU/signature, errors $err"
-  px_cpu+=("$cpu") px_rps+=("$rps") px_err+=("$err")
+  px_cpu+=("$cpu") px_rps+=("$rps") px_p50+=("$p50") px_p99+=("$p99") px_err+=("$err")
   [[ $round == "$ROUNDS" ]] || stop "$PX"
 done
 ng=$(median "${ng_cpu[@]}") px=$(median "${px_cpu[@]}") rps=$(median "${px_rps[@]}")
+sum() { python3 -c 'import sys; print(sum(int(x) for x in sys.argv[1:]))' "$@"; }
+fact raw_sign_us "$raw" "ring/p256_sign (criterion, CPU 0)"
+row sign "nginx (fixed GET, the floor)" "$(median "${ng_rps[@]}")" "$ng" "$(median "${ng_p50[@]}")" \
+  "$(median "${ng_p99[@]}")" "$(sum "${ng_err[@]}")"
+row sign "project" "$rps" "$px" "$(median "${px_p50[@]}")" "$(median "${px_p99[@]}")" "$(sum "${px_err[@]}")" \
+  "$(python3 -c "print($ng + 1.3 * $raw)")" "≤ nginx + 1.3 × raw sign"
 
 echo "== sign: 3. latency at half of the proxy's peak (wrk paced, 2 ms between requests per connection)"
 conns=$(python3 -c "print(max(2, round($rps / 2 * 0.0024)))")
