@@ -17,11 +17,6 @@ use apple_api_proxy::config::Config;
 use apple_api_proxy::proxy::Proxy;
 use apple_api_proxy::{apple, client, config, route, server, token};
 
-/// mimalloc instead of glibc's malloc: the request path's many small, short-lived
-/// allocations are its strength (README "Performance" has the before and after).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod demo;
 
 #[derive(Parser)]
