@@ -263,6 +263,27 @@ pub(crate) fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether Apple's HTTP/2 server said it never processed the request: the stream refused
+/// (`RST_STREAM` `REFUSED_STREAM`) or dropped by a graceful `GOAWAY` (`NO_ERROR`, the stream
+/// above its last-stream-id) — a server rotating its connection. RFC 9113 §8.7: such a
+/// request "can be safely retried", on another connection. Any other reset or error stays
+/// a failure: Apple may have acted on it.
+pub(crate) fn is_unprocessed(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && match h2.reason() {
+                    Some(h2::Reason::REFUSED_STREAM) => h2.is_reset(),
+                    Some(h2::Reason::NO_ERROR) => h2.is_go_away(),
+                    _ => false,
+                };
+        }
+        cur = e.source();
+    }
+    false
+}
+
 fn pem_certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
     CertificateDer::pem_slice_iter(pem)
         .filter_map(Result::ok)

@@ -477,6 +477,114 @@ async fn upstream_down_is_a_json_502() {
     h.stop().await;
 }
 
+/// An HTTP/2 "Apple" over TLS (the `h2` crate itself, not the stand-in, whose hyper server
+/// cannot refuse a stream) that refuses its first stream with `REFUSED_STREAM`, as a server
+/// going away does, and answers every later one 200 with the `Authorization` it was sent.
+/// Counts the streams it saw.
+async fn refusing_h2_apple(ca: &TestCa) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use rustls_pki_types::pem::PemObject as _;
+    use std::sync::atomic::Ordering;
+    let (cert, key) = ca.issue(&["127.0.0.1"], "refusing apple", false);
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let bearer = req.headers().contains_key("authorization");
+                    let response = http::Response::builder()
+                        .status(if bearer { 200 } else { 401 })
+                        .header("content-type", "application/json")
+                        .body(())
+                        .unwrap();
+                    if let Ok(mut body) = respond.send_response(response, false) {
+                        let _ = body.send_data(Bytes::from_static(b"{\"data\":[]}"), true);
+                    }
+                }
+            });
+        }
+    });
+    (port, streams)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_apple_refused_unprocessed_is_sent_again_and_audited_as_a_retry() {
+    let ca = TestCa::new("refusing apple CA");
+    let (port, streams) = refusing_h2_apple(&ca).await;
+    let world = World::new(
+        &Setup {
+            connect_base_url: Some(format!("https://127.0.0.1:{port}")),
+            ..Setup::default()
+        },
+        "127.0.0.1:0",
+    )
+    .await;
+    // Trust this "Apple" beside the stand-in.
+    let ca_file = world.dir.path().join("standin-ca.pem");
+    let mut pem = std::fs::read_to_string(&ca_file).unwrap();
+    pem.push_str(&ca.cert.pem());
+    std::fs::write(&ca_file, pem).unwrap();
+    let h = Harness::from_world(world).await;
+
+    let r = h.get("/v1/apps").await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "the refused stream was sent again: {:?}",
+        r.body
+    );
+    assert_eq!(
+        streams.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one refused, one answered"
+    );
+    // The record is written when the response ends; the writer commits in groups.
+    let audit = h.world.dir.path().join("audit.jsonl");
+    let records = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|r: &serde_json::Value| r["path"] == "/v1/apps")
+            .collect()
+    };
+    assert!(
+        eventually(|| async { !records().is_empty() }).await,
+        "the request was audited"
+    );
+    let records = records();
+    assert_eq!(records.len(), 1, "one record for the one request");
+    assert_eq!(records[0]["status"], 200);
+    assert_eq!(records[0]["connect_retries"], 1);
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_host_whose_clock_runs_fast_learns_apples_clock_and_gets_through() {
     // "Apple" is 5 minutes behind this host: our iat looks 4 minutes in the future to it.

@@ -68,7 +68,7 @@ report -------- ------ ------ ------ ------ ------
 for mode in fixed unique; do
   read -r r p50 p99 e < <(wrkrun "$mode" "${conns[$mode]}" 2 8 "http://127.0.0.1:$LISTEN_PORT/")
   report project "$mode" "$r" "$p50" "$p99" "$e"
-  fact "half_peak_p99_ms_$mode" "$p99" "project, $mode, $r req/s offered at half of peak"
+  fact "half_peak_p99_ms_$mode" "$p99" "project, $mode, $r req/s reached (wrk paced at half of peak)"
 done
 stop "$PX"
 for mode in fixed unique; do
@@ -127,6 +127,7 @@ for v in 1 2; do
   read -r s b < <(fetch "https://127.0.0.1:$BIG_PORT/v1/big" "Authorization: Bearer x")
   echo "direct (curl -> nginx, both on CPU 1, no proxy) #$v: $b bytes in ${s}s = $(python3 -c "print(round($b/$s/2**30, 2))") GiB/s"
 done
+direct_down=$(python3 -c "print(round($b/$s/2**30, 2))")
 UPSTREAM_URL="https://127.0.0.1:$BIG_PORT" start_project
 fetch "http://127.0.0.1:$LISTEN_PORT/v1/big" "Proxy-Authorization: Bearer $BENCH_AUTH" >/dev/null  # warm: pool, TLS
 for v in 1 2 3; do
@@ -138,7 +139,7 @@ for v in 1 2 3; do
   echo "via proxy #$v: $b bytes in ${s}s = $(python3 -c "print(round($b/$s/2**30, 2))") GiB/s, proxy CPU $(( ($(ticks "$PX") - t0) * 1000 / $(getconf CLK_TCK) )) ms; RSS before $before kB, peak sampled $peak kB, after $(status_kb "$PX" VmRSS) kB"
 done
 echo "proxy high-water RSS since start: $(status_kb "$PX" VmHWM) kB"
-fact download_gib_s "$(python3 -c "print(round($b/$s/2**30, 2))")" "last of 3; RSS before $before kB, peak sampled $peak kB"
+fact download_gib_s "$(python3 -c "print(round($b/$s/2**30, 2))")" "last of 3; without the proxy (curl straight to nginx) $direct_down GiB/s"
 fact download_rss_kb "$before/$peak/$(status_kb "$PX" VmHWM)" "before / peak sampled / high-water"
 
 echo "== 4. a 1 GiB request body (an upload) streamed through the proxy"
@@ -150,6 +151,7 @@ for v in 1 2; do
   read -r s b c < <(upload "https://127.0.0.1:$BIG_PORT/v1/upload" "Authorization: Bearer x")
   echo "direct (curl -> nginx, no proxy) #$v: $b bytes up in ${s}s = $(python3 -c "print(round($b/$s/2**30, 2))") GiB/s, status $c"
 done
+direct_up=$(python3 -c "print(round($b/$s/2**30, 2))")
 cat >"$WORK_DIR/big/upload.toml" <<TOML
 [server]
 listen = "127.0.0.1:$LISTEN_PORT"
@@ -184,5 +186,5 @@ for v in 1 2 3; do
   echo "via proxy #$v: $b bytes up in ${s}s = $(python3 -c "print(round($b/$s/2**30, 2))") GiB/s, status $c, proxy CPU $(( ($(ticks "$PX") - t0) * 1000 / $(getconf CLK_TCK) )) ms; RSS before $before kB, peak sampled $peak kB, after $(status_kb "$PX" VmRSS) kB"
 done
 echo "proxy high-water RSS since start: $(status_kb "$PX" VmHWM) kB"
-fact upload_gib_s "$(python3 -c "print(round($b/$s/2**30, 2))")" "last of 3, status $c; RSS before $before kB, peak sampled $peak kB"
+fact upload_gib_s "$(python3 -c "print(round($b/$s/2**30, 2))")" "last of 3, status $c; without the proxy $direct_up GiB/s (nginx spools the body to disk, then answers)"
 fact upload_rss_kb "$before/$peak/$(status_kb "$PX" VmHWM)" "before / peak sampled / high-water"

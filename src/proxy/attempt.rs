@@ -231,6 +231,18 @@ impl Proxy {
                 tokio::time::sleep(CONNECT_RETRY_BACKOFF * *connect_retries).await;
                 continue;
             }
+            if replayable
+                && forward::is_unprocessed(&error)
+                && *connect_retries < MAX_CONNECT_RETRIES
+            {
+                // Apple's HTTP/2 server said it never processed it (a refused stream, or a
+                // graceful GOAWAY as it rotates the connection): send it again at once; the
+                // pool opens a new connection if that one is going away. Counted with the
+                // connection retries, and bounded with them.
+                *connect_retries += 1;
+                tracing::info!(request_id = up.request_id, api = %up.route.api, attempt = *connect_retries, error = %error_chain(&error), "Apple did not process the request (HTTP/2 refused stream or GOAWAY); sending it again");
+                continue;
+            }
             return Err(Refusal::UpstreamUnavailable {
                 api: up.route.api,
                 environment: up.route.environment,

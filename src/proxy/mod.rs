@@ -90,10 +90,14 @@ impl Proxy {
         // Apple answered), the exchange's drop writes it instead.
         let mut ex = self.exchange(Head::of(&req, peer), id, started);
         let id = ex.id.clone();
-        let result = self
-            .process(req, cert.as_deref(), &id, &mut ex)
-            .instrument(span.clone())
-            .await;
+        // Boxed: the pipeline's state machine is large, and hyper keeps a slot the size of
+        // the future it is handed for every open connection, busy or idle; boxed, the
+        // slot holds a pointer and the state machine exists only while a request does.
+        let result = Box::pin(
+            self.process(req, cert.as_deref(), &id, &mut ex)
+                .instrument(span.clone()),
+        )
+        .await;
         self.finish(result, ex, span)
     }
 
