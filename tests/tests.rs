@@ -482,22 +482,8 @@ async fn upstream_down_is_a_json_502() {
 /// going away does, and answers every later one 200 with the `Authorization` it was sent.
 /// Counts the streams it saw.
 async fn refusing_h2_apple(ca: &TestCa) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use rustls_pki_types::pem::PemObject as _;
     use std::sync::atomic::Ordering;
-    let (cert, key) = ca.issue(&["127.0.0.1"], "refusing apple", false);
-    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
-        rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-    )
-    .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let acceptor = tls_acceptor(ca, "refusing apple", &[b"h2"]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -37,21 +37,7 @@ enum Behaviour {
 
 /// A misbehaving upstream over TLS (HTTP/1.1 only), certified by `ca`.
 async fn bad_apple(ca: &TestCa, behaviour: Behaviour) -> SocketAddr {
-    use rustls_pki_types::pem::PemObject as _;
-    let (cert, key) = ca.issue(&["localhost", "127.0.0.1"], "bad apple", false);
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
-        rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-    )
-    .unwrap();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let acceptor = tls_acceptor(ca, "bad apple", &[b"http/1.1"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

@@ -415,6 +415,26 @@ impl TestCa {
     }
 }
 
+/// The TLS side of a test upstream: a leaf from `ca` for localhost and 127.0.0.1 named
+/// `name`, offering the ALPN protocols `alpn`.
+pub fn tls_acceptor(ca: &TestCa, name: &str, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+    use rustls_pki_types::pem::PemObject as _;
+    let (cert, key) = ca.issue(&["localhost", "127.0.0.1"], name, false);
+    let mut tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls))
+}
+
 /// An HTTPS client trusting `server_ca`, optionally presenting a client certificate.
 pub fn tls_client(
     server_ca: &TestCa,
