@@ -13,8 +13,8 @@
 # and last one table of every mode with its target (benches/load/table.py), the one the README
 # quotes.
 #
-#   scripts/loadtest.sh                   # 3 rounds (~5 min) + extras (~1.5 min)
-#   ROUNDS=1 EXTRAS=0 scripts/loadtest.sh # a quick look (~1.5 min), noisier
+#   scripts/loadtest.sh                   # every mode, 3 rounds each (~20 min), then the table
+#   ROUNDS=1 EXTRAS=0 scripts/loadtest.sh # a quicker look (~8 min), noisier
 #   SIGN=0 HSM=0 scripts/loadtest.sh      # without the sign and hsm modes (~2 min with 3 rounds)
 #   (APNS=0, OIDC=0 likewise skip the apns and oidc modes)
 #

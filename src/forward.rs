@@ -250,17 +250,18 @@ where
 
 /// Whether `err` is (caused by) a timeout: the connect timeout, or an I/O timeout.
 pub(crate) fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if e.is::<ConnectTimedOut>()
+    sources(err).any(|e| {
+        e.is::<ConnectTimedOut>()
             || e.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
+    })
+}
+
+/// `err` and the errors under it, outermost first.
+fn sources<'e>(
+    err: &'e (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'e (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |e| e.source())
 }
 
 /// Whether Apple's HTTP/2 server said it never processed the request: the stream refused
@@ -269,19 +270,17 @@ pub(crate) fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
 /// request "can be safely retried", on another connection. Any other reset or error stays
 /// a failure: Apple may have acted on it.
 pub(crate) fn is_unprocessed(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.is_remote()
+    // The innermost HTTP/2 error is the one h2 itself raised; hyper only wraps it.
+    sources(err)
+        .find_map(|e| e.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| {
+            h2.is_remote()
                 && match h2.reason() {
                     Some(h2::Reason::REFUSED_STREAM) => h2.is_reset(),
                     Some(h2::Reason::NO_ERROR) => h2.is_go_away(),
                     _ => false,
-                };
-        }
-        cur = e.source();
-    }
-    false
+                }
+        })
 }
 
 fn pem_certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {

@@ -224,23 +224,25 @@ impl Proxy {
                     limit: self.config.upstream.connect_timeout,
                 });
             }
-            if replayable && error.is_connect() && *connect_retries < MAX_CONNECT_RETRIES {
-                // Nothing was sent: the connection itself failed. Try again, bounded.
-                *connect_retries += 1;
-                tracing::info!(request_id = up.request_id, api = %up.route.api, attempt = *connect_retries, error = %error_chain(&error), "upstream connection failed; retrying");
-                tokio::time::sleep(CONNECT_RETRY_BACKOFF * *connect_retries).await;
-                continue;
-            }
+            // Nothing reached Apple — the connection itself failed — or Apple's HTTP/2 server
+            // said it never processed the request (a refused stream, or a graceful GOAWAY as
+            // it rotates the connection; the pool opens a new one). Try again, bounded; a
+            // failed connection after a pause, a refused request at once.
+            let connect = error.is_connect();
             if replayable
-                && forward::is_unprocessed(&error)
+                && (connect || forward::is_unprocessed(&error))
                 && *connect_retries < MAX_CONNECT_RETRIES
             {
-                // Apple's HTTP/2 server said it never processed it (a refused stream, or a
-                // graceful GOAWAY as it rotates the connection): send it again at once; the
-                // pool opens a new connection if that one is going away. Counted with the
-                // connection retries, and bounded with them.
                 *connect_retries += 1;
-                tracing::info!(request_id = up.request_id, api = %up.route.api, attempt = *connect_retries, error = %error_chain(&error), "Apple did not process the request (HTTP/2 refused stream or GOAWAY); sending it again");
+                let why = if connect {
+                    "upstream connection failed; retrying"
+                } else {
+                    "Apple did not process the request (HTTP/2 refused stream or GOAWAY); sending it again"
+                };
+                tracing::info!(request_id = up.request_id, api = %up.route.api, attempt = *connect_retries, error = %error_chain(&error), "{why}");
+                if connect {
+                    tokio::time::sleep(CONNECT_RETRY_BACKOFF * *connect_retries).await;
+                }
                 continue;
             }
             return Err(Refusal::UpstreamUnavailable {

@@ -445,21 +445,7 @@ async fn http1_only_upstream(
     ca: &TestCa,
 ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     use hyper_util::rt::TokioIo;
-    let (cert, key) = ca.issue(&["127.0.0.1"], "h1-only", false);
-    let certs = rustls_pki_types::pem::PemObject::pem_slice_iter(cert.as_bytes())
-        .collect::<Result<Vec<rustls_pki_types::CertificateDer<'static>>, _>>()
-        .unwrap();
-    let key = rustls_pki_types::pem::PemObject::from_pem_slice(key.as_bytes()).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = tls_acceptor(ca, "h1-only", &[b"http/1.1"]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
