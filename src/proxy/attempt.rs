@@ -25,7 +25,8 @@ use super::refusal::{error_chain, Waited};
 use super::{Exchange, Proxy, Refusal, APPLE_RATE_LIMIT, APPLE_REQUEST_ID};
 
 /// Retries of a body-less idempotent request whose connection failed before anything was
-/// sent, and the backoff step between them.
+/// sent, or that Apple's HTTP/2 server refused unprocessed, and the backoff step between
+/// connection retries.
 const MAX_CONNECT_RETRIES: u32 = 2;
 const CONNECT_RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
